@@ -1,0 +1,206 @@
+"""Configuration: plain dataclasses loaded from YAML, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+GENERATOR_KINDS = ("chain", "ladder")
+PRIOR_KINDS = ("gaussian", "layerwise", "joint")
+SCHEMES = ("variational", "mle")
+
+
+class ConfigError(ValueError):
+    """A configuration field is missing, unknown or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 28
+    generator: str = "chain"  # chain (CVPR) | ladder (ICCV)
+    prior: str = "joint"  # gaussian | layerwise | joint
+    z_dims: list[int] = field(default_factory=lambda: [32, 16])  # z_1 (nearest the data) ... z_L
+    gen_hidden: list[int] = field(default_factory=lambda: [256, 512])  # g: z_1 (or h_1 input) -> x
+    cond_hidden: int = 128  # p(z_i | z_{i+1}) MLPs (chain) / g_i for i >= 2 (ladder)
+    enc_hidden: list[int] = field(default_factory=lambda: [512, 256])  # x -> h_1
+    ebm_hidden: list[int] = field(default_factory=lambda: [200, 100])
+    ebm_spectral_norm: bool = True
+    obs_sigma: float = 0.3  # s in p(x|z) = N(g(z), s^2 I), x in [-1, 1]
+    min_cond_sigma: float = 0.01
+
+    def validate(self) -> None:
+        _choice("model.generator", self.generator, GENERATOR_KINDS)
+        _choice("model.prior", self.prior, PRIOR_KINDS)
+        if not self.z_dims or any(int(d) < 1 for d in self.z_dims):
+            raise ConfigError(f"model.z_dims must be a non-empty list of positive sizes, got {self.z_dims}")
+        _positive("model.obs_sigma", self.obs_sigma)
+        _positive("model.image_size", self.image_size)
+        for name in ("gen_hidden", "enc_hidden", "ebm_hidden"):
+            if any(int(h) < 1 for h in getattr(self, name)):
+                raise ConfigError(f"model.{name} sizes must be positive, got {getattr(self, name)}")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.z_dims)
+
+    @property
+    def data_dim(self) -> int:
+        return self.image_size * self.image_size
+
+
+@dataclass
+class LangevinConfig:
+    steps: int = 40
+    step_size: float = 0.1  # d in z <- z + d^2/2 grad log p + d eps (not the observation noise s)
+    noise: bool = True
+
+    def validate(self, where: str) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"{where}.steps must be >= 0, got {self.steps}")
+        _positive(f"{where}.step_size", self.step_size)
+
+
+@dataclass
+class TrainConfig:
+    scheme: str = "variational"  # variational | mle
+    epochs: int = 12
+    batch_size: int = 100
+    lr_ebm: float = 2e-5
+    lr_gen: float = 3e-4  # generator (and p(z_i | z_{i+1}))
+    lr_enc: float = 3e-4  # inference network
+    grad_clip: float = 10.0
+    ebm_l2: float = 0.01  # penalty on f^2 at posterior and prior samples, keeps the energy scale bounded
+    prior_langevin: LangevinConfig = field(default_factory=LangevinConfig)
+    posterior_langevin: LangevinConfig = field(
+        default_factory=lambda: LangevinConfig(steps=20, step_size=0.05, noise=True)
+    )
+    mle_init_from_encoder: bool = True
+    val_fraction: float = 0.05
+    max_train: int | None = None
+    sample_every: int = 2  # epochs between sample grids logged to MLflow
+    seed: int = 0
+
+    def validate(self) -> None:
+        _choice("train.scheme", self.scheme, SCHEMES)
+        _positive("train.epochs", self.epochs)
+        _positive("train.batch_size", self.batch_size)
+        for name in ("lr_ebm", "lr_gen", "lr_enc", "grad_clip"):
+            _positive(f"train.{name}", getattr(self, name))
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"train.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        self.prior_langevin.validate("train.prior_langevin")
+        self.posterior_langevin.validate("train.posterior_langevin")
+
+
+@dataclass
+class ScoreConfig:
+    steps: int = 0  # K posterior Langevin steps at scoring time (0 = inference network only)
+    step_size: float = 0.05
+    noise: bool = False
+    chains: int = 1
+    false_alarm_rate: float = 0.05
+    batch_size: int = 500
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"score.steps must be >= 0, got {self.steps}")
+        _positive("score.step_size", self.step_size)
+        _positive("score.chains", self.chains)
+        if not 0.0 < self.false_alarm_rate < 1.0:
+            raise ConfigError(f"score.false_alarm_rate must be in (0, 1), got {self.false_alarm_rate}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+    def __post_init__(self) -> None:
+        self.model.validate()
+        self.train.validate()
+        self.score.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "Config":
+        data = data or {}
+        _no_unknown("", data, {"model", "train", "score"})
+        train = dict(data.get("train") or {})
+        for key in ("prior_langevin", "posterior_langevin"):
+            if key in train:
+                train[key] = _build(LangevinConfig, f"train.{key}", train[key])
+        return cls(
+            model=_build(ModelConfig, "model", data.get("model") or {}),
+            train=_build(TrainConfig, "train", train),
+            score=_build(ScoreConfig, "score", data.get("score") or {}),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    def with_overrides(self, **sections: dict[str, Any]) -> "Config":
+        """A copy with some fields replaced, e.g. ``with_overrides(train={"epochs": 2})``."""
+        data = self.to_dict()
+        for section, values in sections.items():
+            for key, value in values.items():
+                if value is not None:
+                    data[section][key] = value
+        return Config.from_dict(data)
+
+
+def default_config_path() -> Path:
+    return Path(__file__).parent / "configs" / "mnist.yaml"
+
+
+def _build(cls, where: str, values: Any):
+    if not isinstance(values, dict):
+        if dataclasses.is_dataclass(values):
+            return values
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    _no_unknown(where, values, names)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _no_unknown(where: str, values: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown field(s) {', '.join(prefix + u for u in unknown)}; allowed: {sorted(allowed)}")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _positive(name: str, value) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")

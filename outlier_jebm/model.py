@@ -1,0 +1,264 @@
+"""The multi-layer generator with a latent-space EBM prior (Cui, Wu, Han 2023).
+
+Notation follows the papers: x is an image scaled to [-1, 1], z_1 is the latent
+layer nearest the data and z_L the top one. A batch of latents is one tensor
+``z`` of shape (B, sum(z_dims)) holding [z_1, ..., z_L] side by side.
+
+Every variant is one configuration of this module:
+
+- generator ``chain`` (CVPR): p(z_L) = N(0, I), p(z_i | z_{i+1}) = N(mu_i, sigma_i^2),
+  p(x | z) = N(g(z_1), s^2 I);
+- generator ``ladder`` (ICCV): every z_i ~ N(0, I); h_L = g_L(z_L),
+  h_i = g_i([z_i, h_{i+1}]), p(x | z) = N(h_1, s^2 I);
+- prior ``gaussian`` (f = 0), ``layerwise`` (f = sum_i f_i(z_i)) or ``joint``
+  (f = f([z_1, ..., z_L])), with p(z) proportional to exp(f(z)) p_gauss(z).
+
+f is a negative energy: higher f means more probable. Nothing in the code base
+uses the opposite sign.
+
+The Gaussian hierarchy is also written as an invertible map z = T(eps) from
+reference noise eps ~ N(0, I) (identity for ladder, the usual
+reparameterisation for chain). Langevin runs in eps, where every layer has unit
+scale, so one step size serves all layers; the target density is the same
+distribution (the Jacobian of T cancels against p_gauss).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import ModelConfig
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def mlp(sizes: list[int], *, spectral: bool = False, final_activation: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        linear = nn.Linear(n_in, n_out)
+        if spectral:
+            linear = nn.utils.parametrizations.spectral_norm(linear)
+        layers.append(linear)
+        if i < len(sizes) - 2 or final_activation:
+            layers.append(nn.LeakyReLU(0.2) if spectral else nn.GELU())
+    return nn.Sequential(*layers)
+
+
+def standard_normal_log_density(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I) summed over the last dimension: (B, d) -> (B,)."""
+    return -0.5 * (z.pow(2).sum(-1) + z.shape[-1] * LOG_2PI)
+
+
+def normal_log_density(z: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag sigma^2) summed over the last dimension: (B, d) -> (B,)."""
+    return -0.5 * (((z - mu) / sigma).pow(2) + 2.0 * sigma.log() + LOG_2PI).sum(-1)
+
+
+class Generator(nn.Module):
+    """The Gaussian hierarchy p_gauss(z) and the observation model p(x | z)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.generator
+        self.z_dims = [int(d) for d in cfg.z_dims]
+        self.min_sigma = cfg.min_cond_sigma
+        L = len(self.z_dims)
+        D = cfg.data_dim
+        if self.kind == "chain":
+            # cond[i] maps z_{i+2} to (mu, raw sigma) of z_{i+1} (0-based list, paper's 1-based names)
+            self.cond = nn.ModuleList(
+                mlp([self.z_dims[i + 1], cfg.cond_hidden, 2 * self.z_dims[i]]) for i in range(L - 1)
+            )
+            self.decoder = mlp([self.z_dims[0], *cfg.gen_hidden, D])
+        else:
+            # top[i] computes h_{i+2} from [z_{i+2}, h_{i+3}]; the decoder computes h_1 from [z_1, h_2]
+            top = []
+            for i in range(L - 1, 0, -1):
+                n_in = self.z_dims[i] + (cfg.cond_hidden if i < L - 1 else 0)
+                top.append(mlp([n_in, cfg.cond_hidden], final_activation=True))
+            self.top = nn.ModuleList(top)
+            n_in = self.z_dims[0] + (cfg.cond_hidden if L > 1 else 0)
+            self.decoder = mlp([n_in, *cfg.gen_hidden, D])
+
+    def split(self, z: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(z, self.z_dims, dim=-1))
+
+    def conditional(self, i: int, z_above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mu and sigma of p(z_{i+1} | z_{i+2}) for the 0-based layer index i (chain only)."""
+        mu, raw = self.cond[i](z_above).chunk(2, dim=-1)
+        return mu, self.min_sigma + F.softplus(raw)
+
+    def log_p_gauss(self, z: torch.Tensor) -> torch.Tensor:
+        """Per-layer log-densities of the Gaussian hierarchy: (B, Z) -> (B, L)."""
+        zs = self.split(z)
+        if self.kind == "ladder":
+            return torch.stack([standard_normal_log_density(zi) for zi in zs], dim=-1)
+        terms = []
+        for i in range(len(zs) - 1):
+            mu, sigma = self.conditional(i, zs[i + 1])
+            terms.append(normal_log_density(zs[i], mu, sigma))
+        terms.append(standard_normal_log_density(zs[-1]))
+        return torch.stack(terms, dim=-1)
+
+    def from_eps(self, eps: torch.Tensor) -> torch.Tensor:
+        """z = T(eps): ancestral sampling of the Gaussian hierarchy from reference noise."""
+        if self.kind == "ladder":
+            return eps
+        es = self.split(eps)
+        zs = [None] * len(es)
+        zs[-1] = es[-1]
+        for i in range(len(es) - 2, -1, -1):
+            mu, sigma = self.conditional(i, zs[i + 1])
+            zs[i] = mu + sigma * es[i]
+        return torch.cat(zs, dim=-1)
+
+    def to_eps(self, z: torch.Tensor) -> torch.Tensor:
+        """eps = T^{-1}(z)."""
+        if self.kind == "ladder":
+            return z
+        zs = self.split(z)
+        es = []
+        for i in range(len(zs) - 1):
+            mu, sigma = self.conditional(i, zs[i + 1])
+            es.append((zs[i] - mu) / sigma)
+        es.append(zs[-1])
+        return torch.cat(es, dim=-1)
+
+    def mean_x(self, z: torch.Tensor) -> torch.Tensor:
+        """g(z): the mean of p(x | z), (B, Z) -> (B, D) in [-1, 1]."""
+        zs = self.split(z)
+        if self.kind == "chain":
+            return torch.tanh(self.decoder(zs[0]))
+        h = None
+        for module, zi in zip(self.top, reversed(zs[1:])):
+            h = module(zi if h is None else torch.cat([zi, h], dim=-1))
+        inp = zs[0] if h is None else torch.cat([zs[0], h], dim=-1)
+        return torch.tanh(self.decoder(inp))
+
+
+class EnergyPrior(nn.Module):
+    """The correction f of the prior: f(z) = sum of ``terms(z)`` (higher = more probable)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.prior
+        self.z_dims = [int(d) for d in cfg.z_dims]
+        sn = cfg.ebm_spectral_norm
+        if self.kind == "layerwise":
+            self.nets = nn.ModuleList(mlp([d, *cfg.ebm_hidden, 1], spectral=sn) for d in self.z_dims)
+        elif self.kind == "joint":
+            self.nets = nn.ModuleList([mlp([sum(self.z_dims), *cfg.ebm_hidden, 1], spectral=sn)])
+        else:
+            self.nets = nn.ModuleList()
+
+    @property
+    def n_terms(self) -> int:
+        return len(self.nets)
+
+    def terms(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, Z) -> (B, n_terms): f_i(z_i) per layer (layerwise), f(z) (joint), nothing (gaussian)."""
+        if self.kind == "layerwise":
+            zs = torch.split(z, self.z_dims, dim=-1)
+            return torch.cat([net(zi) for net, zi in zip(self.nets, zs)], dim=-1)
+        if self.kind == "joint":
+            return self.nets[0](z)
+        return z.new_zeros(z.shape[0], 0)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.terms(z).sum(-1)
+
+
+class InferenceNet(nn.Module):
+    """Bottom-up q(z | x) = q(z_1 | x) q(z_2 | x, z_1) ... with diagonal Gaussians."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.z_dims = [int(d) for d in cfg.z_dims]
+        self.trunk = mlp([cfg.data_dim, *cfg.enc_hidden], final_activation=True)
+        self.steps = nn.ModuleList()
+        heads = [nn.Linear(cfg.enc_hidden[-1], 2 * self.z_dims[0])]
+        width = cfg.enc_hidden[-1]
+        for d_below, d in zip(self.z_dims[:-1], self.z_dims[1:]):
+            self.steps.append(mlp([width + d_below, cfg.cond_hidden], final_activation=True))
+            heads.append(nn.Linear(cfg.cond_hidden, 2 * d))
+            width = cfg.cond_hidden
+        self.heads = nn.ModuleList(heads)
+
+    def forward(
+        self, x: torch.Tensor, *, sample: bool = True, z: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw z ~ q(z | x) (or take its mean, or evaluate a given z) and return (z, log q(z | x)).
+
+        x: (B, D) in [-1, 1]. Returns z (B, Z) and log q (B,).
+        """
+        given = torch.split(z, self.z_dims, dim=-1) if z is not None else None
+        h = self.trunk(x)
+        zs, log_q = [], x.new_zeros(x.shape[0])
+        for i, head in enumerate(self.heads):
+            if i > 0:
+                h = self.steps[i - 1](torch.cat([h, zs[-1]], dim=-1))
+            mu, raw = head(h).chunk(2, dim=-1)
+            sigma = F.softplus(raw) + 1e-3
+            if given is not None:
+                zi = given[i]
+            elif sample:
+                zi = mu + sigma * torch.randn_like(mu)
+            else:
+                zi = mu
+            log_q = log_q + normal_log_density(zi, mu, sigma)
+            zs.append(zi)
+        return torch.cat(zs, dim=-1), log_q
+
+
+class JointEBM(nn.Module):
+    """Generator, energy prior and inference network: log p(x, z) and log p(z) in one place."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.generator = Generator(cfg)
+        self.ebm = EnergyPrior(cfg)
+        self.encoder = InferenceNet(cfg)
+        self.obs_sigma = float(cfg.obs_sigma)
+
+    @property
+    def z_dim(self) -> int:
+        return sum(self.cfg.z_dims)
+
+    @property
+    def has_ebm(self) -> bool:
+        return self.ebm.n_terms > 0
+
+    def log_px_given_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log N(x; g(z), s^2 I): (B, D), (B, Z) -> (B,)."""
+        s = self.obs_sigma
+        sq = (x - self.generator.mean_x(z)).pow(2).sum(-1)
+        return -sq / (2 * s * s) - 0.5 * x.shape[-1] * (LOG_2PI + 2 * math.log(s))
+
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        """Unnormalised log p_alpha(z) = f(z) + log p_gauss(z): (B, Z) -> (B,)."""
+        return self.ebm(z) + self.generator.log_p_gauss(z).sum(-1)
+
+    def log_joint(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Unnormalised log p(x, z) = log p(x | z) + log p_alpha(z): the papers' decision function."""
+        return self.log_px_given_z(x, z) + self.log_prior(z)
+
+    def log_prior_eps(self, eps: torch.Tensor) -> torch.Tensor:
+        """The prior in reference coordinates: f(T(eps)) + log N(eps; 0, I)."""
+        return self.ebm(self.generator.from_eps(eps)) + standard_normal_log_density(eps)
+
+    def log_joint_eps(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The posterior target in reference coordinates: log p(x | T(eps)) + log p_alpha(eps)."""
+        z = self.generator.from_eps(eps)
+        return self.log_px_given_z(x, z) + self.ebm(z) + standard_normal_log_density(eps)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {
+            "ebm": list(self.ebm.parameters()),
+            "gen": list(self.generator.parameters()),
+            "enc": list(self.encoder.parameters()),
+        }

@@ -1,0 +1,159 @@
+"""End-to-end jobs that the CLI, the benchmark and the detector share: data -> model -> MLflow."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .checkpoint import read_config
+from .config import Config
+from .data import Dataset, holdout_split, load_dataset
+from .model import JointEBM
+from .sampling import reconstructions, sample_figures
+from .tracking import Tracker
+from .train import StepHook, fit, resolve_device, seed_everything
+
+LATEST_POINTER = Path("models") / "latest"
+
+
+@dataclass
+class TrainingData:
+    train: np.ndarray  # (n, H, W) in [0, 1]
+    val: np.ndarray
+    name: str
+    holdout: int | None
+    test: np.ndarray | None = None
+    test_is_anomaly: np.ndarray | None = None
+
+
+def prepare_data(
+    source: str,
+    *,
+    holdout: int | None,
+    seed: int,
+    val_fraction: float,
+    max_train: int | None = None,
+    image_size: int = 28,
+    data_dir: str | Path | None = None,
+) -> TrainingData:
+    """Load a dataset and apply the hold-out protocol (or a plain train/validation split)."""
+    ds: Dataset = load_dataset(source, data_dir=data_dir, image_size=image_size)
+    if holdout is not None:
+        split = holdout_split(ds, holdout, seed=seed, val_fraction=val_fraction)
+        train, val, test, flags = split.train, split.val, split.test, split.test_is_anomaly
+    else:
+        order = np.random.default_rng(seed).permutation(len(ds.images))
+        n_val = max(1, int(round(val_fraction * len(order))))
+        train, val = ds.images[order[n_val:]], ds.images[order[:n_val]]
+        test = flags = None
+    if max_train is not None and max_train < len(train):
+        keep = np.random.default_rng(seed + 1).choice(len(train), size=max_train, replace=False)
+        train = train[np.sort(keep)]
+    return TrainingData(train=train, val=val, name=ds.name, holdout=holdout, test=test, test_is_anomaly=flags)
+
+
+def default_out_dir(data_name: str, holdout: int | None) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    tag = f"{Path(data_name).name}-holdout{holdout}" if holdout is not None else Path(data_name).name
+    return Path("models") / f"{tag}-{stamp}"
+
+
+def remember_latest(out_dir: Path) -> None:
+    LATEST_POINTER.parent.mkdir(parents=True, exist_ok=True)
+    LATEST_POINTER.write_text(str(out_dir.resolve()) + "\n")
+
+
+def latest_model_dir() -> Path | None:
+    if LATEST_POINTER.is_file():
+        path = Path(LATEST_POINTER.read_text().strip())
+        return path if path.is_dir() else None
+    return None
+
+
+@dataclass
+class FitSummary:
+    out_dir: Path
+    run_id: str | None
+    tracking_uri: str | None
+    wall_seconds: float
+    history: list[dict[str, float]]
+
+
+def run_fit(
+    config: Config,
+    data: TrainingData,
+    *,
+    out_dir: Path,
+    device: str = "auto",
+    tracking_uri: str | None = None,
+    track: bool = True,
+    resume: bool = False,
+    on_step: StepHook | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> FitSummary:
+    """Train on ``data`` with MLflow tracking; the model directory is written after every epoch."""
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    if resume:
+        config, _ = read_config(out_dir)
+    seed_everything(config.train.seed)
+    model = JointEBM(config.model)
+    if resume:
+        from .checkpoint import load_model
+
+        model.load_state_dict(load_model(out_dir).model.state_dict())
+    meta = {
+        "data": data.name,
+        "holdout": data.holdout,
+        "n_train": int(len(data.train)),
+        "n_val": int(len(data.val)),
+        "image_size": config.model.image_size,
+        "device": str(dev),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    tracker = Tracker(tracking_uri, run_name=out_dir.name) if track else None
+    if tracker is not None:
+        meta["mlflow_run_id"] = tracker.run_id
+        tracker.log_params(config.to_dict())
+        tracker.log_params({"data": data.name, "holdout": data.holdout, "n_train": len(data.train), "device": str(dev)})
+    steps_per_epoch = len(data.train) // min(config.train.batch_size, len(data.train))
+    if on_start is not None:
+        on_start(config.train.epochs, steps_per_epoch)
+    probe = data.val[:8] if len(data.val) else data.train[:8]
+
+    def on_epoch(epoch: int, metrics: dict[str, float], m: JointEBM) -> None:
+        if tracker is None:
+            return
+        tracker.log_metrics(metrics, step=epoch + 1)
+        last = epoch + 1 == config.train.epochs
+        if (epoch + 1) % max(config.train.sample_every, 1) == 0 or last:
+            pr = config.train.prior_langevin
+            for name, image in sample_figures(m, steps=pr.steps, step_size=pr.step_size).items():
+                tracker.log_image(image, f"samples/epoch{epoch + 1:03d}_{name}.png")
+            tracker.log_image(reconstructions(m, probe), f"samples/epoch{epoch + 1:03d}_reconstructions.png")
+
+    try:
+        result = fit(model, config, data.train, data.val, out_dir, device=dev, meta=meta, resume=resume,
+                     on_step=on_step, on_epoch=on_epoch)
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
+    if tracker is not None:
+        tracker.log_metrics({"wall_seconds": time.perf_counter() - t0})
+        tracker.log_artifacts(out_dir, "model")
+        tracker.end()
+    remember_latest(out_dir)
+    return FitSummary(
+        out_dir=out_dir,
+        run_id=tracker.run_id if tracker else None,
+        tracking_uri=tracker.uri if tracker else None,
+        wall_seconds=time.perf_counter() - t0,
+        history=result.history,
+    )

@@ -1,0 +1,83 @@
+"""MLflow tracking: every fit and evaluation is a run in the embedded SQLite store by default."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+EXPERIMENT = "jebm-od"
+
+
+def default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else ``mlflow.db`` (SQLite) in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+class Tracker:
+    """A thin wrapper over one MLflow run; the library decides what is logged, MLflow stores it."""
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = EXPERIMENT, run_name: str | None = None):
+        import mlflow
+
+        self.mlflow = mlflow
+        self.uri = tracking_uri or default_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        if mlflow.get_experiment_by_name(experiment) is None:
+            location = None
+            if self.uri.startswith("sqlite:///"):
+                # keep artifacts next to the database, not in whatever directory we run from
+                location = (Path(self.uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
+            mlflow.create_experiment(experiment, artifact_location=location)
+        mlflow.set_experiment(experiment)
+        self.run = mlflow.start_run(run_name=run_name)
+        self.run_id = self.run.info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat = {k: str(v) for k, v in flatten(params).items()}
+        self.mlflow.log_params(flat)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()}, step=step)
+
+    def log_image(self, image: Image.Image, artifact_file: str) -> None:
+        self.mlflow.log_image(image, artifact_file)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        self.mlflow.log_artifacts(str(directory), artifact_path)
+
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
+        self.mlflow.log_dict(data, artifact_file)
+
+    def log_figure(self, fig, artifact_file: str) -> None:
+        self.mlflow.log_figure(fig, artifact_file)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.end("FAILED" if exc_type is not None else "FINISHED")
+
+
+def temporary_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="jebm-od-")

@@ -1,0 +1,233 @@
+"""Training: the variational and the MLE scheme of the papers, in one visible loop.
+
+variational (default): maximise the ELBO of an inference network q(z | x), with
+the log-partition gradient of the EBM prior estimated by prior Langevin:
+
+    loss = -E_q[log p(x|z) + f(z) + log p_gauss(z) - log q(z|x)] + E_{p_alpha}[f(z) + log p_gauss(z)]
+
+mle (CVPR joint training): posterior and prior both by short-run Langevin,
+
+    loss = -E_{p(z|x)}[log p(x, z)] + E_{p_alpha}[f(z) + log p_gauss(z)]
+
+(samples held fixed), and the inference network learns to start the posterior
+chains by maximising log q(z_posterior | x). The prior term's gradient is
+grad log Z; its value is not the log-likelihood, so the monitored -ELBO adds an
+importance-sampling estimate of log Z = log E_{p_gauss}[exp f(z)].
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .checkpoint import load_train_state, save_model, save_train_state
+from .config import Config
+from .langevin import posterior_langevin, prior_langevin
+from .model import JointEBM
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient became NaN/Inf; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available (try --device cpu)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_model_space(images01: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(N, H, W) or (N, D) in [0, 1] -> (N, D) float32 in [-1, 1] on ``device``."""
+    x = torch.as_tensor(np.asarray(images01, dtype=np.float32) if not torch.is_tensor(images01) else images01)
+    return (x.reshape(x.shape[0], -1).to(device=device, dtype=torch.float32) * 2.0) - 1.0
+
+
+def make_optimizer(model: JointEBM, config: Config) -> torch.optim.Adam:
+    t = config.train
+    lrs = {"ebm": t.lr_ebm, "gen": t.lr_gen, "enc": t.lr_enc}
+    groups = [
+        {"params": params, "lr": lrs[name], "name": name}
+        for name, params in model.parameter_groups().items()
+        if params
+    ]
+    return torch.optim.Adam(groups, betas=(0.5, 0.999) if model.has_ebm else (0.9, 0.999))
+
+
+def log_partition_estimate(model: JointEBM, n: int) -> torch.Tensor:
+    """log Z = log E_{p_gauss}[exp f(z)], importance-sampled from the Gaussian hierarchy (monitoring only)."""
+    if not model.has_ebm:
+        return torch.zeros(())
+    with torch.no_grad():
+        eps = torch.randn(n, model.z_dim, device=next(model.parameters()).device)
+        f = model.ebm(model.generator.from_eps(eps))
+        return torch.logsumexp(f, 0) - math.log(n)
+
+
+def loss_terms(model: JointEBM, x: torch.Tensor, config: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of one batch x (B, D) and the terms worth monitoring."""
+    t = config.train
+    stats: dict[str, torch.Tensor] = {}
+    if t.scheme == "variational":
+        z, log_q = model.encoder(x, sample=True)  # (B, Z), (B,)
+        log_px = model.log_px_given_z(x, z)
+        f_pos = model.ebm(z)
+        log_pg = model.generator.log_p_gauss(z).sum(-1)
+        positive = (log_px + f_pos + log_pg - log_q).mean()
+        enc_loss = torch.zeros((), device=x.device)
+        stats["kl_gauss"] = (log_q - log_pg).mean().detach()
+    else:
+        with torch.no_grad():
+            if t.mle_init_from_encoder:
+                z0, _ = model.encoder(x, sample=True)
+            else:
+                z0 = model.generator.from_eps(torch.randn(x.shape[0], model.z_dim, device=x.device))
+        pl = t.posterior_langevin
+        z, _ = posterior_langevin(model, x, z0, steps=pl.steps, step_size=pl.step_size, noise=pl.noise)
+        log_px = model.log_px_given_z(x, z)
+        f_pos = model.ebm(z)
+        log_pg = model.generator.log_p_gauss(z).sum(-1)
+        positive = (log_px + f_pos + log_pg).mean()
+        _, log_q = model.encoder(x, z=z)
+        enc_loss = -log_q.mean()
+    loss = -positive + enc_loss
+    if model.has_ebm:
+        pr = t.prior_langevin
+        z_neg, _ = prior_langevin(model, x.shape[0], steps=pr.steps, step_size=pr.step_size, noise=pr.noise)
+        f_neg = model.ebm(z_neg)
+        loss = loss + (f_neg + model.generator.log_p_gauss(z_neg).sum(-1)).mean()
+        loss = loss + t.ebm_l2 * (f_pos.pow(2).mean() + f_neg.pow(2).mean())
+        stats["f_prior"] = f_neg.mean().detach()
+        stats["f_abs_max"] = torch.maximum(f_pos.abs().max(), f_neg.abs().max()).detach()
+    stats["f_posterior"] = f_pos.mean().detach()
+    if "f_prior" in stats:
+        stats["f_gap"] = stats["f_posterior"] - stats["f_prior"]
+    s2 = model.obs_sigma**2
+    stats["recon"] = (-log_px.detach() - 0.5 * x.shape[-1] * math.log(2 * math.pi * s2)).mean()
+    stats["loss"] = loss.detach()
+    return loss, stats
+
+
+@torch.no_grad()
+def validation_neg_elbo(model: JointEBM, x: torch.Tensor, batch_size: int = 1000) -> float:
+    """-ELBO per image on held-in data, with the importance-sampled log Z (lower is better)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i : i + batch_size]
+        z, log_q = model.encoder(xb, sample=True)
+        total += (model.log_joint(xb, z) - log_q).sum().item()
+    log_z = log_partition_estimate(model, 2000).item()
+    model.train(was_training)
+    return -total / x.shape[0] + log_z
+
+
+@dataclass
+class FitResult:
+    out_dir: Path
+    epochs_done: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+StepHook = Callable[[int, int, dict[str, float]], None]  # (epoch, step in epoch, stats)
+EpochHook = Callable[[int, dict[str, float], JointEBM], None]
+
+
+def fit(
+    model: JointEBM,
+    config: Config,
+    train_images: np.ndarray,
+    val_images: np.ndarray | None,
+    out_dir: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    meta: dict[str, Any] | None = None,
+    resume: bool = False,
+    on_step: StepHook | None = None,
+    on_epoch: EpochHook | None = None,
+) -> FitResult:
+    """Train ``model`` on images (N, H, W) in [0, 1]; write a checkpoint to ``out_dir`` after every epoch.
+
+    A non-finite loss or gradient raises TrainingDiverged before the optimiser
+    step, so the weights of the last finished epoch stay on disk untouched.
+    """
+    t = config.train
+    out_dir = Path(out_dir)
+    device = torch.device(device)
+    model.to(device).train()
+    optimizer = make_optimizer(model, config)
+    start_epoch, global_step = 0, 0
+    if resume:
+        progress = load_train_state(out_dir, optimizer)
+        start_epoch, global_step = progress["epoch"], progress["global_step"]
+    x_all = to_model_space(train_images, device)
+    x_val = to_model_space(val_images, device) if val_images is not None and len(val_images) else None
+    n = x_all.shape[0]
+    bs = min(t.batch_size, n)
+    steps_per_epoch = n // bs
+    params = [p for p in model.parameters() if p.requires_grad]
+    history: list[dict[str, float]] = []
+    meta = dict(meta or {})
+    for epoch in range(start_epoch, t.epochs):
+        shuffle = torch.Generator().manual_seed(t.seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=shuffle).to(device)
+        sums: dict[str, float] = {}
+        start = time.perf_counter()
+        for step in range(steps_per_epoch):
+            xb = x_all[order[step * bs : (step + 1) * bs]]
+            loss, stats = loss_terms(model, xb, config)
+            optimizer.zero_grad(set_to_none=True)
+            if torch.isfinite(loss):
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            else:
+                grad_norm = torch.tensor(float("nan"))
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                kept = f"the last good checkpoint (epoch {epoch}) is in {out_dir}" if epoch > 0 else "no checkpoint was written yet"
+                raise TrainingDiverged(
+                    f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at epoch {epoch + 1}, "
+                    f"step {step + 1} (global step {global_step + 1}); {kept}. Check the input data for NaN/Inf, "
+                    "or lower the EBM learning rate / Langevin step size."
+                )
+            optimizer.step()
+            global_step += 1
+            values = {k: float(v) for k, v in stats.items()}
+            values["grad_norm"] = float(grad_norm)
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if on_step is not None:
+                on_step(epoch, step, values)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        metrics = {k: v / max(steps_per_epoch, 1) for k, v in sums.items()}
+        metrics["seconds_per_epoch"] = seconds
+        metrics["images_per_second"] = steps_per_epoch * bs / seconds
+        metrics["log_z_estimate"] = float(log_partition_estimate(model, 2000))
+        if x_val is not None:
+            metrics["val_neg_elbo"] = validation_neg_elbo(model, x_val)
+        history.append(metrics)
+        meta.update({"epochs_done": epoch + 1, "global_step": global_step})
+        save_model(model, config, out_dir, meta)
+        save_train_state(out_dir, optimizer, {"epoch": epoch + 1, "global_step": global_step})
+        if on_epoch is not None:
+            on_epoch(epoch, metrics, model)
+    model.eval()
+    return FitResult(out_dir=out_dir, epochs_done=t.epochs, history=history)

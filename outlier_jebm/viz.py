@@ -1,0 +1,31 @@
+"""Image grids for people: prior samples, reconstructions, anomaly maps."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def image_grid(images: np.ndarray, ncol: int, *, scale: int = 3, pad: int = 1) -> Image.Image:
+    """Tile images (N, H, W) in [0, 1] into one grayscale PIL image, row by row."""
+    images = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
+    n, h, w = images.shape
+    nrow = max(1, -(-n // ncol))
+    canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad), 0.5, dtype=np.float32)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncol)
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
+    out = Image.fromarray((canvas * 255).round().astype(np.uint8), mode="L")
+    return out.resize((out.width * scale, out.height * scale), Image.NEAREST) if scale > 1 else out
+
+
+def stack_rows(grids: list[Image.Image], gap: int = 6) -> Image.Image:
+    """Put several grids one above the other (e.g. short-run over long-run samples)."""
+    width = max(g.width for g in grids)
+    height = sum(g.height for g in grids) + gap * (len(grids) - 1)
+    out = Image.new("L", (width, height), 255)
+    y = 0
+    for g in grids:
+        out.paste(g, (0, y))
+        y += g.height + gap
+    return out

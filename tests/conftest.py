@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+import torch
+
+from outlier_jebm.config import Config
+
+
+def tiny_config(generator="chain", prior="joint", scheme="variational", **train) -> Config:
+    """A model small enough to train in a second on sklearn's 8x8 digits."""
+    t = {
+        "scheme": scheme, "epochs": 1, "batch_size": 64, "lr_ebm": 1e-3, "lr_gen": 2e-3, "lr_enc": 2e-3,
+        "prior_langevin": {"steps": 10, "step_size": 0.2, "noise": True},
+        "posterior_langevin": {"steps": 5, "step_size": 0.05, "noise": True},
+        "sample_every": 1,
+    }
+    t.update(train)
+    return Config.from_dict({
+        "model": {"image_size": 8, "generator": generator, "prior": prior, "z_dims": [6, 3], "gen_hidden": [48],
+                  "cond_hidden": 24, "enc_hidden": [48], "ebm_hidden": [32, 16], "obs_sigma": 0.3},
+        "train": t,
+        "score": {"batch_size": 256},
+    })
+
+
+@pytest.fixture(scope="session")
+def digits01() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)

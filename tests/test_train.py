@@ -1,0 +1,111 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from outlier_jebm.checkpoint import load_model, save_model
+from outlier_jebm.model import JointEBM
+from outlier_jebm.train import TrainingDiverged, fit, loss_terms, make_optimizer, to_model_space
+
+from conftest import tiny_config
+
+COMBOS = list(itertools.product(["chain", "ladder"], ["gaussian", "layerwise", "joint"], ["variational", "mle"]))
+
+
+@pytest.mark.parametrize("generator,prior,scheme", COMBOS)
+def test_every_variant_trains_on_digits_without_nan_and_lowers_its_loss(digits01, generator, prior, scheme):
+    images, _ = digits01
+    cfg = tiny_config(generator, prior, scheme)
+    torch.manual_seed(0)
+    model = JointEBM(cfg.model).train()
+    opt = make_optimizer(model, cfg)
+    x = to_model_space(images)
+    recon = []
+    for step in range(80):
+        xb = x[torch.randint(0, len(x), (64,))]
+        loss, stats = loss_terms(model, xb, cfg)
+        assert torch.isfinite(loss), f"step {step}: {stats}"
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        recon.append(stats["recon"].item())
+    # the likelihood part of the loss (the EBM's contrastive part is not a likelihood)
+    assert np.mean(recon[-10:]) < 0.7 * np.mean(recon[:10])
+
+
+def test_a_training_step_raises_f_on_posterior_samples_relative_to_prior_samples(digits01):
+    # sign convention in training: the EBM gradient is E_post[grad f] - E_prior[grad f], ascended
+    images, _ = digits01
+    cfg = tiny_config("chain", "joint", ebm_l2=0.0)
+    model = JointEBM(cfg.model).train()
+    x = to_model_space(images[:256])
+    ebm_opt = torch.optim.SGD(model.ebm.parameters(), lr=0.05)
+    gaps = []
+    for _ in range(6):
+        torch.manual_seed(123)
+        loss, stats = loss_terms(model, x, cfg)
+        gaps.append(stats["f_gap"].item())
+        ebm_opt.zero_grad()
+        loss.backward()
+        ebm_opt.step()
+    assert all(b > a for a, b in zip(gaps, gaps[1:])), gaps
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_the_same_seed_gives_the_same_model(digits01, tmp_path):
+    images, _ = digits01
+    cfg = tiny_config()
+    states = []
+    for run in range(2):
+        torch.manual_seed(7)
+        model = JointEBM(cfg.model)
+        fit(model, cfg, images[:512], images[512:600], tmp_path / f"run{run}")
+        states.append(_state(model))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_a_checkpoint_round_trip_gives_identical_outputs(digits01, tmp_path):
+    images, _ = digits01
+    cfg = tiny_config("ladder", "layerwise")
+    model = JointEBM(cfg.model)
+    fit(model, cfg, images[:512], None, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    x = to_model_space(images[600:700])
+    z = torch.randn(100, model.z_dim)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.log_joint(x, z), loaded.model.log_joint(x, z))
+        assert torch.equal(model.encoder(x, sample=False)[0], loaded.model.encoder(x, sample=False)[0])
+    assert loaded.config == cfg
+    assert not any(p.suffix in {".pt", ".pkl", ".pth"} for p in (tmp_path / "m").iterdir())
+
+
+def test_a_nan_in_a_batch_stops_training_with_a_message_and_keeps_the_last_good_checkpoint(digits01, tmp_path):
+    images, _ = digits01
+    cfg = tiny_config(epochs=1)
+    model = JointEBM(cfg.model)
+    out = tmp_path / "m"
+    fit(model, cfg, images[:512], None, out)
+    good = (out / "weights.safetensors").read_bytes()
+    poisoned = images[:512].copy()
+    poisoned[100, 3, 3] = np.nan
+    cfg2 = cfg.with_overrides(train={"epochs": 2})
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at epoch 2, step \d+.*last good checkpoint \(epoch 1\)"):
+        fit(model, cfg2, poisoned, None, out, resume=True)
+    assert (out / "weights.safetensors").read_bytes() == good
+    assert load_model(out).meta["epochs_done"] == 1
+
+
+def test_resume_continues_from_the_last_epoch(digits01, tmp_path):
+    images, _ = digits01
+    cfg = tiny_config(epochs=1)
+    out = tmp_path / "m"
+    fit(JointEBM(cfg.model), cfg, images[:256], None, out)
+    cfg2 = cfg.with_overrides(train={"epochs": 3})
+    result = fit(load_model(out).model, cfg2, images[:256], None, out, resume=True)
+    assert len(result.history) == 2
+    assert load_model(out).meta["epochs_done"] == 3
