@@ -84,10 +84,16 @@ def fit(
                             epoch=f"{epoch + 1}/{state['epochs']}", loss=stats["loss"], recon=stats["recon"],
                             gap=stats.get("f_gap", 0.0))
 
+    def on_epoch_end(epoch: int, m: dict) -> None:
+        progress.console.print(
+            f"epoch {epoch + 1}: loss {m['loss']:.1f}  recon {m['recon']:.1f}  val -ELBO {m.get('val_neg_elbo', float('nan')):.1f}  "
+            f"f post/prior {m['f_posterior']:+.2f}/{m.get('f_prior', 0.0):+.2f}  {m['images_per_second']:.0f} img/s  {m['seconds_per_epoch']:.0f} s"
+        )
+
     try:
         with progress:
             summary = run_fit(cfg, td, out_dir=out_dir, device=device, tracking_uri=tracking_uri, resume=resume,
-                              on_step=on_step, on_start=on_start)
+                              on_step=on_step, on_start=on_start, on_epoch_end=on_epoch_end)
     except TrainingDiverged as exc:
         _fail(f"training stopped: {exc}", code=3)
     except (CheckpointError, ValueError) as exc:
@@ -140,6 +146,150 @@ def sample(
     grid.save(out)
     console.print(f"wrote {out}")
 
+
+
+def _load_model_or_fail(model: Optional[str], device: str = "cpu"):
+    from outlier_jebm.checkpoint import CheckpointError, load_model
+    from outlier_jebm.pipeline import resolve_model_dir
+
+    try:
+        return load_model(resolve_model_dir(model), device=device)
+    except (CheckpointError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def score(
+    paths: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+    model: Optional[str] = typer.Option(None, help="Model directory (default: the last fitted model)."),
+    out: Optional[Path] = typer.Option(None, help="Write one row per input to .csv, .json or .parquet."),
+    maps: Optional[Path] = typer.Option(None, help="Write per-pixel anomaly-map overlays (PNG) into this folder."),
+    steps: Optional[int] = typer.Option(None, help="Posterior Langevin steps K (default: the model's score.steps)."),
+    top: int = typer.Option(10, help="How many of the most anomalous inputs to show."),
+) -> None:
+    """Score images: a label, a score in [0, 1] and the component that contributed most.
+
+    Exit codes: 0 when at least one input was scored, 1 when none could be, 2 on usage errors.
+    """
+    from outlier_jebm.batch import ResultWriter, score_files
+    from outlier_jebm.scoring import Scorer, component_names
+
+    loaded = _load_model_or_fail(model)
+    if loaded.calibration is None:
+        _fail(f"{loaded.path}: the model has no calibration.json (it was not fitted to the end); refit it")
+    scorer = Scorer(loaded, steps=steps)
+    columns = component_names(scorer.model, scorer.reference is not None)
+    writer = None
+    if out is not None:
+        try:
+            writer = ResultWriter(out, columns)
+        except ValueError as exc:
+            _fail(str(exc))
+    rows_scored, errors, top_rows = 0, [], []
+    progress = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=console, transient=True)
+    with progress:
+        task = progress.add_task("score", total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        for row in score_files(scorer, paths, maps_dir=maps, on_progress=on_progress):
+            if writer is not None:
+                writer.write(row)
+            if row["error"]:
+                errors.append((row["path"], row["error"]))
+                continue
+            rows_scored += 1
+            top_rows.append((row["score_normalized"], row["path"], row["label"], row["top_component"], row["score"]))
+            top_rows = sorted(top_rows, reverse=True)[:top]
+    if writer is not None:
+        writer.close()
+    _print_score_summary(rows_scored, errors, top_rows, loaded, out, maps)
+    raise typer.Exit(0 if rows_scored else 1)
+
+
+def _print_score_summary(n_scored, errors, top_rows, loaded, out, maps) -> None:
+    from rich.table import Table
+
+    out_console = Console()
+    n_anom = sum(1 for r in top_rows if r[2] == 1)
+    cal = loaded.calibration
+    out_console.print(f"model {loaded.path}  (threshold at {100 * cal['false_alarm_rate']:.1f} % false alarms on held-in data)")
+    out_console.print(f"scored [bold]{n_scored}[/] inputs, [bold red]{len(errors)}[/] unusable")
+    if top_rows:
+        table = Table(title=f"most anomalous (top {len(top_rows)}{'' if n_anom else ', none above the threshold'})")
+        for col in ("path", "score [0-1]", "label", "top component"):
+            table.add_column(col)
+        for norm, path, label, comp, _ in top_rows:
+            table.add_row(path, f"{norm:.3f}", "[red]anomaly[/]" if label else "normal", comp)
+        out_console.print(table)
+    if errors:
+        table = Table(title="not scored")
+        table.add_column("path")
+        table.add_column("reason")
+        for path, reason in errors[:50]:
+            table.add_row(path, reason)
+        out_console.print(table)
+        if len(errors) > 50:
+            out_console.print(f"... and {len(errors) - 50} more (see --out)")
+    if out is not None:
+        out_console.print(f"results: {out}")
+    if maps is not None:
+        out_console.print(f"anomaly maps: {maps}/")
+
+
+@app.command()
+def evaluate(
+    model: Optional[str] = typer.Option(None, help="Model directory (default: the last fitted model)."),
+    data: str = typer.Option("mnist", help="Dataset with labels: mnist or digits."),
+    holdout: Optional[int] = typer.Option(None, help="Held-out digit (default: the one the model was trained without)."),
+    seed: Optional[int] = typer.Option(None, help="Split seed (default: the model's training seed, so test stays unseen)."),
+    steps: Optional[int] = typer.Option(None, help="Posterior Langevin steps K (default: the model's score.steps)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    data_dir: Optional[Path] = typer.Option(None),
+    tracking_uri: Optional[str] = typer.Option(None),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """AUPRC, AUROC, F1 and false-alarm rate on the hold-out protocol's test part."""
+    import json
+
+    from outlier_jebm.data import DataError
+    from outlier_jebm.pipeline import run_evaluate
+
+    loaded = _load_model_or_fail(model)
+    if loaded.calibration is None:
+        _fail(f"{loaded.path}: the model has no calibration.json; refit it")
+    holdout = holdout if holdout is not None else loaded.meta.get("holdout")
+    if holdout is None:
+        _fail("--holdout is needed: the model was not trained with a held-out digit")
+    if loaded.meta.get("holdout") not in (None, holdout):
+        console.print(f"[yellow]warning:[/] the model was trained with digit {loaded.meta['holdout']} held out, not {holdout}")
+    try:
+        with console.status("scoring the test part ..."):
+            run = run_evaluate(loaded, data, holdout, seed=seed, steps=steps, device=device, data_dir=data_dir,
+                               tracking_uri=tracking_uri)
+    except DataError as exc:
+        _fail(str(exc))
+    m = run.evaluation.metrics
+    if json_out:
+        print(json.dumps({**m, "component_auprc": run.evaluation.component_auprc, "mlflow_run_id": run.run_id}))
+        return
+    from rich.table import Table
+
+    out_console = Console()
+    out_console.print(f"holdout {holdout}, seed {run.seed}: {m['n_test']} test images, {100 * m['anomaly_rate']:.1f} % anomalies")
+    out_console.print(f"AUPRC [bold]{m['auprc']:.3f}[/]  AUROC {m['auroc']:.3f}  F1 {m['f1']:.3f}  "
+                      f"false alarms {100 * m['false_alarm_rate']:.1f} %  ({m['score_images_per_second']:.0f} images/s)")
+    table = Table(title="each component alone")
+    table.add_column("component")
+    table.add_column("AUPRC")
+    table.add_column("AUROC")
+    for name, value in sorted(run.evaluation.component_auprc.items(), key=lambda kv: -kv[1]):
+        table.add_row(name, f"{value:.3f}", f"{run.evaluation.component_auroc[name]:.3f}")
+    out_console.print(table)
+    if run.run_id:
+        out_console.print(f"MLflow run: {run.run_id}")
 
 if __name__ == "__main__":
     app()

@@ -11,11 +11,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checkpoint import read_config
+from .checkpoint import LoadedModel, load_model, read_config
+from .evaluate import Evaluation
 from .config import Config
 from .data import Dataset, holdout_split, load_dataset
 from .model import JointEBM
 from .sampling import reconstructions, sample_figures
+from .scoring import calibrate
 from .tracking import Tracker
 from .train import StepHook, fit, resolve_device, seed_everything
 
@@ -96,6 +98,7 @@ def run_fit(
     resume: bool = False,
     on_step: StepHook | None = None,
     on_start: Callable[[int, int], None] | None = None,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitSummary:
     """Train on ``data`` with MLflow tracking; the model directory is written after every epoch."""
     t0 = time.perf_counter()
@@ -105,8 +108,6 @@ def run_fit(
     seed_everything(config.train.seed)
     model = JointEBM(config.model)
     if resume:
-        from .checkpoint import load_model
-
         model.load_state_dict(load_model(out_dir).model.state_dict())
     meta = {
         "data": data.name,
@@ -128,6 +129,8 @@ def run_fit(
     probe = data.val[:8] if len(data.val) else data.train[:8]
 
     def on_epoch(epoch: int, metrics: dict[str, float], m: JointEBM) -> None:
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
         if tracker is None:
             return
         tracker.log_metrics(metrics, step=epoch + 1)
@@ -145,8 +148,13 @@ def run_fit(
         if tracker is not None:
             tracker.end("FAILED")
         raise
+    train_seconds = time.perf_counter() - t0
+    loaded = load_model(out_dir, device=dev)
+    cal = calibrate(loaded, data.train, data.val, seed=config.train.seed, device=dev)
     if tracker is not None:
-        tracker.log_metrics({"wall_seconds": time.perf_counter() - t0})
+        tracker.log_metrics({"wall_seconds": time.perf_counter() - t0, "train_wall_seconds": train_seconds,
+                             "calibration_threshold": cal.threshold})
+        tracker.log_dict(cal.to_dict(), "calibration.json")
         tracker.log_artifacts(out_dir, "model")
         tracker.end()
     remember_latest(out_dir)
@@ -157,3 +165,66 @@ def run_fit(
         wall_seconds=time.perf_counter() - t0,
         history=result.history,
     )
+
+
+def resolve_model_dir(model: str | Path | None) -> Path:
+    """``--model`` as given, else the last model fitted from this directory."""
+    if model is not None:
+        return Path(model)
+    latest = latest_model_dir()
+    if latest is None:
+        raise FileNotFoundError("no --model given and no model fitted from this directory yet: run `jebm-od fit` first")
+    return latest
+
+
+@dataclass
+class EvaluationRun:
+    evaluation: Evaluation
+    holdout: int
+    seed: int
+    run_id: str | None
+
+
+def run_evaluate(
+    loaded: LoadedModel,
+    source: str,
+    holdout: int,
+    *,
+    seed: int | None = None,
+    steps: int | None = None,
+    device: str = "auto",
+    data_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
+    track: bool = True,
+) -> EvaluationRun:
+    """Score the protocol's test part and log metrics, curves and histograms to MLflow."""
+    from .evaluate import curve_figures, evaluate_scores
+    from .scoring import Scorer, component_names
+
+    cfg = loaded.config
+    seed = cfg.train.seed if seed is None else seed
+    data = prepare_data(source, holdout=holdout, seed=seed, val_fraction=cfg.train.val_fraction,
+                        image_size=cfg.model.image_size, data_dir=data_dir)
+    scorer = Scorer(loaded, steps=steps, device=resolve_device(device))
+    t0 = time.perf_counter()
+    table = scorer.score(data.test)
+    seconds = time.perf_counter() - t0
+    names = component_names(scorer.model, scorer.reference is not None)
+    ev = evaluate_scores(data.test_is_anomaly, table, names)
+    ev.metrics.update({"holdout": holdout, "seed": seed, "score_steps": scorer.score_cfg.steps,
+                       "score_images_per_second": len(data.test) / seconds})
+    run_id = None
+    if track:
+        with Tracker(tracking_uri, run_name=f"evaluate-{data.name}-holdout{holdout}") as tracker:
+            run_id = tracker.run_id
+            tracker.set_tags({"job": "evaluate", "model_dir": str(loaded.path), "data": data.name})
+            tracker.log_metrics({k: v for k, v in ev.metrics.items() if isinstance(v, (int, float))})
+            tracker.log_metrics({f"auprc.{k}": v for k, v in ev.component_auprc.items()})
+            tracker.log_metrics({f"auroc.{k}": v for k, v in ev.component_auroc.items()})
+            threshold = scorer.calibration.threshold if scorer.calibration else None
+            import matplotlib.pyplot as plt
+
+            for name, fig in curve_figures(data.test_is_anomaly, table["score"], threshold, f"holdout {holdout}").items():
+                tracker.log_figure(fig, name)
+                plt.close(fig)
+    return EvaluationRun(evaluation=ev, holdout=holdout, seed=seed, run_id=run_id)

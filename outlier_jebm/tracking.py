@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +77,3 @@ class Tracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.end("FAILED" if exc_type is not None else "FINISHED")
 
-
-def temporary_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="jebm-od-")

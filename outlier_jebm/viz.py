@@ -29,3 +29,18 @@ def stack_rows(grids: list[Image.Image], gap: int = 6) -> Image.Image:
         out.paste(g, (0, y))
         y += g.height + gap
     return out
+
+
+def anomaly_overlay(image01: np.ndarray, error: np.ndarray, *, scale: int = 6, vmax: float | None = None) -> Image.Image:
+    """The input (left) beside the input with its per-pixel error as a red heat overlay (right)."""
+    img = np.clip(np.asarray(image01, dtype=np.float32), 0, 1)
+    heat = np.asarray(error, dtype=np.float32)
+    heat = np.clip(heat / (vmax if vmax else max(float(heat.max()), 1e-6)), 0, 1)
+    gray = np.stack([img] * 3, axis=-1) * 0.6
+    over = gray.copy()
+    over[..., 0] = np.clip(gray[..., 0] + heat, 0, 1)
+    over[..., 1] = gray[..., 1] * (1 - heat)
+    over[..., 2] = gray[..., 2] * (1 - heat)
+    pair = np.concatenate([np.stack([img] * 3, axis=-1), np.ones((img.shape[0], 1, 3)), over], axis=1)
+    out = Image.fromarray((pair * 255).round().astype(np.uint8), mode="RGB")
+    return out.resize((out.width * scale, out.height * scale), Image.NEAREST)

@@ -1,0 +1,156 @@
+"""Scoring files and folders in bounded memory, and writing the results table (csv, json, parquet)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .data import ImageError, image_files, read_image
+from .scoring import Scorer
+from .viz import anomaly_overlay
+
+BASE_COLUMNS = ["path", "score", "score_normalized", "label", "top_component", "error"]
+OUTPUT_FORMATS = (".csv", ".json", ".parquet")
+
+
+def score_files(
+    scorer: Scorer,
+    paths: Iterable[str | Path],
+    *,
+    maps_dir: Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Iterator[dict]:
+    """One row per input, in input order: scored rows, and rows with ``error`` for unusable files.
+
+    Images are read and scored ``score.batch_size`` at a time, so a folder of any
+    size never sits in memory at once. A bad file costs only its own row.
+    """
+    files, problems = image_files(paths)
+    bad = {str(p): reason for p, reason in problems}
+    total = len(files) + len(problems)
+    done = 0
+    for path, reason in problems:
+        done += 1
+        yield _error_row(path, reason)
+    batch_size = scorer.score_cfg.batch_size
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        images, ok_paths = [], []
+        for path in chunk:
+            try:
+                images.append(read_image(path, scorer.image_size))
+                ok_paths.append(path)
+            except ImageError as exc:
+                bad[str(path)] = exc.reason
+        scored = {}
+        if images:
+            batch = np.stack(images)
+            bs = scorer.components_of(batch)
+            table = scorer.present(bs)
+            for i, path in enumerate(ok_paths):
+                scored[str(path)] = {k: table[k][i] for k in table}
+                if maps_dir is not None:
+                    maps_dir.mkdir(parents=True, exist_ok=True)
+                    anomaly_overlay(batch[i], bs.pixel_error[i]).save(maps_dir / f"{_safe_name(path)}.png")
+        for path in chunk:
+            key = str(path)
+            yield _row(key, scored[key]) if key in scored else _error_row(path, bad[key])
+        done += len(chunk)
+        if on_progress is not None:
+            on_progress(done, total)
+
+
+def _safe_name(path: Path) -> str:
+    return "_".join(path.with_suffix("").parts[-3:]).replace(" ", "_")
+
+
+def _row(path: str, values: dict) -> dict:
+    row = {"path": path, "error": ""}
+    for key, value in values.items():
+        row[key] = value.item() if isinstance(value, np.generic) else value
+    return row
+
+
+def _error_row(path: Path | str, reason: str) -> dict:
+    return {"path": str(path), "score": None, "score_normalized": None, "label": None, "top_component": None,
+            "error": reason}
+
+
+class ResultWriter:
+    """Streams rows to csv, json (one array) or parquet, chosen by the file's extension."""
+
+    def __init__(self, path: Path, component_columns: list[str]):
+        self.path = Path(path)
+        self.format = self.path.suffix.lower()
+        if self.format not in OUTPUT_FORMATS:
+            raise ValueError(f"{self.path}: output must end in .csv, .json or .parquet")
+        self.columns = BASE_COLUMNS + component_columns
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._rows: list[dict] = []
+        self._count = 0
+        self._file = None
+        self._parquet = None
+        if self.format == ".csv":
+            self._file = self.path.open("w", newline="")
+            self._csv = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="ignore")
+            self._csv.writeheader()
+        elif self.format == ".json":
+            self._file = self.path.open("w")
+            self._file.write("[")
+
+    def write(self, row: dict) -> None:
+        clean = {c: _plain(row.get(c)) for c in self.columns}
+        if self.format == ".csv":
+            self._csv.writerow({k: "" if v is None else v for k, v in clean.items()})
+        elif self.format == ".json":
+            self._file.write(("," if self._count else "") + "\n" + json.dumps(clean))
+        else:
+            self._rows.append(clean)
+            if len(self._rows) >= 5000:
+                self._flush_parquet()
+        self._count += 1
+
+    def _flush_parquet(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._rows:
+            return
+        fields = [pa.field("path", pa.string()), pa.field("score", pa.float64()), pa.field("score_normalized", pa.float64()),
+                  pa.field("label", pa.int64()), pa.field("top_component", pa.string()), pa.field("error", pa.string())]
+        fields += [pa.field(c, pa.float64()) for c in self.columns[len(BASE_COLUMNS):]]
+        schema = pa.schema(fields)
+        table = pa.Table.from_pylist(self._rows, schema=schema)
+        if self._parquet is None:
+            self._parquet = pq.ParquetWriter(str(self.path), schema)
+        self._parquet.write_table(table)
+        self._rows = []
+
+    def close(self) -> None:
+        if self.format == ".json":
+            self._file.write("\n]\n")
+        if self.format == ".parquet":
+            self._flush_parquet()
+            if self._parquet is not None:
+                self._parquet.close()
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self) -> "ResultWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

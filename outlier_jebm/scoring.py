@@ -1,0 +1,252 @@
+"""Anomaly scores from posterior inference: components, the default score, calibration.
+
+For each input x: z from the inference network's mean, then K posterior Langevin
+steps (noise off by default, so a score is a deterministic function of x), over
+``chains`` chains. The components (higher = more anomalous everywhere):
+
+- ``recon``            ||x - g(z)||^2 / (2 s^2)
+- ``neg_f`` / ``neg_f_<i>``  -f(z) (joint) or -f_i(z_i) per layer (layerwise)
+- ``neg_log_p_z<i>``   -log p_gauss(z_i | z_{i+1}) per layer (the Gaussian hierarchy)
+- ``neg_log_prior``    -(f(z) + log p_gauss(z)), unnormalised
+- ``neg_log_joint``    -log p(x, z), unnormalised: the papers' decision function
+- ``energy_drop``      how much K steps raised log p(x, z) above the encoder's guess
+- ``chain_spread``     spread of z over chains (0 with one chain)
+- ``latent_knn``       mean distance, in reference coordinates eps, to the k nearest
+                       posterior means of training images (the latent space is where
+                       the classes' modes separate; SPEC section 6)
+
+The default score is the mean of robust z-scores (median / MAD on held-in
+validation data) of ``Calibration.combine``; see ``DEFAULT_COMBINATION``.
+Calibration reads held-in images only, never anomaly labels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import CALIBRATION_FILE, LoadedModel
+from .config import ScoreConfig
+from .langevin import posterior_langevin
+from .model import JointEBM
+from .train import to_model_space
+
+REFERENCE_FILE = "reference_latents.safetensors"
+DEFAULT_COMBINATION = ("neg_log_joint", "latent_knn")
+KNN_K = 5
+
+
+def component_names(model: JointEBM, with_reference: bool) -> list[str]:
+    L = model.cfg.n_layers
+    names = ["recon"]
+    if model.ebm.kind == "layerwise":
+        names += [f"neg_f_{i + 1}" for i in range(L)]
+    elif model.ebm.kind == "joint":
+        names.append("neg_f")
+    names += [f"neg_log_p_z{i + 1}" for i in range(L)]
+    names += ["neg_log_prior", "neg_log_joint", "energy_drop", "chain_spread"]
+    if with_reference:
+        names.append("latent_knn")
+    return names
+
+
+@dataclass
+class BatchScores:
+    components: dict[str, np.ndarray]  # name -> (B,)
+    pixel_error: np.ndarray  # (B, H, W) squared error per pixel, in [0, 1] image units
+    eps: np.ndarray  # (B, Z) posterior mean in reference coordinates
+
+
+@torch.no_grad()
+def _terms(model: JointEBM, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    s2 = model.obs_sigma**2
+    mean = model.generator.mean_x(z)
+    sq = (x - mean).pow(2)
+    f_terms = model.ebm.terms(z)
+    log_pg = model.generator.log_p_gauss(z)  # (B, L)
+    out = {"recon": sq.sum(-1) / (2 * s2), "_sq": sq}
+    if model.ebm.kind == "layerwise":
+        for i in range(f_terms.shape[1]):
+            out[f"neg_f_{i + 1}"] = -f_terms[:, i]
+    elif model.ebm.kind == "joint":
+        out["neg_f"] = -f_terms[:, 0]
+    for i in range(log_pg.shape[1]):
+        out[f"neg_log_p_z{i + 1}"] = -log_pg[:, i]
+    out["neg_log_prior"] = -(f_terms.sum(-1) + log_pg.sum(-1))
+    out["neg_log_joint"] = -model.log_joint(x, z)
+    return out
+
+
+def infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: torch.Tensor | None = None) -> BatchScores:
+    """Posterior inference and every score component for a batch x (B, D) in [-1, 1]."""
+    model.eval()
+    with torch.no_grad():
+        z0, _ = model.encoder(x, sample=False)  # (B, Z)
+    chains = max(cfg.chains, 1) if cfg.steps > 0 else 1
+    if cfg.steps > 0:
+        xs = x.repeat(chains, 1)
+        init = z0.repeat(chains, 1)
+        if chains > 1:
+            # spread the starts so that chains can disagree; the first chain starts at the encoder's mean
+            with torch.no_grad():
+                e = model.generator.to_eps(init)
+                e[x.shape[0]:] += 0.1 * torch.randn_like(e[x.shape[0]:])
+                init = model.generator.from_eps(e)
+        zc, _ = posterior_langevin(model, xs, init, steps=cfg.steps, step_size=cfg.step_size, noise=cfg.noise)
+        zc = zc.view(chains, x.shape[0], -1)  # (C, B, Z)
+        z = zc.mean(0)
+        spread = zc.std(0).mean(-1) if chains > 1 else torch.zeros(x.shape[0])
+    else:
+        z, spread = z0, torch.zeros(x.shape[0])
+    terms = _terms(model, x, z)
+    with torch.no_grad():
+        start = model.log_joint(x, z0)
+        terms["energy_drop"] = (-terms["neg_log_joint"]) - start
+        terms["chain_spread"] = spread.to(x.device)
+        eps = model.generator.to_eps(z)
+        if reference is not None:
+            d = torch.cdist(eps, reference)  # (B, R)
+            k = min(KNN_K, reference.shape[0])
+            terms["latent_knn"] = d.topk(k, dim=1, largest=False).values.mean(1)
+    sq = terms.pop("_sq")
+    size = model.cfg.image_size
+    pixel_error = (sq / 4.0).reshape(-1, size, size)  # [-1, 1] units -> [0, 1] units
+    return BatchScores(
+        components={k: v.detach().cpu().numpy().astype(np.float64) for k, v in terms.items()},
+        pixel_error=pixel_error.cpu().numpy(),
+        eps=eps.cpu().numpy(),
+    )
+
+
+@dataclass
+class Calibration:
+    """Held-in statistics that turn components into one score, a label and a number in [0, 1]."""
+
+    combine: list[str]
+    median: dict[str, float]
+    scale: dict[str, float]
+    threshold: float
+    score_scale: float
+    false_alarm_rate: float
+    n_validation: int
+    score_steps: int
+    notes: str = "score = mean robust z-score of `combine`; normalized = logistic((score - threshold) / score_scale)"
+    extra: dict = field(default_factory=dict)
+
+    def robust_z(self, components: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: (components[k] - self.median[k]) / self.scale[k] for k in self.median if k in components}
+
+    def score(self, components: dict[str, np.ndarray]) -> np.ndarray:
+        z = self.robust_z(components)
+        return np.mean([z[k] for k in self.combine], axis=0)
+
+    def normalize(self, score: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-np.clip((score - self.threshold) / self.score_scale, -50, 50)))
+
+    def top_component(self, components: dict[str, np.ndarray]) -> list[str]:
+        z = self.robust_z(components)
+        names = sorted(z)
+        stacked = np.stack([z[k] for k in names], axis=1)
+        return [names[i] for i in stacked.argmax(1)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        return cls(**d)
+
+
+def _robust_scale(v: np.ndarray) -> float:
+    mad = 1.4826 * float(np.median(np.abs(v - np.median(v))))
+    return mad if mad > 1e-8 else max(float(np.std(v)), 1e-8)
+
+
+def fit_calibration(components: dict[str, np.ndarray], *, combine: Iterable[str], false_alarm_rate: float, score_steps: int) -> Calibration:
+    """Fit on held-in validation components only: robust centre/scale per component, threshold at the FAR."""
+    combine = [c for c in combine if c in components]
+    if not combine:
+        raise ValueError("none of the components to combine were computed")
+    median = {k: float(np.median(v)) for k, v in components.items()}
+    scale = {k: _robust_scale(v) for k, v in components.items()}
+    cal = Calibration(combine=combine, median=median, scale=scale, threshold=0.0, score_scale=1.0,
+                      false_alarm_rate=false_alarm_rate, n_validation=len(next(iter(components.values()))),
+                      score_steps=score_steps)
+    s = cal.score(components)
+    cal.threshold = float(np.quantile(s, 1.0 - false_alarm_rate))
+    cal.score_scale = _robust_scale(s)
+    return cal
+
+
+class Scorer:
+    """Batched scoring on one code path for the CLI, the detector, the servers and the benchmark."""
+
+    def __init__(self, loaded: LoadedModel, *, steps: int | None = None, device: str | torch.device = "cpu"):
+        self.model = loaded.model.to(device).eval()
+        self.config = loaded.config
+        self.device = torch.device(device)
+        cfg = loaded.config.score
+        self.score_cfg = ScoreConfig(**{**asdict(cfg), **({"steps": steps} if steps is not None else {})})
+        self.calibration = Calibration.from_dict(loaded.calibration) if loaded.calibration else None
+        self.reference = None
+        if loaded.path is not None and (loaded.path / REFERENCE_FILE).is_file():
+            self.reference = load_file(str(loaded.path / REFERENCE_FILE))["eps"].to(self.device)
+        self.image_size = loaded.config.model.image_size
+
+    def components_of(self, images01: np.ndarray) -> BatchScores:
+        """Score components of images (N, H, W) in [0, 1], in batches of ``score.batch_size``."""
+        parts = list(self.iter_batches(images01))
+        return BatchScores(
+            components={k: np.concatenate([p.components[k] for p in parts]) for k in parts[0].components},
+            pixel_error=np.concatenate([p.pixel_error for p in parts]),
+            eps=np.concatenate([p.eps for p in parts]),
+        )
+
+    def iter_batches(self, images01: np.ndarray) -> Iterator[BatchScores]:
+        bs = self.score_cfg.batch_size
+        for i in range(0, len(images01), bs):
+            x = to_model_space(images01[i : i + bs], self.device)
+            yield infer_and_score(self.model, x, self.score_cfg, self.reference)
+
+    def score(self, images01: np.ndarray) -> dict[str, np.ndarray]:
+        """Per input: score, score_normalized, label (1 = anomaly), top_component and every component."""
+        if self.calibration is None:
+            raise ValueError("this model has no calibration.json: run `jebm-od calibrate` or refit it")
+        bs = self.components_of(images01)
+        return self.present(bs)
+
+    def present(self, bs: BatchScores) -> dict[str, np.ndarray]:
+        cal = self.calibration
+        s = cal.score(bs.components)
+        out = {"score": s, "score_normalized": cal.normalize(s), "label": (s > cal.threshold).astype(np.int64),
+               "top_component": np.array(cal.top_component(bs.components), dtype=object)}
+        out.update(bs.components)
+        return out
+
+
+def calibrate(loaded: LoadedModel, train_images: np.ndarray, val_images: np.ndarray, *,
+              combine: Iterable[str] = DEFAULT_COMBINATION, max_reference: int = 10_000, seed: int = 0,
+              device: str | torch.device = "cpu") -> Calibration:
+    """Store reference latents of training images, then fit the calibration on held-in validation images."""
+    if loaded.path is None:
+        raise ValueError("calibration is written into a model directory; load the model from one")
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(train_images), size=min(max_reference, len(train_images)), replace=False)
+    scorer = Scorer(loaded, device=device)
+    scorer.reference = None
+    ref = scorer.components_of(train_images[np.sort(pick)]).eps
+    save_file({"eps": torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))}, str(loaded.path / REFERENCE_FILE))
+    scorer.reference = torch.from_numpy(ref.astype(np.float32)).to(scorer.device)
+    comps = scorer.components_of(val_images).components
+    cal = fit_calibration(comps, combine=combine, false_alarm_rate=loaded.config.score.false_alarm_rate,
+                          score_steps=scorer.score_cfg.steps)
+    (loaded.path / CALIBRATION_FILE).write_text(json.dumps(cal.to_dict(), indent=2, sort_keys=True))
+    loaded.calibration = cal.to_dict()
+    return cal
