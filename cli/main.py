@@ -291,5 +291,37 @@ def evaluate(
     if run.run_id:
         out_console.print(f"MLflow run: {run.run_id}")
 
+
+@app.command()
+def calibrate(
+    model: Optional[str] = typer.Option(None, help="Model directory (default: the last fitted model)."),
+    data: Optional[str] = typer.Option(None, help="Training data (default: the one recorded in the model)."),
+    false_alarm_rate: Optional[float] = typer.Option(None, help="Override score.false_alarm_rate."),
+    data_dir: Optional[Path] = typer.Option(None),
+) -> None:
+    """Recompute calibration.json from the model's held-in validation data (never from anomaly labels)."""
+    from outlier_jebm.checkpoint import save_model
+    from outlier_jebm.data import DataError
+    from outlier_jebm.pipeline import prepare_data
+    from outlier_jebm.scoring import calibrate as calibrate_model
+
+    loaded = _load_model_or_fail(model)
+    cfg = loaded.config
+    if false_alarm_rate is not None:
+        cfg = cfg.with_overrides(score={"false_alarm_rate": false_alarm_rate})
+        save_model(loaded.model, cfg, loaded.path, loaded.meta)
+        loaded.config = cfg
+    source = data or loaded.meta.get("data")
+    if not source:
+        _fail("--data is needed: the model does not record its training data")
+    try:
+        td = prepare_data(source, holdout=loaded.meta.get("holdout"), seed=cfg.train.seed,
+                          val_fraction=cfg.train.val_fraction, image_size=cfg.model.image_size, data_dir=data_dir)
+    except DataError as exc:
+        _fail(str(exc))
+    cal = calibrate_model(loaded, td.train, td.val, seed=cfg.train.seed)
+    console.print(f"calibrated on {len(td.val)} held-in images: threshold {cal.threshold:.3f} at "
+                  f"{100 * cal.false_alarm_rate:.1f} % false alarms -> {loaded.path / 'calibration.json'}")
+
 if __name__ == "__main__":
     app()

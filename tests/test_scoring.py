@@ -10,7 +10,7 @@ from outlier_jebm.checkpoint import load_model
 from outlier_jebm.data import holdout_split, load_digits
 from outlier_jebm.evaluate import detection_metrics
 from outlier_jebm.model import JointEBM
-from outlier_jebm.scoring import Scorer, calibrate, component_names, fit_calibration
+from outlier_jebm.scoring import DEFAULT_COMBINATION, Scorer, calibrate, component_names, fit_calibration
 from outlier_jebm.train import fit
 
 from conftest import tiny_config
@@ -66,7 +66,7 @@ def test_calibration_never_reads_anomaly_labels(trained):
     # test labels, or dropping all anomalies from the test part, cannot change it
     loaded, split = trained
     comps = Scorer(loaded).components_of(split.val).components
-    cal = fit_calibration(comps, combine=["neg_log_joint", "latent_knn"], false_alarm_rate=0.05, score_steps=0)
+    cal = fit_calibration(comps, combine=DEFAULT_COMBINATION, false_alarm_rate=0.05, score_steps=0)
     assert cal.to_dict() == loaded.calibration
     s = cal.score(comps)
     assert np.mean(s > cal.threshold) == pytest.approx(0.05, abs=0.02)

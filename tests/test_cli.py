@@ -1,0 +1,78 @@
+import json
+import sqlite3
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.main import app
+
+from conftest import tiny_config
+
+runner = CliRunner()
+
+
+def _write_config(path):
+    import yaml
+
+    cfg = tiny_config(epochs=3).to_dict()
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, digits01):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "250")
+    cfg = _write_config(tmp_path / "tiny.yaml")
+    db = tmp_path / "mlflow.db"
+    res = runner.invoke(app, ["fit", "--data", "digits", "--holdout", "3", "--config", str(cfg), "--out", "m",
+                              "--tracking-uri", f"sqlite:///{db}"])
+    assert res.exit_code == 0, res.output
+    assert "MLflow run:" in res.output
+    for name in ["config.json", "weights.safetensors", "calibration.json"]:
+        assert (tmp_path / "m" / name).is_file()
+    with sqlite3.connect(db) as con:
+        keys = {k for (k,) in con.execute("select distinct key from metrics")}
+    assert {"loss", "recon", "f_gap", "images_per_second", "seconds_per_epoch", "val_neg_elbo"} <= keys
+
+    images, labels = digits01
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray((images[i] * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_text("nope")
+    # no --model: the last fitted model is used
+    res = runner.invoke(app, ["score", str(folder), "--out", "res.json", "--maps", "maps"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "res.json").read_text())
+    assert len(rows) == 5 and sum(r["error"] != "" for r in rows) == 1
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 4
+    assert "broken.png" in res.output
+
+    res = runner.invoke(app, ["evaluate", "--data", "digits", "--json", "--tracking-uri", f"sqlite:///{db}"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {"auprc", "auroc", "f1", "false_alarm_rate", "n_test", "holdout"} <= set(m) and m["holdout"] == 3
+
+    res = runner.invoke(app, ["sample", "--out", "s.png", "--kind", "hierarchical"])
+    assert res.exit_code == 0, res.output
+    assert Image.open(tmp_path / "s.png").size[0] > 0
+
+
+def test_score_exits_non_zero_when_nothing_could_be_scored(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _write_config(tmp_path / "tiny.yaml")
+    assert runner.invoke(app, ["fit", "--data", "digits", "--config", str(cfg), "--epochs", "1", "--out", "m",
+                               "--tracking-uri", f"sqlite:///{tmp_path / 'db.sqlite'}"]).exit_code == 0
+    (tmp_path / "bad.png").write_bytes(b"")
+    res = runner.invoke(app, ["score", str(tmp_path / "bad.png"), "--model", "m"])
+    assert res.exit_code == 1
+    assert "empty" in res.output
+
+
+def test_a_missing_data_path_or_model_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["fit", "--data", str(tmp_path / "nowhere"), "--epochs", "1"])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = runner.invoke(app, ["score", str(tmp_path)])
+    assert res.exit_code == 2 and "jebm-od fit" in res.output
