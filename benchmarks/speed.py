@@ -1,0 +1,118 @@
+"""Training and scoring throughput of a config on MNIST, with a FLOP count for the roofline.
+
+    python benchmarks/speed.py --model DIR [--train-steps 100] [--score-n 10000] [--steps 0,10]
+
+Measures in one run: training images/s of the default config (steps of the real loop,
+prior Langevin share of the step), scoring images/s at each K, and the compute roofline
+(fp32 matmul GFLOP/s measured here on square 1024 matrices, divided by FLOPs per image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+
+import numpy as np
+import torch
+
+from outlier_jebm.checkpoint import load_model
+from outlier_jebm.config import Config, default_config_path
+from outlier_jebm.data import load_dataset
+from outlier_jebm.langevin import prior_langevin
+from outlier_jebm.model import JointEBM
+from outlier_jebm.scoring import Scorer
+from outlier_jebm.train import loss_terms, make_optimizer, to_model_space
+
+
+def matmul_gflops() -> float:
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    n = 20
+    for _ in range(n):
+        a @ b
+    return 2 * 1024**3 * n / (time.perf_counter() - t) / 1e9
+
+
+def linear_flops(module: torch.nn.Module) -> int:
+    """2 * in * out per image for every Linear in the module (forward)."""
+    return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def bench_train(cfg: Config, images: np.ndarray, steps: int) -> dict:
+    torch.manual_seed(0)
+    model = JointEBM(cfg.model).train()
+    opt = make_optimizer(model, cfg)
+    x = to_model_space(images)
+    bs = cfg.train.batch_size
+    params = list(model.parameters())
+
+    def step(i):
+        xb = x[(i * bs) % (len(x) - bs):][:bs]
+        loss, _ = loss_terms(model, xb, cfg)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        opt.step()
+
+    for i in range(5):
+        step(i)
+    t = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    full = (time.perf_counter() - t) / steps
+    pr = cfg.train.prior_langevin
+    t = time.perf_counter()
+    for _ in range(steps // 4):
+        prior_langevin(model, bs, steps=pr.steps, step_size=pr.step_size)
+    langevin = (time.perf_counter() - t) / (steps // 4)
+    return {"train_images_per_second": bs / full, "step_seconds": full, "prior_langevin_share": langevin / full}
+
+
+def bench_score(model_dir: str, images: np.ndarray, k: int) -> dict:
+    scorer = Scorer(load_model(model_dir), steps=k)
+    scorer.components_of(images[:500])
+    t = time.perf_counter()
+    scorer.components_of(images)
+    sec = time.perf_counter() - t
+    m = scorer.model
+    fwd = linear_flops(m.encoder) + linear_flops(m.generator) + linear_flops(m.ebm)
+    knn = 3 * scorer.reference.shape[0] * m.z_dim if scorer.reference is not None else 0
+    # each Langevin step: forward and backward (about 3x forward) through generator and EBM
+    per_image = fwd + knn + k * 3 * (linear_flops(m.generator) + linear_flops(m.ebm))
+    return {"k": k, "images_per_second": len(images) / sec, "flops_per_image": per_image}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True, help="a fitted model directory (for scoring)")
+    ap.add_argument("--config", default=str(default_config_path()))
+    ap.add_argument("--train-steps", type=int, default=100)
+    ap.add_argument("--score-n", type=int, default=10000)
+    ap.add_argument("--steps", default="0,10")
+    args = ap.parse_args()
+    images = load_dataset("mnist").images[-args.score_n - 10000 :]
+    cfg = Config.from_yaml(args.config)
+    gflops = matmul_gflops()
+    out = {
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "date": time.strftime("%Y-%m-%d"),
+        "matmul_gflops": gflops,
+        "train": bench_train(cfg, images[:10000], args.train_steps),
+        "score": [],
+    }
+    for k in [int(s) for s in args.steps.split(",")]:
+        r = bench_score(args.model, images[-args.score_n :], k)
+        r["roofline_images_per_second"] = gflops * 1e9 / r["flops_per_image"]
+        r["share_of_roofline"] = r["images_per_second"] / r["roofline_images_per_second"]
+        out["score"].append(r)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
