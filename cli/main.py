@@ -185,7 +185,7 @@ def score(
             writer = ResultWriter(out, columns)
         except ValueError as exc:
             _fail(str(exc))
-    rows_scored, errors, top_rows = 0, [], []
+    rows_scored, n_flagged, errors, top_rows = 0, 0, [], []
     progress = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=console, transient=True)
     with progress:
@@ -201,24 +201,24 @@ def score(
                 errors.append((row["path"], row["error"]))
                 continue
             rows_scored += 1
+            n_flagged += int(row["label"])
             top_rows.append((row["score_normalized"], row["path"], row["label"], row["top_component"], row["score"]))
             top_rows = sorted(top_rows, reverse=True)[:top]
     if writer is not None:
         writer.close()
-    _print_score_summary(rows_scored, errors, top_rows, loaded, out, maps)
+    _print_score_summary(rows_scored, n_flagged, errors, top_rows, loaded, out, maps)
     raise typer.Exit(0 if rows_scored else 1)
 
 
-def _print_score_summary(n_scored, errors, top_rows, loaded, out, maps) -> None:
+def _print_score_summary(n_scored, n_flagged, errors, top_rows, loaded, out, maps) -> None:
     from rich.table import Table
 
     out_console = Console()
-    n_anom = sum(1 for r in top_rows if r[2] == 1)
     cal = loaded.calibration
     out_console.print(f"model {loaded.path}  (threshold at {100 * cal['false_alarm_rate']:.1f} % false alarms on held-in data)")
-    out_console.print(f"scored [bold]{n_scored}[/] inputs, [bold red]{len(errors)}[/] unusable")
+    out_console.print(f"scored [bold]{n_scored}[/] inputs: [bold red]{n_flagged}[/] flagged as anomalies; {len(errors)} unusable")
     if top_rows:
-        table = Table(title=f"most anomalous (top {len(top_rows)}{'' if n_anom else ', none above the threshold'})")
+        table = Table(title=f"most anomalous (top {len(top_rows)}{'' if n_flagged else ', none above the threshold'})")
         for col in ("path", "score [0-1]", "label", "top component"):
             table.add_column(col)
         for norm, path, label, comp, _ in top_rows:

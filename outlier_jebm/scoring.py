@@ -116,8 +116,12 @@ def infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referenc
         eps = model.generator.to_eps(z)
         if reference is not None:
             d = torch.cdist(eps, reference)  # (B, R)
-            k = min(KNN_K, reference.shape[0])
-            terms["latent_knn"] = d.topk(k, dim=1, largest=False).values.mean(1)
+            k = min(KNN_K, reference.shape[0] - 1)
+            near = d.topk(k + 1, dim=1, largest=False).values  # (B, k + 1), ascending
+            # a training image that is itself in the reference set is not its own neighbour
+            is_self = near[:, :1] < 1e-5
+            terms["latent_knn"] = torch.where(is_self, near[:, 1:].mean(1, keepdim=True),
+                                              near[:, :k].mean(1, keepdim=True)).squeeze(1)
     sq = terms.pop("_sq")
     size = model.cfg.image_size
     pixel_error = (sq / 4.0).reshape(-1, size, size)  # [-1, 1] units -> [0, 1] units
