@@ -82,8 +82,9 @@ def bench_score(model_dir: str, images: np.ndarray, k: int) -> dict:
     m = scorer.model
     fwd = linear_flops(m.encoder) + linear_flops(m.generator) + linear_flops(m.ebm)
     knn = 3 * scorer.reference.shape[0] * m.z_dim if scorer.reference is not None else 0
-    # each Langevin step: forward and backward (about 3x forward) through generator and EBM
-    per_image = fwd + knn + k * 3 * (linear_flops(m.generator) + linear_flops(m.ebm))
+    # each Langevin step: a forward and a backward for the input gradient only (no weight
+    # gradients), about 2x a forward, through generator (with T and T^-1) and EBM
+    per_image = fwd + knn + k * 2 * (linear_flops(m.generator) + linear_flops(m.ebm))
     return {"k": k, "images_per_second": len(images) / sec, "flops_per_image": per_image}
 
 
