@@ -104,7 +104,9 @@ def run_fit(
     t0 = time.perf_counter()
     dev = resolve_device(device)
     if resume:
-        config, _ = read_config(out_dir)
+        # the model's own config, trained on up to the number of epochs asked for now
+        saved, _ = read_config(out_dir)
+        config = saved.with_overrides(train={"epochs": config.train.epochs})
     seed_everything(config.train.seed)
     model = JointEBM(config.model)
     if resume:

@@ -76,3 +76,14 @@ def test_a_missing_data_path_or_model_gives_a_clear_error(tmp_path, monkeypatch)
     assert res.exit_code == 2 and "does not exist" in res.output
     res = runner.invoke(app, ["score", str(tmp_path)])
     assert res.exit_code == 2 and "jebm-od fit" in res.output
+
+
+def test_fit_resume_trains_on_to_the_epochs_asked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _write_config(tmp_path / "tiny.yaml")
+    uri = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    base = ["fit", "--data", "digits", "--config", str(cfg), "--out", "m", "--tracking-uri", uri]
+    assert runner.invoke(app, base + ["--epochs", "1"]).exit_code == 0
+    res = runner.invoke(app, base + ["--epochs", "2", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["meta"]["epochs_done"] == 2
