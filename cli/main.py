@@ -109,7 +109,7 @@ def fit(
 
 @app.command()
 def sample(
-    model: Optional[Path] = typer.Option(None, help="Model directory (default: the last fitted model)."),
+    model: Optional[str] = typer.Option(None, help="Model directory (default: the last fitted model)."),
     out: Path = typer.Option(Path("samples.png"), help="Where to write the grid (PNG)."),
     kind: str = typer.Option("prior", help="prior, hierarchical, or chains (short-run vs long-run)."),
     n: int = typer.Option(64, help="Number of prior samples."),
@@ -119,18 +119,10 @@ def sample(
     """Draw samples from the learned prior and write them as an image grid."""
     import torch
 
-    from outlier_jebm.checkpoint import CheckpointError, load_model
-    from outlier_jebm.pipeline import latest_model_dir
     from outlier_jebm.sampling import hierarchical_samples, prior_samples, sample_figures
     from outlier_jebm.viz import image_grid
 
-    path = model or latest_model_dir()
-    if path is None:
-        _fail("no model given and none fitted here yet: run `jebm-od fit` or pass --model DIR")
-    try:
-        loaded = load_model(path)
-    except CheckpointError as exc:
-        _fail(str(exc))
+    loaded = _load_model_or_fail(model)
     torch.manual_seed(seed)
     pr = loaded.config.train.prior_langevin
     k = steps if steps is not None else pr.steps
