@@ -44,8 +44,9 @@ def fit(
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."),
     data_dir: Optional[Path] = typer.Option(None, help="Where MNIST files are looked for and cached."),
     resume: bool = typer.Option(False, help="Continue training the model in --out from its last epoch."),
+    register: Optional[str] = typer.Option(None, help="Also register the logged MLflow model under this name."),
 ) -> None:
-    """Train a detector on in-distribution data and log the run to MLflow."""
+    """Train a detector on in-distribution data and log the run (and the pyfunc model) to MLflow."""
     from outlier_jebm.checkpoint import CheckpointError
     from outlier_jebm.config import ConfigError
     from outlier_jebm.data import DataError
@@ -93,7 +94,7 @@ def fit(
     try:
         with progress:
             summary = run_fit(cfg, td, out_dir=out_dir, device=device, tracking_uri=tracking_uri, resume=resume,
-                              on_step=on_step, on_start=on_start, on_epoch_end=on_epoch_end)
+                              register=register, on_step=on_step, on_start=on_start, on_epoch_end=on_epoch_end)
     except TrainingDiverged as exc:
         _fail(f"training stopped: {exc}", code=3)
     except (CheckpointError, ValueError) as exc:
@@ -105,11 +106,14 @@ def fit(
     console.print(f"model:      [bold]{summary.out_dir}[/]")
     if summary.run_id:
         console.print(f"MLflow run: [bold]{summary.run_id}[/] at {summary.tracking_uri}")
+    if summary.model_uri:
+        console.print(f"MLflow model: [bold]{summary.model_uri}[/]"
+                      + (f" (registered as [bold]{register}[/])" if register else ""))
 
 
 @app.command()
 def sample(
-    model: Optional[str] = typer.Option(None, help="Model directory (default: the last fitted model)."),
+    model: Optional[str] = typer.Option(None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."),
     out: Path = typer.Option(Path("samples.png"), help="Where to write the grid (PNG)."),
     kind: str = typer.Option("prior", help="prior, hierarchical, or chains (short-run vs long-run)."),
     n: int = typer.Option(64, help="Number of prior samples."),
@@ -153,7 +157,7 @@ def _load_model_or_fail(model: Optional[str], device: str = "cpu"):
 @app.command()
 def score(
     paths: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
-    model: Optional[str] = typer.Option(None, help="Model directory (default: the last fitted model)."),
+    model: Optional[str] = typer.Option(None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."),
     out: Optional[Path] = typer.Option(None, help="Write one row per input to .csv, .json or .parquet."),
     maps: Optional[Path] = typer.Option(None, help="Write per-pixel anomaly-map overlays (PNG) into this folder."),
     steps: Optional[int] = typer.Option(None, help="Posterior Langevin steps K (default: the model's score.steps)."),
@@ -233,7 +237,7 @@ def _print_score_summary(n_scored, n_flagged, errors, top_rows, loaded, out, map
 
 @app.command()
 def evaluate(
-    model: Optional[str] = typer.Option(None, help="Model directory (default: the last fitted model)."),
+    model: Optional[str] = typer.Option(None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."),
     data: str = typer.Option("mnist", help="Dataset with labels: mnist or digits."),
     holdout: Optional[int] = typer.Option(None, help="Held-out digit (default: the one the model was trained without)."),
     seed: Optional[int] = typer.Option(None, help="Split seed (default: the model's training seed, so test stays unseen)."),
@@ -285,8 +289,35 @@ def evaluate(
 
 
 @app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind; loopback only unless told otherwise (0.0.0.0 = all)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    steps: Optional[int] = typer.Option(None, help="Posterior Langevin steps K (default: the model's score.steps)."),
+    max_items: int = typer.Option(1024, help="Most items in one request (more: 413)."),
+    max_body_mb: float = typer.Option(32.0, help="Largest request body in MiB (more: 413)."),
+    timeout: float = typer.Option(30.0, help="Seconds a batch may take to score (more: 503)."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Serve the model over HTTP: POST /v1/score, GET /health, /v1/model, /metrics (Prometheus)."""
+    import uvicorn
+
+    from serving.app import Limits, create_app, load_for_serving
+
+    try:
+        loaded, ref, seconds = load_for_serving(model)
+        api = create_app(loaded, model_ref=ref, load_seconds=seconds, steps=steps,
+                         limits=Limits(max_items=max_items, max_body_bytes=int(max_body_mb * (1 << 20)), timeout_s=timeout))
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"serving [bold]{ref}[/] (loaded in {seconds:.2f} s) on http://{host}:{port}  "
+                  "- POST /v1/score, GET /health /v1/model /metrics")
+    uvicorn.run(api, host=host, port=port, log_level=log_level)
+
+
+@app.command()
 def calibrate(
-    model: Optional[str] = typer.Option(None, help="Model directory (default: the last fitted model)."),
+    model: Optional[str] = typer.Option(None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."),
     data: Optional[str] = typer.Option(None, help="Training data (default: the one recorded in the model)."),
     false_alarm_rate: Optional[float] = typer.Option(None, help="Override score.false_alarm_rate."),
     data_dir: Optional[Path] = typer.Option(None),
@@ -314,6 +345,9 @@ def calibrate(
     cal = calibrate_model(loaded, td.train, td.val, seed=cfg.train.seed)
     console.print(f"calibrated on {len(td.val)} held-in images: threshold {cal.threshold:.3f} at "
                   f"{100 * cal.false_alarm_rate:.1f} % false alarms -> {loaded.path / 'calibration.json'}")
+
+
+
 
 if __name__ == "__main__":
     app()

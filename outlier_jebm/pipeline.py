@@ -85,6 +85,7 @@ class FitSummary:
     tracking_uri: str | None
     wall_seconds: float
     history: list[dict[str, float]]
+    model_uri: str | None = None
 
 
 def run_fit(
@@ -99,10 +100,15 @@ def run_fit(
     on_step: StepHook | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    register: str | None = None,
+    remember: bool = True,
 ) -> FitSummary:
     """Train on ``data`` with MLflow tracking; the model directory is written after every epoch."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
+    model_uri = None
+    if register is not None and not track:
+        raise ValueError("registering a model needs MLflow tracking")
     if resume:
         # the model's own config, trained on up to the number of epochs asked for now
         saved, _ = read_config(out_dir)
@@ -157,20 +163,31 @@ def run_fit(
         tracker.log_metrics({"wall_seconds": time.perf_counter() - t0, "train_wall_seconds": train_seconds,
                              "calibration_threshold": cal.threshold})
         tracker.log_dict(cal.to_dict(), "calibration.json")
-        tracker.log_artifacts(out_dir, "model")
+        from .registry import log_pyfunc
+        from .scoring import component_names
+
+        info = log_pyfunc(out_dir, image_size=config.model.image_size, registered_model_name=register,
+                          component_names=component_names(loaded.model, True))
+        model_uri = info.model_uri
         tracker.end()
-    remember_latest(out_dir)
+    if remember:  # False for the benchmark: its models are not the user's last fit
+        remember_latest(out_dir)
     return FitSummary(
         out_dir=out_dir,
         run_id=tracker.run_id if tracker else None,
         tracking_uri=tracker.uri if tracker else None,
         wall_seconds=time.perf_counter() - t0,
         history=result.history,
+        model_uri=model_uri,
     )
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:
-    """``--model`` as given, else the last model fitted from this directory."""
+    """``--model`` as given (a directory or an MLflow model URI), else the last model fitted here."""
+    from .registry import fetch_model_dir, is_model_uri
+
+    if is_model_uri(model):
+        return fetch_model_dir(str(model))
     if model is not None:
         return Path(model)
     latest = latest_model_dir()

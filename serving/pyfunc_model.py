@@ -1,0 +1,53 @@
+"""The MLflow pyfunc model of jebm-od, logged as a *model from code* (nothing is pickled).
+
+``mlflow models serve -m <uri> --env-manager local`` answers ``/invocations`` with it;
+``mlflow.pyfunc.spark_udf`` runs it on Spark. Inputs (see ``serving.payload``):
+
+- a DataFrame of S*S numeric pixel columns (``dataframe_split`` with 784 columns for MNIST),
+- a DataFrame with a column ``pixels`` of arrays, or a column ``path`` of image files,
+- an array (``inputs``) of shape (N, S*S) or (N, S, S);
+
+floats in [0, 1] or integers 0-255, white strokes on black as in the MNIST files. The
+output is a DataFrame, one row per input in order: ``score``, ``score_normalized``,
+``label`` (1 = anomaly, -1 = not scored), ``top_component``, ``error`` (empty when scored),
+then one column per score component - the columns of ``jebm-od score --out``.
+"""
+
+from __future__ import annotations
+
+import mlflow
+
+
+class JEBMPyfuncModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from pathlib import Path
+
+        from outlier_jebm.checkpoint import load_model
+        from outlier_jebm.registry import ARTIFACT_KEY
+        from outlier_jebm.scoring import Scorer, component_names
+
+        loaded = load_model(Path(context.artifacts[ARTIFACT_KEY]))
+        if loaded.calibration is None:
+            raise ValueError(f"{loaded.path}: the model has no calibration.json")
+        self.scorer = Scorer(loaded)
+        self.components = component_names(self.scorer.model, self.scorer.reference is not None)
+
+    def predict(self, context, model_input, params=None):
+        import numpy as np
+        import pandas as pd
+
+        from outlier_jebm.registry import output_columns
+        from serving.payload import items_from_array, items_from_frame, score_items
+
+        size = self.scorer.image_size
+        if isinstance(model_input, pd.DataFrame):
+            items = items_from_frame(model_input, size)
+        elif isinstance(model_input, dict) and len(model_input) == 1:
+            items = items_from_array(np.asarray(next(iter(model_input.values()))), size)
+        else:
+            items = items_from_array(np.asarray(model_input), size)
+        table = score_items(self.scorer, items)
+        return pd.DataFrame({k: table[k] for k in output_columns(self.components)})
+
+
+mlflow.models.set_model(JEBMPyfuncModel())
