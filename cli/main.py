@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -50,27 +52,35 @@ def fit(
     from outlier_jebm.checkpoint import CheckpointError
     from outlier_jebm.config import ConfigError
     from outlier_jebm.data import DataError
+    from outlier_jebm.distributed import is_main_process
     from outlier_jebm.pipeline import default_out_dir, prepare_data, run_fit
     from outlier_jebm.train import TrainingDiverged
 
+    # under torchrun every rank runs this command; rank 0 alone reports progress (errors come from any rank)
+    main = is_main_process()
+    say = console.print if main else (lambda *args, **kwargs: None)
     cfg = _load_config(config)
     if resume and out is None:
         _fail("--resume needs --out pointing at the model directory to continue")
     try:
         cfg = cfg.with_overrides(train={"epochs": epochs, "seed": seed, "max_train": max_train})
-        with console.status(f"loading {data} ..."):
+        with console.status(f"loading {data} ...") if main else nullcontext():
             td = prepare_data(data, holdout=holdout, seed=cfg.train.seed, val_fraction=cfg.train.val_fraction,
                               max_train=cfg.train.max_train, image_size=cfg.model.image_size, data_dir=data_dir)
     except (DataError, ConfigError) as exc:
         _fail(str(exc))
     out_dir = out or default_out_dir(td.name, holdout)
-    console.print(f"training on [bold]{len(td.train)}[/] images of {td.name}"
-                  + (f" (digit {holdout} held out)" if holdout is not None else "")
-                  + f", {len(td.val)} held-in for validation; model -> {out_dir}")
+    say(f"training on [bold]{len(td.train)}[/] images of {td.name}"
+        + (f" (digit {holdout} held out)" if holdout is not None else "")
+        + f", {len(td.val)} held-in for validation; model -> {out_dir}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        say(f"data parallel on {world} processes: global batch {world} x {cfg.train.batch_size}")
     progress = Progress(
         TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.1f}  recon {task.fields[recon]:.1f}  f-gap {task.fields[gap]:+.2f}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+        disable=not main,
     )
     state: dict = {}
 
@@ -99,6 +109,8 @@ def fit(
         _fail(f"training stopped: {exc}", code=3)
     except (CheckpointError, ValueError) as exc:
         _fail(str(exc))
+    if not main:
+        return
     last = summary.history[-1] if summary.history else {}
     console.print(f"[green]done[/] in {summary.wall_seconds:.0f} s "
                   f"({last.get('images_per_second', 0):.0f} images/s in training, "
@@ -347,6 +359,8 @@ def calibrate(
                   f"{100 * cal.false_alarm_rate:.1f} % false alarms -> {loaded.path / 'calibration.json'}")
 
 
+from cli.bench import bench as _bench  # noqa: E402
+app.command("bench")(_bench)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ from .checkpoint import LoadedModel, load_model, read_config
 from .evaluate import Evaluation
 from .config import Config
 from .data import Dataset, holdout_split, load_dataset
+from .distributed import ProcessGroup
 from .model import JointEBM
 from .sampling import reconstructions, sample_figures
 from .scoring import calibrate
 from .tracking import Tracker
-from .train import StepHook, fit, resolve_device, seed_everything
+from .train import StepHook, fit, resolve_device, seed_everything, steps_per_epoch
 
 LATEST_POINTER = Path("models") / "latest"
 
@@ -109,6 +110,10 @@ def run_fit(
     model_uri = None
     if register is not None and not track:
         raise ValueError("registering a model needs MLflow tracking")
+    # under torchrun every rank trains; rank 0 alone tracks, writes the model, calibrates and registers
+    group = ProcessGroup.join(dev)
+    dev = group.device
+    track = track and group.is_main
     if resume:
         # the model's own config, trained on up to the number of epochs asked for now
         saved, _ = read_config(out_dir)
@@ -124,16 +129,17 @@ def run_fit(
         "n_val": int(len(data.val)),
         "image_size": config.model.image_size,
         "device": str(dev),
+        "world_size": group.world_size,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     tracker = Tracker(tracking_uri, run_name=out_dir.name) if track else None
     if tracker is not None:
         meta["mlflow_run_id"] = tracker.run_id
         tracker.log_params(config.to_dict())
-        tracker.log_params({"data": data.name, "holdout": data.holdout, "n_train": len(data.train), "device": str(dev)})
-    steps_per_epoch = len(data.train) // min(config.train.batch_size, len(data.train))
-    if on_start is not None:
-        on_start(config.train.epochs, steps_per_epoch)
+        tracker.log_params({"data": data.name, "holdout": data.holdout, "n_train": len(data.train), "device": str(dev),
+                            "world_size": group.world_size, "dist_backend": group.backend or "none"})
+    if on_start is not None and group.is_main:
+        on_start(config.train.epochs, steps_per_epoch(len(data.train), config.train.batch_size, group.world_size))
     probe = data.val[:8] if len(data.val) else data.train[:8]
 
     def on_epoch(epoch: int, metrics: dict[str, float], m: JointEBM) -> None:
@@ -153,9 +159,14 @@ def run_fit(
         result = fit(model, config, data.train, data.val, out_dir, device=dev, meta=meta, resume=resume,
                      on_step=on_step, on_epoch=on_epoch)
     except BaseException:
+        group.close(wait=False)
         if tracker is not None:
             tracker.end("FAILED")
         raise
+    group.close()
+    if not group.is_main:
+        return FitSummary(out_dir=out_dir, run_id=None, tracking_uri=None,
+                          wall_seconds=time.perf_counter() - t0, history=result.history)
     train_seconds = time.perf_counter() - t0
     loaded = load_model(out_dir, device=dev)
     cal = calibrate(loaded, data.train, data.val, seed=config.train.seed, device=dev)

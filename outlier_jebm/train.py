@@ -26,7 +26,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from . import distributed
 from .checkpoint import load_train_state, save_model, save_train_state
 from .config import Config
 from .langevin import posterior_langevin, prior_langevin
@@ -124,6 +127,33 @@ def loss_terms(model: JointEBM, x: torch.Tensor, config: Config) -> tuple[torch.
     return loss, stats
 
 
+class TrainingLoss(nn.Module):
+    """``loss_terms`` as a module's forward, the form DistributedDataParallel wraps.
+
+    The Langevin chains inside take gradients with respect to the latents only
+    (torch.autograd.grad), which never reaches DDP's parameter hooks; every
+    parameter gets its gradient from the one backward pass of the loss, in both
+    schemes, so DDP needs no search for unused parameters.
+    """
+
+    def __init__(self, model: JointEBM, config: Config):
+        super().__init__()
+        self.model = model
+        self.config = config
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return loss_terms(self.model, x, self.config)
+
+
+def batch_size_per_rank(n: int, batch_size: int, world_size: int = 1) -> int:
+    return max(1, min(batch_size, n // world_size))
+
+
+def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimiser steps in one epoch of n images; each step takes world_size * batch_size of them."""
+    return n // (batch_size_per_rank(n, batch_size, world_size) * world_size)
+
+
 @torch.no_grad()
 def validation_neg_elbo(model: JointEBM, x: torch.Tensor, batch_size: int = 1000) -> float:
     """-ELBO per image on held-in data, with the importance-sampled log Z (lower is better)."""
@@ -167,11 +197,25 @@ def fit(
 
     A non-finite loss or gradient raises TrainingDiverged before the optimiser
     step, so the weights of the last finished epoch stay on disk untouched.
+
+    Inside an initialised torch.distributed process group (``torchrun``) every
+    rank calls this with the same model, config and images: training is data
+    parallel (DistributedDataParallel), each rank takes ``batch_size`` images of a
+    global batch of ``world_size * batch_size``, and only rank 0 validates,
+    writes checkpoints and calls the hooks. The statistics passed on are
+    averages over all ranks.
     """
     t = config.train
     out_dir = Path(out_dir)
     device = torch.device(device)
     model.to(device).train()
+    world, rank = distributed.current_world()
+    main = rank == 0
+    loss_fn: nn.Module = TrainingLoss(model, config)
+    if world > 1:
+        # DDP broadcasts rank 0's weights and buffers; then each rank draws its own noise
+        loss_fn = DistributedDataParallel(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(distributed.rank_seed(t.seed, rank))
     optimizer = make_optimizer(model, config)
     start_epoch, global_step = 0, 0
     if resume:
@@ -180,8 +224,8 @@ def fit(
     x_all = to_model_space(train_images, device)
     x_val = to_model_space(val_images, device) if val_images is not None and len(val_images) else None
     n = x_all.shape[0]
-    bs = min(t.batch_size, n)
-    steps_per_epoch = n // bs
+    bs = batch_size_per_rank(n, t.batch_size, world)
+    n_steps = steps_per_epoch(n, t.batch_size, world)
     params = [p for p in model.parameters() if p.requires_grad]
     history: list[dict[str, float]] = []
     meta = dict(meta or {})
@@ -190,19 +234,23 @@ def fit(
         order = torch.randperm(n, generator=shuffle).to(device)
         sums: dict[str, float] = {}
         start = time.perf_counter()
-        for step in range(steps_per_epoch):
-            xb = x_all[order[step * bs : (step + 1) * bs]]
-            loss, stats = loss_terms(model, xb, config)
+        for step in range(n_steps):
+            xb = x_all[distributed.batch_shard(order, step, bs, rank, world)]
+            loss, stats = loss_fn(xb)
+            finite = bool(torch.isfinite(loss))
+            if world > 1:
+                finite, stats = distributed.agree_on_step(torch.isfinite(loss), stats)
             optimizer.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
+            if finite:
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
             else:
                 grad_norm = torch.tensor(float("nan"))
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            if not (finite and torch.isfinite(grad_norm)):
                 kept = f"the last good checkpoint (epoch {epoch}) is in {out_dir}" if epoch > 0 else "no checkpoint was written yet"
+                where = f" on at least one of {world} ranks" if world > 1 else ""
                 raise TrainingDiverged(
-                    f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at epoch {epoch + 1}, "
+                    f"non-finite {'loss' if not finite else 'gradient'}{where} at epoch {epoch + 1}, "
                     f"step {step + 1} (global step {global_step + 1}); {kept}. Check the input data for NaN/Inf, "
                     "or lower the EBM learning rate / Langevin step size."
                 )
@@ -212,22 +260,27 @@ def fit(
             values["grad_norm"] = float(grad_norm)
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
-            if on_step is not None:
+            if on_step is not None and main:
                 on_step(epoch, step, values)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        metrics = {k: v / max(steps_per_epoch, 1) for k, v in sums.items()}
+        metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
         metrics["seconds_per_epoch"] = seconds
-        metrics["images_per_second"] = steps_per_epoch * bs / seconds
+        metrics["images_per_second"] = n_steps * bs * world / seconds
+        history.append(metrics)
+        if not main:
+            continue
+        # rank 0 alone from here; the other ranks wait for it in the next step's all-reduce
         metrics["log_z_estimate"] = float(log_partition_estimate(model, 2000))
         if x_val is not None:
             metrics["val_neg_elbo"] = validation_neg_elbo(model, x_val)
-        history.append(metrics)
         meta.update({"epochs_done": epoch + 1, "global_step": global_step})
         save_model(model, config, out_dir, meta)
         save_train_state(out_dir, optimizer, {"epoch": epoch + 1, "global_step": global_step})
         if on_epoch is not None:
             on_epoch(epoch, metrics, model)
+    if world > 1:
+        distributed.share_buffers_of_rank0(model)
     model.eval()
     return FitResult(out_dir=out_dir, epochs_done=t.epochs, history=history)

@@ -1,0 +1,224 @@
+import csv
+import json
+import os
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from cli.main import app
+from outlier_jebm.bench import (
+    PYOD_DETECTORS, SKIPPED_BUDGET, BenchError, BenchSpec, JEBMVariant, PyODDetector, parse_detectors,
+    parse_seconds, pixel_features, run_bench,
+)
+from outlier_jebm.evaluate import detection_metrics
+from outlier_jebm.pipeline import prepare_data
+
+from conftest import tiny_config
+
+runner = CliRunner()
+REQUIRED = {"detector", "holdout", "seed", "auprc", "auroc", "fit_seconds", "score_images_per_second"}
+
+
+def _read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _digits_split(holdout=1, seed=0):
+    return prepare_data("digits", holdout=holdout, seed=seed, val_fraction=tiny_config().train.val_fraction,
+                        image_size=8)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config().to_dict()))
+    db = tmp / "mlflow.db"
+    args = ["bench", "--data", "digits", "--holdout", "1", "--seeds", "0,1", "--config", str(cfg),
+            "--detectors", "jebm,pca,knn,iforest", "--jebm-variant", "gauss=prior=gaussian",
+            "--out", str(tmp / "out"), "--tracking-uri", f"sqlite:///{db}"]
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(tmp)
+    # one torch thread: on a 2-core machine shared with other jobs, two spinning OpenMP threads made this
+    # run take 18 s or 111 s depending on the neighbours; the claims tested here do not depend on speed
+    torch.set_num_threads(1)
+    try:
+        res = runner.invoke(app, args, env={"COLUMNS": "200"})
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    return tmp, res, _read_csv(tmp / "out" / "results.csv"), db
+
+
+def test_bench_writes_one_row_per_detector_split_with_valid_metrics(bench_run):
+    tmp, res, rows, _ = bench_run
+    assert REQUIRED <= set(rows[0])
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    for r in rows:
+        assert 0.0 <= float(r["auprc"]) <= 1.0 and 0.0 <= float(r["auroc"]) <= 1.0
+        assert float(r["fit_seconds"]) > 0 and float(r["score_images_per_second"]) > 0
+    for det in ("jebm", "gauss", "pca", "knn", "iforest"):
+        assert {(r["holdout"], r["seed"]) for r in rows if r["detector"] == det} == {("1", "0"), ("1", "1")}
+    # one split per (digit, seed), shared by every detector: the split prepare_data makes
+    for seed in (0, 1):
+        split = _digits_split(seed=seed)
+        cell = [r for r in rows if r["seed"] == str(seed)]
+        assert {int(r["n_test"]) for r in cell} == {len(split.test)}
+        assert {int(r["n_train"]) for r in cell} == {len(split.train) + len(split.val)}
+        assert all(float(r["anomaly_rate"]) == pytest.approx(split.test_is_anomaly.mean(), abs=1e-5) for r in cell)
+    # the screen shows each finished cell as it finishes, component rows by their full name
+    assert "jebm[latent_knn]" in res.output and "AUPRC" in res.output
+
+
+def test_pca_baseline_gives_finite_scores(bench_run):
+    _, _, rows, _ = bench_run
+    pca = [r for r in rows if r["detector"] == "pca"]
+    assert pca and all(r["nonfinite_scores"] == "0" for r in pca)
+
+
+def test_one_jebm_fit_gives_rows_for_the_score_and_each_component(bench_run):
+    from outlier_jebm.checkpoint import load_model
+    from outlier_jebm.scoring import Scorer
+
+    tmp, _, rows, _ = bench_run
+    names = {r["detector"] for r in rows}
+    assert {"jebm[latent_knn]", "jebm[recon]", "jebm[neg_f]", "jebm[neg_log_joint]", "gauss[latent_knn]"} <= names
+    assert "gauss[neg_f]" not in names  # the Gaussian prior has no EBM term
+    assert "jebm[chain_spread]" not in names  # constant with one chain: no ranking to report
+    jebm_rows = [r for r in rows if r["model"] == "jebm" and r["seed"] == "0"]
+    assert len({r["fit_seconds"] for r in jebm_rows}) == 1  # one fit shared by the model's rows
+    # the rows are what the product's Scorer gives for the saved model
+    model_dir = tmp / "out" / "models" / "jebm-holdout1-seed0"
+    table = Scorer(load_model(model_dir)).score(_digits_split().test)
+    y = _digits_split().test_is_anomaly
+    by_name = {r["detector"]: r for r in jebm_rows}
+    assert float(by_name["jebm"]["auprc"]) == pytest.approx(detection_metrics(y, table["score"])["auprc"], abs=1e-5)
+    recon = detection_metrics(y, table["recon"])["auroc"]
+    assert float(by_name["jebm[recon]"]["auroc"]) == pytest.approx(recon, abs=1e-5)
+    assert not (tmp / "models" / "latest").exists()  # a bench does not change the user's last fitted model
+
+
+def test_results_markdown_settings_figures_and_mlflow_runs(bench_run):
+    tmp, _, rows, db = bench_run
+    out = tmp / "out"
+    md = (out / "results.md").read_text()
+    assert "## Summary: AUPRC" in md and "## Holdout 1" in md and "| knn |" in md and " ± " in md
+    assert (out / "pr_holdout1.png").stat().st_size > 1000
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["detectors"]["pca"]["changed_from_defaults"]["standardization"] is False
+    assert settings["detectors"]["pca"]["params"]["n_components"] == 0.95
+    assert settings["detectors"]["gauss"]["config"]["model"]["prior"] == "gaussian"
+    assert settings["jebm_base_config"]["model"]["image_size"] == 8
+    assert {"cpu_count", "torch_threads", "platform", "date", "git_commit"} <= set(settings["machine"])
+    with sqlite3.connect(db) as con:
+        tags = con.execute("select run_uuid, key, value from tags").fetchall()
+    per_run: dict[str, dict[str, str]] = {}
+    for run, key, value in tags:
+        per_run.setdefault(run, {})[key] = value
+    for r in rows:
+        t = per_run[r["mlflow_run_id"]]
+        assert (t["job"], t["detector"], t["holdout"], t["seed"]) == ("bench", r["detector"], r["holdout"], r["seed"])
+
+
+def test_a_zero_time_budget_skips_every_cell_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config().to_dict()))
+    res = runner.invoke(app, ["bench", "--data", "digits", "--holdout", "1,3", "--config", str(cfg),
+                              "--detectors", "jebm[latent_knn],pca", "--components", "none",
+                              "--time-budget", "0", "--out", "out", "--tracking-uri", f"sqlite:///{tmp_path / 'db'}"])
+    assert res.exit_code == 0, res.output
+    rows = _read_csv(tmp_path / "out" / "results.csv")
+    assert {(r["detector"], r["holdout"]) for r in rows} == {
+        (d, h) for d in ("jebm", "jebm[latent_knn]", "pca") for h in ("1", "3")}
+    assert all(r["status"] == SKIPPED_BUDGET and r["auprc"] == "" for r in rows)
+    assert not (tmp_path / "out" / "models").exists()
+    assert "skipped: time budget" in (tmp_path / "out" / "results.md").read_text()
+
+
+class SlowDetector:
+    """Stands in for a detector whose fit outlasts the budget."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def get_params(self):
+        return {}
+
+    def fit(self, X):
+        time.sleep(0.4)
+        return self
+
+    def decision_function(self, X):
+        return X.sum(1)
+
+
+def test_cells_that_would_start_after_the_budget_are_skipped_the_rest_kept(tmp_path):
+    slow = PyODDetector("slow", f"{__name__}.SlowDetector", {}, "test stand-in")
+    spec = BenchSpec(data="digits", holdouts=[1, 3], seeds=[0], detectors=[slow, PYOD_DETECTORS["pca"]],
+                     base_config=tiny_config(), out_dir=tmp_path / "out", time_budget=0.3, track=False)
+    rows = run_bench(spec).rows
+    assert [(r["detector"], r["holdout"], r["status"]) for r in rows] == [
+        ("slow", 1, "ok"), ("pca", 1, SKIPPED_BUDGET), ("slow", 3, SKIPPED_BUDGET), ("pca", 3, SKIPPED_BUDGET)]
+    assert len(_read_csv(tmp_path / "out" / "results.csv")) == 4
+
+
+def test_pyod_default_pca_is_infinite_on_pixels_and_the_registered_setting_is_not():
+    from pyod.models.pca import PCA
+
+    split = _digits_split()
+    X = pixel_features(np.concatenate([split.train, split.val]))
+    T = pixel_features(split.test)
+    with np.errstate(all="ignore"):
+        assert not np.isfinite(PCA().fit(X).decision_function(T)).all()
+    scores = PYOD_DETECTORS["pca"].build(0, X.shape[1]).fit(X).decision_function(T)
+    assert np.isfinite(scores).all()
+    assert detection_metrics(split.test_is_anomaly, scores)["auprc"] > split.test_is_anomaly.mean()
+
+
+@pytest.mark.parametrize("name", ["knn", "lof", "iforest", "ecod", "copod", "loda"])
+def test_registered_pyod_detectors_give_one_finite_score_per_test_image(name):
+    split = _digits_split()
+    X = pixel_features(np.concatenate([split.train, split.val]))
+    T = pixel_features(split.test)
+    scores = PYOD_DETECTORS[name].build(0, X.shape[1]).fit(X).decision_function(T)
+    assert scores.shape == (len(T),) and np.isfinite(scores).all()
+
+
+def test_detector_list_parses_variants_components_and_rejects_mistakes():
+    base = tiny_config()
+    entries = parse_detectors("jebm[latent_knn+recon],knn,jebm:prior=layerwise:steps=3,big", base,
+                              variants={"big": "z_dims=[8,4],train.prior_langevin.steps=12"}, components="none")
+    assert [e.name for e in entries] == ["jebm", "knn", "jebm:prior=layerwise:steps=3", "big"]
+    jebm, _, layerwise, big = entries
+    assert isinstance(jebm, JEBMVariant) and jebm.components == ["latent_knn", "recon"]
+    assert layerwise.config.model.prior == "layerwise" and layerwise.config.score.steps == 3
+    assert big.config.model.z_dims == [8, 4] and big.config.train.prior_langevin.steps == 12
+    assert big.config.model.image_size == 8  # everything else from the base config
+    (small,) = parse_detectors("jebm:z_dims=[4,2][recon]", base, components="none")
+    assert small.name == "jebm:z_dims=[4,2]" and small.config.model.z_dims == [4, 2] and small.components == ["recon"]
+    with pytest.raises(BenchError, match="unknown detector"):
+        parse_detectors("jebm,knnn", base)
+    with pytest.raises(BenchError, match="unknown config"):
+        parse_detectors("jebm:model.priorr=joint", base)
+    with pytest.raises(BenchError, match="prior"):
+        parse_detectors("jebm:prior=bogus", base)
+    with pytest.raises(BenchError, match="one split"):
+        parse_detectors("jebm:model.image_size=28", base)
+    with pytest.raises(BenchError, match="no component"):
+        parse_detectors("jebm:prior=gaussian[neg_f]", base, components="none")
+    assert parse_seconds("90") == 90 and parse_seconds("30m") == 1800 and parse_seconds("1.5h") == 5400
+
+
+def test_cli_reports_a_bad_detector_list_as_a_usage_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["bench", "--data", "digits", "--detectors", "jebm,nope", "--out", "out"])
+    assert res.exit_code == 2 and "unknown detector 'nope'" in res.output
+    assert not (tmp_path / "out").exists()
