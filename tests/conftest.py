@@ -1,3 +1,5 @@
+import socket
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,13 @@ def tiny_config(generator="chain", prior="joint", scheme="variational", **train)
         "train": t,
         "score": {"batch_size": 256},
     })
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers and process groups started by tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

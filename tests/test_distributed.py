@@ -1,7 +1,6 @@
 """Data-parallel training: torchrun with gloo on loopback, CPU only."""
 
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,15 +17,10 @@ from safetensors.torch import load_file, save_file
 from outlier_jebm.checkpoint import load_model
 from outlier_jebm.distributed import batch_shard
 
-from conftest import tiny_config
+from conftest import free_port as _free_port, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_ranks_batches_are_disjoint_and_together_are_the_global_batch():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import free_port as _free_port, tiny_config
 from outlier_jebm.checkpoint import load_model
 from outlier_jebm.data import DataError
 from outlier_jebm.pipeline import prepare_data, run_fit
@@ -27,11 +26,6 @@ from serving.payload import item_from_json, items_from_array, items_from_frame
 
 REGISTERED = "tiny-digits"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
