@@ -174,11 +174,23 @@ def score(
     maps: Optional[Path] = typer.Option(None, help="Write per-pixel anomaly-map overlays (PNG) into this folder."),
     steps: Optional[int] = typer.Option(None, help="Posterior Langevin steps K (default: the model's score.steps)."),
     top: int = typer.Option(10, help="How many of the most anomalous inputs to show."),
+    engine: str = typer.Option("local", help="local (this process) or spark: `score --engine spark INPUT.parquet "
+                                              "OUTPUT.parquet` scores a parquet dataset (column pixels or path) with "
+                                              "the MLflow pyfunc model through mlflow.pyfunc.spark_udf."),
+    spark_master: Optional[str] = typer.Option(None, help="Spark master URL for --engine spark (default: local[*], "
+                                                          "or what spark-submit set up)."),
+    batch_rows: int = typer.Option(2048, help="--engine spark: rows per Arrow batch handed to the model."),
+    overwrite: bool = typer.Option(False, help="--engine spark: replace OUTPUT if it exists."),
 ) -> None:
     """Score images: a label, a score in [0, 1] and the component that contributed most.
 
     Exit codes: 0 when at least one input was scored, 1 when none could be, 2 on usage errors.
     """
+    if engine == "spark":
+        _score_spark(paths, model, out, steps, top, spark_master, batch_rows, overwrite)
+        return
+    if engine != "local":
+        _fail(f"--engine {engine!r}: expected local or spark")
     from outlier_jebm.batch import ResultWriter, score_files
     from outlier_jebm.scoring import Scorer, component_names
 
@@ -216,6 +228,67 @@ def score(
         writer.close()
     _print_score_summary(rows_scored, n_flagged, errors, top_rows, loaded, out, maps)
     raise typer.Exit(0 if rows_scored else 1)
+
+
+def _score_spark(paths, model, out, steps, top, spark_master, batch_rows, overwrite) -> None:
+    from rich.table import Table
+
+    from outlier_jebm.data import DataError
+    from outlier_jebm.spark import pyfunc_uri_for, quiet, score_parquet, spark_session, temporary_workdir
+
+    if steps is not None:
+        _fail("--steps is not available with --engine spark: the logged model scores with its own score.steps")
+    if out is not None and len(paths) == 1:
+        paths = [paths[0], out]
+    if len(paths) != 2:
+        _fail("--engine spark takes INPUT OUTPUT: a parquet dataset to score and where to write the scored one")
+    src, dst = (str(p) for p in paths)
+    if not Path(src).exists() and "://" not in src:
+        _fail(f"{src}: no such file or folder")
+    if batch_rows < 1:
+        _fail("--batch-rows must be at least 1")
+    if Path(dst).exists() and not overwrite:
+        _fail(f"{dst}: already exists (pass --overwrite to replace it)")
+    try:
+        import pyspark  # noqa: F401
+    except ImportError:
+        _fail("--engine spark needs pyspark: pip install 'jebm-od[spark]' (and Java 17 or newer)")
+    quiet()
+    with temporary_workdir() as work:
+        try:
+            uri = pyfunc_uri_for(model, Path(work))
+        except (FileNotFoundError, DataError) as exc:
+            _fail(str(exc))
+        with console.status("starting Spark"):
+            spark = spark_session(spark_master)
+        try:
+            with console.status(f"scoring {src} on Spark ({spark.sparkContext.master})"):
+                summary = score_parquet(spark, uri, src, dst, overwrite=overwrite, batch_rows=batch_rows, top=top)
+        except DataError as exc:
+            _fail(str(exc))
+        finally:
+            spark.stop()
+    out_console = Console()
+    out_console.print(f"model {summary.model_uri}")
+    out_console.print(f"scored [bold]{summary.scored}[/] of {summary.rows} rows in {summary.seconds:.1f} s: "
+                      f"[bold red]{summary.flagged}[/] flagged as anomalies; {summary.n_errors} unusable")
+    if summary.top:
+        table = Table(title=f"most anomalous (top {len(summary.top)})")
+        for col in ("row", "score [0-1]", "label", "top component"):
+            table.add_column(col)
+        for r in summary.top:
+            table.add_row(r["_row"] or "-", f"{r['score_normalized']:.3f}",
+                          "[red]anomaly[/]" if r["label"] == 1 else "normal", r["top_component"])
+        out_console.print(table)
+    if summary.errors:
+        table = Table(title="not scored (the first 10; every row has its reason in the error column)")
+        table.add_column("row")
+        table.add_column("reason")
+        for row, reason in summary.errors[:10]:
+            table.add_row(row or "-", reason)
+        out_console.print(table)
+    out_console.print(f"results: {summary.output}")
+    raise typer.Exit(0 if summary.scored else 1)
 
 
 def _print_score_summary(n_scored, n_flagged, errors, top_rows, loaded, out, maps) -> None:

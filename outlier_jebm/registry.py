@@ -47,22 +47,33 @@ def model_signature(component_names: list[str]):
     return ModelSignature(inputs=None, outputs=Schema(cols))
 
 
-def log_pyfunc(model_dir: str | Path, *, image_size: int, component_names: list[str],
-               registered_model_name: str | None = None, name: str = "model") -> Any:
-    """Log ``model_dir`` as a pyfunc model in the active MLflow run; returns MLflow's ModelInfo."""
-    import mlflow
-
+def _pyfunc_kwargs(model_dir: str | Path, image_size: int, component_names: list[str]) -> dict[str, Any]:
     example = np.zeros((2, image_size * image_size), dtype=np.float32)
     example[1, : image_size * image_size // 2] = 1.0
-    return mlflow.pyfunc.log_model(
-        name=name,
+    return dict(
         python_model=str(PYFUNC_CODE),
         artifacts={ARTIFACT_KEY: str(Path(model_dir).resolve())},
         signature=model_signature(component_names),
         input_example=example,
         pip_requirements=_requirements(),
-        registered_model_name=registered_model_name,
     )
+
+
+def log_pyfunc(model_dir: str | Path, *, image_size: int, component_names: list[str],
+               registered_model_name: str | None = None, name: str = "model") -> Any:
+    """Log ``model_dir`` as a pyfunc model in the active MLflow run; returns MLflow's ModelInfo."""
+    import mlflow
+
+    return mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name,
+                                   **_pyfunc_kwargs(model_dir, image_size, component_names))
+
+
+def save_pyfunc(model_dir: str | Path, path: str | Path, *, image_size: int, component_names: list[str]) -> Path:
+    """Save ``model_dir`` as a pyfunc model at ``path`` (a new folder), without a tracking server."""
+    import mlflow
+
+    mlflow.pyfunc.save_model(path=str(path), **_pyfunc_kwargs(model_dir, image_size, component_names))
+    return Path(path)
 
 
 def _requirements() -> list[str]:

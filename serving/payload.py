@@ -97,10 +97,10 @@ def items_from_array(array: np.ndarray, image_size: int, name: str = "input") ->
 
 def items_from_frame(frame, image_size: int) -> list[Item]:
     """A pandas DataFrame: S*S numeric pixel columns, or one column ``pixels`` of arrays,
-    or one column ``path`` of image files."""
+    or one column ``path`` of image files (a single unnamed column of strings is read as paths)."""
     cols = list(frame.columns)
-    if "path" in cols:
-        return [_item_from_path(p, image_size) for p in frame["path"].tolist()]
+    if "path" in cols or len(cols) == 1 and frame[cols[0]].map(lambda v: isinstance(v, str)).any():
+        return [_item_from_path(p, image_size) for p in frame["path" if "path" in cols else cols[0]].tolist()]
     if "pixels" in cols or len(cols) == 1:
         series = frame["pixels" if "pixels" in cols else cols[0]]
         out = []
