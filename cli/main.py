@@ -383,9 +383,17 @@ def serve(
     max_body_mb: float = typer.Option(32.0, help="Largest request body in MiB (more: 413)."),
     timeout: float = typer.Option(30.0, help="Seconds a batch may take to score (more: 503)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads for scoring (default: torch's, one per core). "
+                                                     "Fewer leaves cores to the HTTP side and to other processes."),
 ) -> None:
     """Serve the model over HTTP: POST /v1/score, GET /health, /v1/model, /metrics (Prometheus)."""
+    import torch
     import uvicorn
+
+    if threads is not None:
+        if threads < 1:
+            _fail("--threads must be at least 1")
+        torch.set_num_threads(threads)
 
     from serving.app import Limits, create_app, load_for_serving
 

@@ -81,6 +81,38 @@ class Metrics:
 ROUTES = {"/v1/score", "/health", "/v1/model", "/metrics"}
 
 
+class ObserveMiddleware:
+    """Requests, latency and in-flight gauge for every HTTP request (a plain ASGI middleware:
+    it sees the status when the response starts and never buffers the body)."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = 500  # unless a response starts: an unhandled error becomes a 500 further out
+        m = self.metrics
+
+        async def send_and_observe(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        m.in_flight.inc()
+        t0 = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_and_observe)
+        finally:
+            m.in_flight.dec()
+            m.latency.labels(route=route).observe(time.perf_counter() - t0)
+            m.requests.labels(route=route, method=scope["method"], status=str(status)).inc()
+
+
 class ServerState:
     def __init__(self, loaded: LoadedModel, model_ref: str, load_seconds: float, limits: Limits, steps: int | None):
         from outlier_jebm import __version__
@@ -114,21 +146,7 @@ def create_app(loaded: LoadedModel, *, model_ref: str = "", load_seconds: float 
     app = FastAPI(title="jebm-od", version=state.version, docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.state.jebm = state
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        route = request.url.path if request.url.path in ROUTES else "other"
-        m = state.metrics
-        m.in_flight.inc()
-        t0 = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            m.in_flight.dec()
-            m.latency.labels(route=route).observe(time.perf_counter() - t0)
-            m.requests.labels(route=route, method=request.method, status=str(status)).inc()
+    app.add_middleware(ObserveMiddleware, metrics=state.metrics)
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, exc: RequestError):

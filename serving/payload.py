@@ -155,16 +155,21 @@ def score_items(scorer, items: list[Item]) -> dict[str, np.ndarray]:
 
 def table_to_predictions(table: dict[str, np.ndarray], component_names: list[str]) -> list[dict[str, Any]]:
     """Per item, in order: score, score_normalized, label, top_component, components; or an error."""
+    # Columns become Python lists in one C call each; the rows are then zipped together.
+    score, norm = table["score"].tolist(), table["score_normalized"].tolist()
+    label, top = table["label"].tolist(), table["top_component"].tolist()
+    errors = table["error"].tolist()
+    comps = [table[k].tolist() for k in component_names]
     out = []
-    for i in range(len(table["score"])):
-        if table["error"][i]:
-            out.append({"error": str(table["error"][i])})
+    for i, err in enumerate(errors):
+        if err:
+            out.append({"error": str(err)})
             continue
         out.append({
-            "score": float(table["score"][i]),
-            "score_normalized": float(table["score_normalized"][i]),
-            "label": int(table["label"][i]),
-            "top_component": str(table["top_component"][i]),
-            "components": {k: float(table[k][i]) for k in component_names},
+            "score": score[i],
+            "score_normalized": norm[i],
+            "label": label[i],
+            "top_component": str(top[i]),
+            "components": {k: c[i] for k, c in zip(component_names, comps)},
         })
     return out
