@@ -102,22 +102,50 @@ def items_from_frame(frame, image_size: int) -> list[Item]:
     if "path" in cols or len(cols) == 1 and frame[cols[0]].map(lambda v: isinstance(v, str)).any():
         return [_item_from_path(p, image_size) for p in frame["path" if "path" in cols else cols[0]].tolist()]
     if "pixels" in cols or len(cols) == 1:
-        series = frame["pixels" if "pixels" in cols else cols[0]]
-        out = []
-        for i, value in enumerate(series.tolist()):
-            if value is None:
-                out.append(Item(error=f"pixels[{i}]: missing"))
-                continue
-            try:
-                out.extend(items_from_array(np.asarray(value), image_size, f"pixels[{i}]"))
-            except (DataError, ValueError) as exc:
-                out.append(Item(error=str(exc)))
-        return out
+        return items_from_cells(frame["pixels" if "pixels" in cols else cols[0]].tolist(), image_size)
     numeric = frame.select_dtypes(include="number")
     if numeric.shape[1] != len(cols):
         bad = [c for c in cols if c not in numeric.columns][:5]
         raise DataError(f"input columns must all be numeric pixel columns; not numeric: {bad}")
     return items_from_array(frame.to_numpy(), image_size, "input")
+
+
+def items_from_cells(cells: list, image_size: int, name: str = "pixels") -> list[Item]:
+    """One item per cell (so rows stay aligned with the input): each cell one image, as an array
+    of S*S or S x S numbers. Well-formed cells are checked together, in one array per dtype."""
+    s, flat = image_size, image_size * image_size
+    out: list[Item | None] = [None] * len(cells)
+    groups: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+    for i, value in enumerate(cells):
+        if value is None:
+            out[i] = Item(error=f"{name}[{i}]: missing")
+            continue
+        try:
+            array = np.asarray(value)
+        except ValueError:
+            out[i] = Item(error=f"{name}[{i}]: ragged pixel array")
+            continue
+        if array.shape in ((flat,), (s, s)) and array.dtype.kind in "iuf":
+            idx, arrays = groups.setdefault(array.dtype.kind, ([], []))
+            idx.append(i)
+            arrays.append(array.reshape(flat))
+        else:
+            out[i] = _one_image(array, image_size, f"{name}[{i}]")
+    for idx, arrays in groups.values():
+        for i, item in zip(idx, items_from_array(np.stack(arrays), image_size, name)):
+            # a bad cell is re-checked alone so that its message names its own row
+            out[i] = item if item.error is None else _one_image(arrays[idx.index(i)], image_size, f"{name}[{i}]")
+    return out
+
+
+def _one_image(array: np.ndarray, image_size: int, name: str) -> Item:
+    s, flat = image_size, image_size * image_size
+    if array.shape not in ((flat,), (s, s), (1, flat), (1, s, s)):
+        return Item(error=f"{name}: shape {array.shape} is not ({flat},) or ({s}, {s}): one image per row")
+    try:
+        return Item(pixels=to_unit_range(array.reshape(s, s), image_size, name)[0])
+    except DataError as exc:
+        return Item(error=str(exc))
 
 
 def _item_from_path(path: Any, image_size: int) -> Item:

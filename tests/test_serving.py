@@ -284,3 +284,20 @@ def test_payload_parsing_per_item():
     assert "cannot read" in errs[0] and "not a file path" in errs[1]
     with pytest.raises(DataError, match="numeric"):
         items_from_frame(pd.DataFrame({"a": [1.0], "b": ["x"]}), s)
+
+
+def test_pixels_cells_stay_aligned_one_item_per_row():
+    s = 8
+    good = np.full(s * s, 0.25)
+    cells = [good, None, good[:10], np.full(s * s, 2.0), np.full((s, s), 255, dtype=np.uint8),
+             np.stack([good, good]), good.tolist(), [[0.1, 0.2], [0.3]]]
+    items = items_from_frame(pd.DataFrame({"pixels": cells}), s)
+    assert len(items) == len(cells)
+    errors = [it.error for it in items]
+    assert errors[0] is None and errors[4] is None and errors[6] is None
+    assert items[4].pixels.max() == pytest.approx(1.0) and items[6].pixels.shape == (s, s)
+    assert errors[1] == "pixels[1]: missing"
+    assert errors[2].startswith("pixels[2]: shape (10,)")
+    assert errors[3].startswith("pixels[3]") and "[0, 1]" in errors[3]
+    assert errors[5].startswith("pixels[5]") and "one image per row" in errors[5]
+    assert errors[7].startswith("pixels[7]")
