@@ -192,13 +192,13 @@ def score(
     if engine != "local":
         _fail(f"--engine {engine!r}: expected local or spark")
     from outlier_jebm.batch import ResultWriter, score_files
-    from outlier_jebm.scoring import Scorer, component_names
+    from outlier_jebm.scoring import Scorer
 
     loaded = _load_model_or_fail(model)
     if loaded.calibration is None:
         _fail(f"{loaded.path}: the model has no calibration.json (it was not fitted to the end); refit it")
     scorer = Scorer(loaded, steps=steps)
-    columns = component_names(scorer.model, scorer.reference is not None)
+    columns = scorer.component_names
     writer = None
     if out is not None:
         try:

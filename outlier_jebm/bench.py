@@ -432,7 +432,7 @@ def _pyod_cell(det: PyODDetector, td, seed: int) -> CellRows:
 def _jebm_cell(variant: JEBMVariant, td, holdout: int, seed: int, spec: BenchSpec, say: MessageHook) -> CellRows:
     from .checkpoint import load_model
     from .pipeline import run_fit
-    from .scoring import Scorer, component_names
+    from .scoring import Scorer
     from .train import resolve_device
 
     cfg = variant.config.with_overrides(train={"seed": seed, "max_train": spec.max_train})
@@ -460,7 +460,7 @@ def _jebm_cell(variant: JEBMVariant, td, holdout: int, seed: int, spec: BenchSpe
     row = _scored_row(variant.name, variant.name, "score", "jebm", td, seed, table["score"], fit_seconds,
                       score_seconds, note=note)
     out: CellRows = [(row, table["score"], params, extra)]
-    names = component_names(scorer.model, scorer.reference is not None)
+    names = scorer.component_names
     chosen = variant.components if variant.components is not None else [
         n for n in names if np.ptp(np.asarray(table[n], dtype=np.float64)) > 0]
     for name in chosen:
@@ -744,7 +744,7 @@ def _available_components(config: Config) -> set[str]:
     from .model import JointEBM
     from .scoring import component_names
 
-    return set(component_names(JointEBM(config.model), True))
+    return set(component_names(JointEBM(config.model), True, llr_samples=1))
 
 
 def _split_components(token: str) -> tuple[str, list[str]]:

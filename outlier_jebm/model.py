@@ -214,6 +214,19 @@ class InferenceNet(nn.Module):
         return torch.cat(zs, dim=-1), log_q
 
 
+    def log_q_layers(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Per-layer log q(z_i | x, z_{<i}) of a given z: (B, D), (B, Z) -> (B, L)."""
+        zs = torch.split(z, self.z_dims, dim=-1)
+        h = self.trunk(x)
+        out = []
+        for i, head in enumerate(self.heads):
+            if i > 0:
+                h = self.steps[i - 1](torch.cat([h, zs[i - 1]], dim=-1))
+            mu, raw = head(h).chunk(2, dim=-1)
+            out.append(normal_log_density(zs[i], mu, F.softplus(raw) + 1e-3))
+        return torch.stack(out, dim=-1)
+
+
 class JointEBM(nn.Module):
     """Generator, energy prior and inference network: log p(x, z) and log p(z) in one place."""
 

@@ -178,7 +178,7 @@ def run_fit(
         from .scoring import component_names
 
         info = log_pyfunc(out_dir, image_size=config.model.image_size, registered_model_name=register,
-                          component_names=component_names(loaded.model, True))
+                          component_names=component_names(loaded.model, True, loaded.config.score.llr_samples))
         model_uri = info.model_uri
         tracker.end()
     if remember:  # False for the benchmark: its models are not the user's last fit
@@ -229,7 +229,7 @@ def run_evaluate(
 ) -> EvaluationRun:
     """Score the protocol's test part and log metrics, curves and histograms to MLflow."""
     from .evaluate import curve_figures, evaluate_scores
-    from .scoring import Scorer, component_names
+    from .scoring import Scorer
 
     cfg = loaded.config
     seed = cfg.train.seed if seed is None else seed
@@ -239,7 +239,7 @@ def run_evaluate(
     t0 = time.perf_counter()
     table = scorer.score(data.test)
     seconds = time.perf_counter() - t0
-    names = component_names(scorer.model, scorer.reference is not None)
+    names = scorer.component_names
     ev = evaluate_scores(data.test_is_anomaly, table, names)
     ev.metrics.update({"holdout": holdout, "seed": seed, "score_steps": scorer.score_cfg.steps,
                        "score_images_per_second": len(data.test) / seconds})

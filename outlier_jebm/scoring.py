@@ -14,6 +14,13 @@ steps (noise off by default, so a score is a deterministic function of x), over
 - ``latent_knn``       mean distance, in reference coordinates eps, to the k nearest
                        posterior means of training images (the latent space is where
                        the classes' modes separate; SPEC section 6)
+- ``llr_gt<k>``        (with ``score.llr_samples`` > 0) the hierarchical likelihood ratio of
+                       Havtorn et al. (ICML 2021): the bound with z_1..z_k inferred minus the
+                       bound with them drawn from the prior given the inferred z_{k+1}..z_L.
+                       What the upper (semantic) layers cannot explain shows up here, while
+                       low-level pixel statistics cancel. Computed on the Gaussian hierarchy
+                       (the EBM correction's conditional normaliser is unknown) with fixed
+                       draws, so it is deterministic.
 
 The default score is the mean of robust z-scores (median / MAD on held-in
 validation data) of ``Calibration.combine``; see ``DEFAULT_COMBINATION``.
@@ -47,7 +54,7 @@ DEFAULT_COMBINATION = ("latent_knn", "neg_log_prior")
 KNN_K = 5
 
 
-def component_names(model: JointEBM, with_reference: bool) -> list[str]:
+def component_names(model: JointEBM, with_reference: bool, llr_samples: int = 0) -> list[str]:
     L = model.cfg.n_layers
     names = ["recon"]
     if model.ebm.kind == "layerwise":
@@ -58,6 +65,8 @@ def component_names(model: JointEBM, with_reference: bool) -> list[str]:
     names += ["neg_log_prior", "neg_log_joint", "energy_drop", "chain_spread"]
     if with_reference:
         names.append("latent_knn")
+    if llr_samples > 0:
+        names += [f"llr_gt{k}" for k in range(1, L)]
     return names
 
 
@@ -123,6 +132,8 @@ def infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referenc
             is_self = near[:, :1] < 1e-5
             terms["latent_knn"] = torch.where(is_self, near[:, 1:].mean(1, keepdim=True),
                                               near[:, :k].mean(1, keepdim=True)).squeeze(1)
+        if cfg.llr_samples > 0:
+            terms.update(likelihood_ratios(model, x, z, cfg.llr_samples))
     sq = terms.pop("_sq")
     size = model.cfg.image_size
     pixel_error = (sq / 4.0).reshape(-1, size, size)  # [-1, 1] units -> [0, 1] units
@@ -131,6 +142,40 @@ def infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referenc
         pixel_error=pixel_error.cpu().numpy(),
         eps=eps.cpu().numpy(),
     )
+
+
+LLR_SEED = 20210701
+
+
+@torch.no_grad()
+def likelihood_ratios(model: JointEBM, x: torch.Tensor, z: torch.Tensor, samples: int) -> dict[str, torch.Tensor]:
+    """``llr_gt<k>`` = L(x) - L^{>k}(x) for k = 1..L-1 (higher = more anomalous).
+
+    L(x): the bound at the posterior point z, log p(x | z) + sum_{i<=k} [log p(z_i | z_{i+1})
+    - log q(z_i | x, z_{<i})]; the layers above k enter both bounds alike and cancel.
+    L^{>k}(x): log mean_s p(x | z'_s), z'_s keeping z_{k+1}..z_L and drawing z_1..z_k from the
+    Gaussian hierarchy given them (``samples`` fixed reference draws shared by every input).
+    """
+    L = model.cfg.n_layers
+    dims = model.generator.z_dims
+    B = x.shape[0]
+    log_px = model.log_px_given_z(x, z)  # (B,)
+    log_pg = model.generator.log_p_gauss(z)  # (B, L)
+    log_q = model.encoder.log_q_layers(x, z)  # (B, L)
+    eps = model.generator.to_eps(z)
+    gen = torch.Generator().manual_seed(LLR_SEED)
+    draws = torch.randn(samples, sum(dims), generator=gen).to(x.device)
+    out = {}
+    for k in range(1, L):
+        n_low = sum(dims[:k])
+        e = eps.unsqueeze(0).repeat(samples, 1, 1)  # (S, B, Z)
+        e[:, :, :n_low] = draws[:, None, :n_low]
+        zk = model.generator.from_eps(e.reshape(samples * B, -1))
+        log_px_k = model.log_px_given_z(x.repeat(samples, 1), zk).view(samples, B)
+        upper_only = torch.logsumexp(log_px_k, dim=0) - math.log(samples)
+        full = log_px + (log_pg[:, :k] - log_q[:, :k]).sum(-1)
+        out[f"llr_gt{k}"] = full - upper_only
+    return out
 
 
 @dataclass
@@ -207,6 +252,11 @@ class Scorer:
         if loaded.path is not None and (loaded.path / REFERENCE_FILE).is_file():
             self.reference = load_file(str(loaded.path / REFERENCE_FILE))["eps"].to(self.device)
         self.image_size = loaded.config.model.image_size
+
+    @property
+    def component_names(self) -> list[str]:
+        """The components this scorer computes, in output order."""
+        return component_names(self.model, self.reference is not None, self.score_cfg.llr_samples)
 
     def components_of(self, images01: np.ndarray) -> BatchScores:
         """Score components of images (N, H, W) in [0, 1], in batches of ``score.batch_size``."""

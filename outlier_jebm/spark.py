@@ -45,7 +45,7 @@ def pyfunc_uri_for(model: str | None, workdir: Path) -> str:
     from .checkpoint import load_model
     from .pipeline import resolve_model_dir
     from .registry import is_model_uri, save_pyfunc
-    from .scoring import Scorer, component_names
+    from .scoring import Scorer
 
     if is_model_uri(model):
         return str(model)
@@ -54,7 +54,7 @@ def pyfunc_uri_for(model: str | None, workdir: Path) -> str:
     if loaded.calibration is None:
         raise DataError(f"{model_dir}: the model has no calibration.json (it was not fitted to the end); refit it")
     scorer = Scorer(loaded)
-    names = component_names(scorer.model, scorer.reference is not None)
+    names = scorer.component_names
     path = workdir / "pyfunc"
     save_pyfunc(model_dir, path, image_size=loaded.config.model.image_size, component_names=names)
     return str(path)

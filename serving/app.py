@@ -116,13 +116,13 @@ class ObserveMiddleware:
 class ServerState:
     def __init__(self, loaded: LoadedModel, model_ref: str, load_seconds: float, limits: Limits, steps: int | None):
         from outlier_jebm import __version__
-        from outlier_jebm.scoring import Scorer, component_names
+        from outlier_jebm.scoring import Scorer
 
         self.loaded = loaded
         self.model_ref = model_ref
         self.limits = limits
         self.scorer = Scorer(loaded, steps=steps)
-        self.components = component_names(self.scorer.model, self.scorer.reference is not None)
+        self.components = self.scorer.component_names
         self.size = self.scorer.image_size
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jebm-score")
         self.waiting = 0

@@ -162,9 +162,7 @@ def score_items(scorer, items: list[Item]) -> dict[str, np.ndarray]:
 
     Rows that could not be scored have NaN scores, label -1 and top_component "".
     """
-    from outlier_jebm.scoring import component_names
-
-    names = component_names(scorer.model, scorer.reference is not None)
+    names = scorer.component_names
     n = len(items)
     good = [i for i, it in enumerate(items) if it.error is None]
     table: dict[str, np.ndarray] = {

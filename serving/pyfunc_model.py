@@ -24,13 +24,13 @@ class JEBMPyfuncModel(mlflow.pyfunc.PythonModel):
 
         from outlier_jebm.checkpoint import load_model
         from outlier_jebm.registry import ARTIFACT_KEY
-        from outlier_jebm.scoring import Scorer, component_names
+        from outlier_jebm.scoring import Scorer
 
         loaded = load_model(Path(context.artifacts[ARTIFACT_KEY]))
         if loaded.calibration is None:
             raise ValueError(f"{loaded.path}: the model has no calibration.json")
         self.scorer = Scorer(loaded)
-        self.components = component_names(self.scorer.model, self.scorer.reference is not None)
+        self.components = self.scorer.component_names
 
     def predict(self, context, model_input, params=None):
         import numpy as np
