@@ -37,9 +37,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, steps: int | None) -> subprocess.Popen:
+def start_server(model: str, port: int, steps: int | None, threads: int | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "cli.main", "serve", "--model", model, "--port", str(port), "--log-level", "warning",
            "--max-body-mb", "64", "--max-items", "4096"]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     if steps is not None:
         cmd += ["--steps", str(steps)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -121,18 +123,23 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads, in-process and in the server")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     from outlier_jebm.data import load_dataset
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     images = load_dataset("mnist").images[:4096].astype(np.float32)
     batches = [int(b) for b in args.batches.split(",")]
     clients = [int(c) for c in args.clients.split(",")]
     rows = []
     port = free_port()
     ref = {b: in_process(args.model, images, b, args.steps, args.seconds / 2) for b in batches}
-    proc = start_server(args.model, port, args.steps)
+    proc = start_server(args.model, port, args.steps, args.threads)
     try:
         url = f"http://127.0.0.1:{port}"
         for fmt in args.formats.split(","):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -49,6 +49,16 @@ class Limits:
     max_body_bytes: int = 32 << 20
     timeout_s: float = 30.0
     max_queue: int = 8  # requests waiting for the scoring thread before new ones get 503
+
+
+class JSONBytes(Response):
+    """A JSON response rendered by orjson (several times faster than the standard library for
+    a batch of predictions; a non-finite float becomes null instead of an invalid document)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 class RequestError(Exception):
@@ -178,7 +188,7 @@ def create_app(loaded: LoadedModel, *, model_ref: str = "", load_seconds: float 
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/score")
-    async def score(request: Request) -> JSONResponse:
+    async def score(request: Request) -> Response:
         body = await _read_body(request, state.limits.max_body_bytes)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
@@ -198,8 +208,8 @@ def create_app(loaded: LoadedModel, *, model_ref: str = "", load_seconds: float 
         m.items.labels(outcome="scored").inc(len(items) - n_err)
         m.items.labels(outcome="error").inc(n_err)
         m.anomalies.inc(int((table["label"] == 1).sum()))
-        return JSONResponse({"predictions": preds, "model": state.model_ref,
-                             "n_scored": len(items) - n_err, "n_errors": n_err})
+        return JSONBytes({"predictions": preds, "model": state.model_ref,
+                          "n_scored": len(items) - n_err, "n_errors": n_err})
 
     return app
 
@@ -232,8 +242,8 @@ def _check_count(n: int, state: ServerState) -> None:
 
 def _items_from_json(body: bytes, state: ServerState) -> list[Item]:
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
         raise RequestError(400, f"body is not valid JSON ({exc})") from None
     if not isinstance(payload, dict) or "instances" not in payload:
         raise RequestError(422, 'expected a JSON object {"instances": [...]}')
