@@ -37,6 +37,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+from torch.nn.utils import parametrize
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import CALIBRATION_FILE, LoadedModel
@@ -93,13 +94,22 @@ def _terms(model: JointEBM, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch
     for i in range(log_pg.shape[1]):
         out[f"neg_log_p_z{i + 1}"] = -log_pg[:, i]
     out["neg_log_prior"] = -(f_terms.sum(-1) + log_pg.sum(-1))
-    out["neg_log_joint"] = -model.log_joint(x, z)
+    # -log p(x, z) = -log p(x | z) - log p_alpha(z), from the terms above (no second model pass);
+    # equal to -model.log_joint(x, z), which the tests check
+    log_norm = 0.5 * x.shape[-1] * (math.log(2.0 * math.pi) + 2.0 * math.log(model.obs_sigma))
+    out["neg_log_joint"] = out["recon"] + log_norm + out["neg_log_prior"]
     return out
 
 
 def infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: torch.Tensor | None = None) -> BatchScores:
     """Posterior inference and every score component for a batch x (B, D) in [-1, 1]."""
     model.eval()
+    # the spectral-norm weights of the EBM are computed once per batch, not once per use
+    with parametrize.cached():
+        return _infer_and_score(model, x, cfg, reference)
+
+
+def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: torch.Tensor | None) -> BatchScores:
     with torch.no_grad():
         z0, _ = model.encoder(x, sample=False)  # (B, Z)
     chains = max(cfg.chains, 1) if cfg.steps > 0 else 1
@@ -120,8 +130,10 @@ def infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referenc
         z, spread = z0, torch.zeros(x.shape[0])
     terms = _terms(model, x, z)
     with torch.no_grad():
-        start = model.log_joint(x, z0)
-        terms["energy_drop"] = (-terms["neg_log_joint"]) - start
+        if cfg.steps > 0:
+            terms["energy_drop"] = (-terms["neg_log_joint"]) - model.log_joint(x, z0)
+        else:  # z is the encoder's guess itself
+            terms["energy_drop"] = torch.zeros_like(terms["neg_log_joint"])
         terms["chain_spread"] = spread.to(x.device)
         eps = model.generator.to_eps(z)
         if reference is not None:

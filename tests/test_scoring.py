@@ -201,3 +201,20 @@ def test_likelihood_ratio_components_only_when_asked_and_deterministic(trained):
         np.testing.assert_allclose(single["llr_gt1"][0], batch["llr_gt1"][3], rtol=1e-4, atol=1e-4)
     finally:
         loaded.config = loaded.config.with_overrides(score={"llr_samples": 0})
+
+
+def test_neg_log_joint_is_minus_the_models_log_joint_at_the_encoders_guess(trained):
+    # the component is assembled from recon and the prior terms; it must equal the model's own
+    # log p(x, z) with the sign flipped (higher = more anomalous)
+    from outlier_jebm.train import to_model_space
+
+    loaded, split = trained
+    model = loaded.model.eval()
+    images = split.test[:9]
+    comps = Scorer(loaded, steps=0).components_of(images).components
+    x = to_model_space(torch.from_numpy(images).reshape(len(images), -1))
+    with torch.no_grad():
+        z, _ = model.encoder(x, sample=False)
+        want = -model.log_joint(x, z).double().numpy()
+    np.testing.assert_allclose(comps["neg_log_joint"], want, rtol=1e-5, atol=1e-3)
+    assert (comps["energy_drop"] == 0).all()
