@@ -187,6 +187,8 @@ def score(
     Exit codes: 0 when at least one input was scored, 1 when none could be, 2 on usage errors.
     """
     if engine == "spark":
+        if maps is not None:
+            _fail("--maps is not available with --engine spark (anomaly maps are written by the local engine)")
         _score_spark(paths, model, out, steps, top, spark_master, batch_rows, overwrite)
         return
     if engine != "local":
