@@ -236,7 +236,9 @@ def _score_spark(paths, model, out, steps, top, spark_master, batch_rows, overwr
     from rich.table import Table
 
     from outlier_jebm.data import DataError
-    from outlier_jebm.spark import pyfunc_uri_for, quiet, score_parquet, spark_session, temporary_workdir
+    import tempfile
+
+    from outlier_jebm.spark import pyfunc_uri_for, quiet, score_parquet, spark_session
 
     if steps is not None:
         _fail("--steps is not available with --engine spark: the logged model scores with its own score.steps")
@@ -256,7 +258,7 @@ def _score_spark(paths, model, out, steps, top, spark_master, batch_rows, overwr
     except ImportError:
         _fail("--engine spark needs pyspark: pip install 'jebm-od[spark]' (and Java 17 or newer)")
     quiet()
-    with temporary_workdir() as work:
+    with tempfile.TemporaryDirectory(prefix="jebm-od-spark-") as work:
         try:
             uri = pyfunc_uri_for(model, Path(work))
         except (FileNotFoundError, DataError) as exc:

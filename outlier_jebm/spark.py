@@ -16,7 +16,6 @@ the model once and scores Arrow batches of ``--batch-rows`` rows.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,10 +127,14 @@ def score_parquet(spark, model_uri: str, input_path: str, output_path: str, *, o
             raise DataError(f"{output_path}: already exists (pass --overwrite to replace it)") from None
         raise
     seconds = time.perf_counter() - t0
-    return summarize(spark, output_path, source, model_uri, seconds, top=top)
+    others = [c for c in columns if c not in INPUT_COLUMNS]
+    return summarize(spark, output_path, source, others[0] if others else None, model_uri, seconds, top=top)
 
 
-def summarize(spark, output_path: str, source: str, model_uri: str, seconds: float, top: int = 10) -> SparkScoreSummary:
+def summarize(spark, output_path: str, source: str, id_column: str | None, model_uri: str, seconds: float,
+              top: int = 10) -> SparkScoreSummary:
+    """Counts, the first errors and the top anomalies of a scored dataset; rows are named by their
+    ``path``, else by ``id_column`` (e.g. ``id=17``)."""
     from pyspark.sql import functions as F
 
     result = spark.read.parquet(output_path)
@@ -140,11 +143,10 @@ def summarize(spark, output_path: str, source: str, model_uri: str, seconds: flo
         F.sum(F.when(F.col("error") == "", 1).otherwise(0)).alias("scored"),
         F.sum(F.when(F.col("label") == 1, 1).otherwise(0)).alias("flagged"),
     ).first()
-    others = [c for c in result.columns if c not in ("pixels", "path") and c not in _score_columns(result.columns)]
     if source == "path":
         label = F.col("path")
-    elif others:  # name a pixels row by the first other input column, e.g. id=17
-        label = F.concat(F.lit(f"{others[0]}="), F.col(others[0]).cast("string"))
+    elif id_column:
+        label = F.concat(F.lit(f"{id_column}="), F.col(id_column).cast("string"))
     else:
         label = F.lit(None).cast("string")
     with_id = result.withColumn("_row", label)
@@ -156,11 +158,6 @@ def summarize(spark, output_path: str, source: str, model_uri: str, seconds: flo
     return SparkScoreSummary(rows=rows, scored=scored, flagged=int(counts["flagged"] or 0), errors=errors,
                              n_errors=rows - scored, top=top_rows, output=output_path, model_uri=model_uri,
                              seconds=seconds)
-
-
-def _score_columns(columns: list[str]) -> list[str]:
-    start = columns.index("score")
-    return columns[start:]
 
 
 def quiet() -> None:
@@ -177,7 +174,3 @@ def quiet() -> None:
 
 def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-
-
-def temporary_workdir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="jebm-od-spark-")
