@@ -53,6 +53,7 @@ REFERENCE_FILE = "reference_latents.safetensors"
 # component stays in each output row and can be ``top_component``.
 DEFAULT_COMBINATION = ("latent_knn", "neg_log_prior")
 KNN_K = 5
+KNN_BLOCK = 128  # columns per block in the two-stage nearest-neighbour search
 
 
 def component_names(model: JointEBM, with_reference: bool, llr_samples: int = 0) -> list[str]:
@@ -101,7 +102,7 @@ def _terms(model: JointEBM, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch
     return out
 
 
-def infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: torch.Tensor | None = None) -> BatchScores:
+def infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: "Reference | torch.Tensor | None" = None) -> BatchScores:
     """Posterior inference and every score component for a batch x (B, D) in [-1, 1]."""
     model.eval()
     # the spectral-norm weights of the EBM are computed once per batch, not once per use
@@ -109,7 +110,7 @@ def infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referenc
         return _infer_and_score(model, x, cfg, reference)
 
 
-def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: torch.Tensor | None) -> BatchScores:
+def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: "Reference | torch.Tensor | None") -> BatchScores:
     with torch.no_grad():
         z0, _ = model.encoder(x, sample=False)  # (B, Z)
     chains = max(cfg.chains, 1) if cfg.steps > 0 else 1
@@ -137,13 +138,7 @@ def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referen
         terms["chain_spread"] = spread.to(x.device)
         eps = model.generator.to_eps(z)
         if reference is not None:
-            d = torch.cdist(eps, reference)  # (B, R)
-            k = min(KNN_K, reference.shape[0] - 1)
-            near = d.topk(k + 1, dim=1, largest=False).values  # (B, k + 1), ascending
-            # a training image that is itself in the reference set is not its own neighbour
-            is_self = near[:, :1] < 1e-5
-            terms["latent_knn"] = torch.where(is_self, near[:, 1:].mean(1, keepdim=True),
-                                              near[:, :k].mean(1, keepdim=True)).squeeze(1)
+            terms["latent_knn"] = knn_mean_distance(eps, reference)
         if cfg.llr_samples > 0:
             terms.update(likelihood_ratios(model, x, z, cfg.llr_samples))
     sq = terms.pop("_sq")
@@ -154,6 +149,62 @@ def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referen
         pixel_error=pixel_error.cpu().numpy(),
         eps=eps.cpu().numpy(),
     )
+
+
+class Reference:
+    """Posterior means of training images (reference coordinates) for ``latent_knn``.
+
+    Keeps [-2 R^T; ||r||^2] (Z + 1, R'), so that [e, 1] times it is ||r||^2 - 2 e.r for a whole
+    batch in one matrix product (the batch's own ||e||^2 does not change which rows are nearest).
+    R' pads R to a multiple of ``KNN_BLOCK`` with columns at +inf, which are never nearest.
+    """
+
+    def __init__(self, eps: torch.Tensor):
+        self.eps = eps.contiguous()
+        pad = (-eps.shape[0]) % KNN_BLOCK
+        norms = torch.cat([eps.pow(2).sum(1), eps.new_full((pad,), math.inf)])
+        weights = torch.cat([-2.0 * eps.t(), eps.new_zeros(eps.shape[1], pad)], dim=1)
+        self.augmented = torch.cat([weights, norms.unsqueeze(0)]).contiguous()
+
+    def __len__(self) -> int:
+        return self.eps.shape[0]
+
+    def to(self, device: str | torch.device) -> "Reference":
+        return Reference(self.eps.to(device))
+
+
+def smallest_indices(values: torch.Tensor, k: int, block: int = KNN_BLOCK) -> torch.Tensor:
+    """Indices of the k smallest entries of each row of values (B, R), in no particular order.
+
+    Exact, and about twice as fast as ``topk`` over the whole row on CPU: the k smallest
+    entries lie in the k blocks of ``block`` columns with the smallest minima, so ``topk`` runs
+    on the block minima and then on those k blocks only.
+    """
+    B, R = values.shape
+    if R % block or R // block < k:
+        return values.topk(k, dim=1, largest=False, sorted=False).indices
+    blocks = values.view(B, R // block, block)
+    chosen = blocks.amin(-1).topk(k, dim=1, largest=False, sorted=False).indices  # (B, k)
+    candidates = blocks.gather(1, chosen.unsqueeze(-1).expand(-1, -1, block)).reshape(B, k * block)
+    pos = candidates.topk(k, dim=1, largest=False, sorted=False).indices  # into the k chosen blocks
+    return chosen.gather(1, pos // block) * block + pos % block
+
+
+@torch.no_grad()
+def knn_mean_distance(eps: torch.Tensor, reference: "Reference | torch.Tensor", k: int = KNN_K) -> torch.Tensor:
+    """Mean Euclidean distance from each row of eps (B, Z) to its k nearest reference rows.
+
+    A reference row at distance below 1e-5 is the input itself (a training image scored
+    against the set it belongs to) and is skipped. Candidates are picked on ||r||^2 - 2 e.r,
+    then their distances are recomputed exactly, so no cancellation error reaches the result.
+    """
+    ref = reference if isinstance(reference, Reference) else Reference(reference)
+    k = min(k, len(ref) - 1)
+    partial = torch.cat([eps, eps.new_ones(eps.shape[0], 1)], dim=1) @ ref.augmented  # (B, R')
+    idx = smallest_indices(partial, k + 1)  # (B, k + 1)
+    near = (ref.eps[idx] - eps.unsqueeze(1)).pow(2).sum(-1).sqrt().sort(dim=1).values  # exact, ascending
+    is_self = near[:, :1] < 1e-5
+    return torch.where(is_self, near[:, 1:].mean(1, keepdim=True), near[:, :k].mean(1, keepdim=True)).squeeze(1)
 
 
 LLR_SEED = 20210701
@@ -262,7 +313,7 @@ class Scorer:
         self.calibration = Calibration.from_dict(loaded.calibration) if loaded.calibration else None
         self.reference = None
         if loaded.path is not None and (loaded.path / REFERENCE_FILE).is_file():
-            self.reference = load_file(str(loaded.path / REFERENCE_FILE))["eps"].to(self.device)
+            self.reference = Reference(load_file(str(loaded.path / REFERENCE_FILE))["eps"].to(self.device))
         self.image_size = loaded.config.model.image_size
 
     @property
@@ -313,7 +364,7 @@ def calibrate(loaded: LoadedModel, train_images: np.ndarray, val_images: np.ndar
     scorer.reference = None
     ref = scorer.components_of(train_images[np.sort(pick)]).eps
     save_file({"eps": torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))}, str(loaded.path / REFERENCE_FILE))
-    scorer.reference = torch.from_numpy(ref.astype(np.float32)).to(scorer.device)
+    scorer.reference = Reference(torch.from_numpy(ref.astype(np.float32)).to(scorer.device))
     comps = scorer.components_of(val_images).components
     cal = fit_calibration(comps, combine=combine, false_alarm_rate=loaded.config.score.false_alarm_rate,
                           score_steps=scorer.score_cfg.steps)
