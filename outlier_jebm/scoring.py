@@ -14,6 +14,10 @@ steps (noise off by default, so a score is a deterministic function of x), over
 - ``latent_knn``       mean distance, in reference coordinates eps, to the k nearest
                        posterior means of training images (the latent space is where
                        the classes' modes separate; SPEC section 6)
+- ``latent_knn_cos``   the same on directions eps / ||eps||: mean distance between unit
+                       vectors (sqrt(2 - 2 cos)) to the k nearest. The norm of eps says how
+                       typical a code is under the Gaussian hierarchy; its direction says
+                       what it depicts, and a held-out class differs in the latter.
 - ``llr_gt<k>``        (with ``score.llr_samples`` > 0) the hierarchical likelihood ratio of
                        Havtorn et al. (ICML 2021): the bound with z_1..z_k inferred minus the
                        bound with them drawn from the prior given the inferred z_{k+1}..z_L.
@@ -66,7 +70,7 @@ def component_names(model: JointEBM, with_reference: bool, llr_samples: int = 0)
     names += [f"neg_log_p_z{i + 1}" for i in range(L)]
     names += ["neg_log_prior", "neg_log_joint", "energy_drop", "chain_spread"]
     if with_reference:
-        names.append("latent_knn")
+        names += ["latent_knn", "latent_knn_cos"]
     if llr_samples > 0:
         names += [f"llr_gt{k}" for k in range(1, L)]
     return names
@@ -102,7 +106,7 @@ def _terms(model: JointEBM, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch
     return out
 
 
-def infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: "Reference | torch.Tensor | None" = None) -> BatchScores:
+def infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: "References | torch.Tensor | None" = None) -> BatchScores:
     """Posterior inference and every score component for a batch x (B, D) in [-1, 1]."""
     model.eval()
     # the spectral-norm weights of the EBM are computed once per batch, not once per use
@@ -110,7 +114,7 @@ def infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referenc
         return _infer_and_score(model, x, cfg, reference)
 
 
-def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: "Reference | torch.Tensor | None") -> BatchScores:
+def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: "References | torch.Tensor | None") -> BatchScores:
     with torch.no_grad():
         z0, _ = model.encoder(x, sample=False)  # (B, Z)
     chains = max(cfg.chains, 1) if cfg.steps > 0 else 1
@@ -138,7 +142,9 @@ def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referen
         terms["chain_spread"] = spread.to(x.device)
         eps = model.generator.to_eps(z)
         if reference is not None:
-            terms["latent_knn"] = knn_mean_distance(eps, reference)
+            refs = reference if isinstance(reference, References) else References(reference)
+            terms["latent_knn"] = knn_mean_distance(eps, refs.points)
+            terms["latent_knn_cos"] = knn_mean_distance(unit_rows(eps), refs.directions)
         if cfg.llr_samples > 0:
             terms.update(likelihood_ratios(model, x, z, cfg.llr_samples))
     sq = terms.pop("_sq")
@@ -171,6 +177,23 @@ class Reference:
 
     def to(self, device: str | torch.device) -> "Reference":
         return Reference(self.eps.to(device))
+
+
+def unit_rows(v: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its Euclidean norm (a zero row stays zero)."""
+    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class References:
+    """The reference latents prepared for both searches: points (latent_knn) and directions (latent_knn_cos)."""
+
+    def __init__(self, eps: torch.Tensor):
+        self.eps = eps
+        self.points = Reference(eps)
+        self.directions = Reference(unit_rows(eps))
+
+    def __len__(self) -> int:
+        return self.eps.shape[0]
 
 
 def smallest_indices(values: torch.Tensor, k: int, block: int = KNN_BLOCK) -> torch.Tensor:
@@ -313,7 +336,7 @@ class Scorer:
         self.calibration = Calibration.from_dict(loaded.calibration) if loaded.calibration else None
         self.reference = None
         if loaded.path is not None and (loaded.path / REFERENCE_FILE).is_file():
-            self.reference = Reference(load_file(str(loaded.path / REFERENCE_FILE))["eps"].to(self.device))
+            self.reference = References(load_file(str(loaded.path / REFERENCE_FILE))["eps"].to(self.device))
         self.image_size = loaded.config.model.image_size
 
     @property
@@ -364,7 +387,7 @@ def calibrate(loaded: LoadedModel, train_images: np.ndarray, val_images: np.ndar
     scorer.reference = None
     ref = scorer.components_of(train_images[np.sort(pick)]).eps
     save_file({"eps": torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))}, str(loaded.path / REFERENCE_FILE))
-    scorer.reference = Reference(torch.from_numpy(ref.astype(np.float32)).to(scorer.device))
+    scorer.reference = References(torch.from_numpy(ref.astype(np.float32)).to(scorer.device))
     comps = scorer.components_of(val_images).components
     cal = fit_calibration(comps, combine=combine, false_alarm_rate=loaded.config.score.false_alarm_rate,
                           score_steps=scorer.score_cfg.steps)

@@ -249,3 +249,22 @@ def test_smallest_indices_finds_the_k_smallest_like_a_full_sort(shape):
     assert torch.equal(got, want)
     idx = smallest_indices(values, 6, block=128)
     assert all(len(set(row.tolist())) == 6 for row in idx)  # six different columns per row
+
+
+def test_latent_knn_cos_is_the_mean_chordal_distance_to_the_nearest_directions_and_ignores_the_norm(trained):
+    loaded, split = trained
+    scorer = Scorer(loaded)
+    bs = scorer.components_of(split.test[:40])
+    ref = scorer.reference.eps.double().numpy()
+    e = bs.eps.astype(np.float64)
+    cos = (e / np.linalg.norm(e, axis=1, keepdims=True)) @ (ref / np.linalg.norm(ref, axis=1, keepdims=True)).T
+    chord = np.sqrt(np.clip(2.0 - 2.0 * cos, 0.0, None))
+    want = np.sort(chord, axis=1)[:, :5].mean(1)
+    np.testing.assert_allclose(bs.components["latent_knn_cos"], want, rtol=1e-4, atol=1e-4)
+    assert {"latent_knn", "latent_knn_cos"} <= set(scorer.component_names)
+    # the direction, not the norm: scaling a code leaves its latent_knn_cos unchanged
+    from outlier_jebm.scoring import knn_mean_distance, unit_rows
+
+    eps = torch.from_numpy(bs.eps)
+    np.testing.assert_allclose(knn_mean_distance(unit_rows(3.0 * eps), scorer.reference.directions).numpy(),
+                               bs.components["latent_knn_cos"], rtol=1e-5, atol=1e-6)
