@@ -3,7 +3,7 @@
     python benchmarks/rescore.py --bench-dir BENCH_OUT [--set score.llr_samples=8] [--combine a+b,c]
                                  [--holdout 1,4] [--out rescore.csv]
 
-For every model ``BENCH_OUT/models/jebm-holdout<D>-seed<S>`` it rebuilds the same split
+For every model ``BENCH_OUT/models/<variant>-holdout<D>-seed<S>`` (``jebm``, ``jebm_prior_gaussian``, ...) it rebuilds the same split
 (``prepare_data(mnist, holdout=D, seed=S)``, as the bench did), scores the test part with the
 model's score settings plus ``--set`` overrides, and reports AUPRC/AUROC per component and
 per combination. A combination is calibrated exactly like the default score (robust z-scores
@@ -57,11 +57,11 @@ def main() -> None:
     combos = [c.split("+") for c in args.combine.split(",") if c]
     only = {int(d) for d in args.holdout.split(",") if d}
     rows = []
-    for model_dir in sorted((args.bench_dir / "models").glob("jebm-holdout*-seed*")):
-        m = re.match(r"jebm-holdout(\d+)-seed(\d+)$", model_dir.name)
+    for model_dir in sorted((args.bench_dir / "models").glob("*-holdout*-seed*")):
+        m = re.match(r"(.+)-holdout(\d+)-seed(\d+)$", model_dir.name)
         if not m or not (model_dir / "calibration.json").is_file():
             continue
-        holdout, seed = int(m.group(1)), int(m.group(2))
+        variant, holdout, seed = m.group(1), int(m.group(2)), int(m.group(3))
         if only and holdout not in only:
             continue
         loaded = load_model(model_dir)
@@ -81,9 +81,9 @@ def main() -> None:
             scores["+".join(combo)] = cal.score(test)
         for name, values in scores.items():
             met = detection_metrics(y, values)
-            rows.append({"holdout": holdout, "seed": seed, "score": name, "auprc": met["auprc"],
+            rows.append({"model": variant, "holdout": holdout, "seed": seed, "score": name, "auprc": met["auprc"],
                          "auroc": met["auroc"], "settings": str(overrides or "")})
-            print(f"holdout {holdout} seed {seed}  {name:45s} AUPRC {met['auprc']:.3f}  AUROC {met['auroc']:.3f}",
+            print(f"{variant} holdout {holdout} seed {seed}  {name:45s} AUPRC {met['auprc']:.3f}  AUROC {met['auroc']:.3f}",
                   flush=True)
     if args.out and rows:
         with args.out.open("w", newline="") as f:
