@@ -175,10 +175,8 @@ def run_fit(
                              "calibration_threshold": cal.threshold})
         tracker.log_dict(cal.to_dict(), "calibration.json")
         from .registry import log_pyfunc
-        from .scoring import component_names
 
-        info = log_pyfunc(out_dir, image_size=config.model.image_size, registered_model_name=register,
-                          component_names=component_names(loaded.model, True, loaded.config.score.llr_samples))
+        info = log_pyfunc(out_dir, registered_model_name=register)
         model_uri = info.model_uri
         tracker.end()
     if remember:  # False for the benchmark: its models are not the user's last fit

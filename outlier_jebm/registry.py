@@ -47,32 +47,37 @@ def model_signature(component_names: list[str]):
     return ModelSignature(inputs=None, outputs=Schema(cols))
 
 
-def _pyfunc_kwargs(model_dir: str | Path, image_size: int, component_names: list[str]) -> dict[str, Any]:
+def _pyfunc_kwargs(model_dir: str | Path) -> dict[str, Any]:
+    """What MLflow needs to package a fitted model directory: the signature comes from the model itself."""
+    from .checkpoint import load_model
+    from .scoring import Scorer
+
+    scorer = Scorer(load_model(model_dir))
+    image_size = scorer.image_size
     example = np.zeros((2, image_size * image_size), dtype=np.float32)
     example[1, : image_size * image_size // 2] = 1.0
     return dict(
         python_model=str(PYFUNC_CODE),
         artifacts={ARTIFACT_KEY: str(Path(model_dir).resolve())},
-        signature=model_signature(component_names),
+        signature=model_signature(scorer.component_names),
         input_example=example,
         pip_requirements=_requirements(),
     )
 
 
-def log_pyfunc(model_dir: str | Path, *, image_size: int, component_names: list[str],
-               registered_model_name: str | None = None, name: str = "model") -> Any:
+def log_pyfunc(model_dir: str | Path, *, registered_model_name: str | None = None, name: str = "model") -> Any:
     """Log ``model_dir`` as a pyfunc model in the active MLflow run; returns MLflow's ModelInfo."""
     import mlflow
 
     return mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name,
-                                   **_pyfunc_kwargs(model_dir, image_size, component_names))
+                                   **_pyfunc_kwargs(model_dir))
 
 
-def save_pyfunc(model_dir: str | Path, path: str | Path, *, image_size: int, component_names: list[str]) -> Path:
+def save_pyfunc(model_dir: str | Path, path: str | Path) -> Path:
     """Save ``model_dir`` as a pyfunc model at ``path`` (a new folder), without a tracking server."""
     import mlflow
 
-    mlflow.pyfunc.save_model(path=str(path), **_pyfunc_kwargs(model_dir, image_size, component_names))
+    mlflow.pyfunc.save_model(path=str(path), **_pyfunc_kwargs(model_dir))
     return Path(path)
 
 

@@ -44,7 +44,6 @@ def pyfunc_uri_for(model: str | None, workdir: Path) -> str:
     from .checkpoint import load_model
     from .pipeline import resolve_model_dir
     from .registry import is_model_uri, save_pyfunc
-    from .scoring import Scorer
 
     if is_model_uri(model):
         return str(model)
@@ -52,10 +51,8 @@ def pyfunc_uri_for(model: str | None, workdir: Path) -> str:
     loaded = load_model(model_dir)
     if loaded.calibration is None:
         raise DataError(f"{model_dir}: the model has no calibration.json (it was not fitted to the end); refit it")
-    scorer = Scorer(loaded)
-    names = scorer.component_names
     path = workdir / "pyfunc"
-    save_pyfunc(model_dir, path, image_size=loaded.config.model.image_size, component_names=names)
+    save_pyfunc(model_dir, path)
     return str(path)
 
 
