@@ -1,7 +1,7 @@
 """Re-score models fitted by `jebm-od bench` with other score settings, without refitting.
 
     python benchmarks/rescore.py --bench-dir BENCH_OUT [--set score.llr_samples=8] [--combine a+b,c]
-                                 [--holdout 1,4] [--out rescore.csv]
+                                 [--reference-size N] [--holdout 1,4] [--out rescore.csv]
 
 For every model ``BENCH_OUT/models/<variant>-holdout<D>-seed<S>`` (``jebm``, ``jebm_prior_gaussian``, ...) it rebuilds the same split
 (``prepare_data(mnist, holdout=D, seed=S)``, as the bench did), scores the test part with the
@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,15 +46,18 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="score.KEY=VALUE override (repeatable)")
     ap.add_argument("--combine", default="", help="comma-separated combinations, components joined by +")
     ap.add_argument("--holdout", default="", help="only these held-out digits (default: every model found)")
+    ap.add_argument("--reference-size", type=int, default=None,
+                    help="rebuild the kNN reference from this many training images (0 = all) instead of the stored one")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     from outlier_jebm.checkpoint import load_model
     from outlier_jebm.evaluate import detection_metrics
     from outlier_jebm.pipeline import prepare_data
-    from outlier_jebm.scoring import Scorer, fit_calibration
+    from outlier_jebm.scoring import References, Scorer, fit_calibration, reference_latents
 
     overrides = parse_set(args.set)
+    settings = dict(overrides) | ({} if args.reference_size is None else {"reference_size": args.reference_size})
     combos = [c.split("+") for c in args.combine.split(",") if c]
     only = {int(d) for d in args.holdout.split(",") if d}
     rows = []
@@ -70,6 +74,9 @@ def main() -> None:
         td = prepare_data("mnist", holdout=holdout, seed=seed, val_fraction=cfg.train.val_fraction,
                           max_train=cfg.train.max_train, image_size=cfg.model.image_size)
         scorer = Scorer(loaded)
+        if args.reference_size is not None:  # drawn like calibrate() draws it; the model dir is not touched
+            ref = reference_latents(scorer, td.train, args.reference_size, seed=cfg.train.seed)
+            scorer.reference = References(torch.from_numpy(ref))
         test = scorer.components_of(td.test).components
         val = scorer.components_of(td.val).components
         y = td.test_is_anomaly
@@ -82,7 +89,7 @@ def main() -> None:
         for name, values in scores.items():
             met = detection_metrics(y, values)
             rows.append({"model": variant, "holdout": holdout, "seed": seed, "score": name, "auprc": met["auprc"],
-                         "auroc": met["auroc"], "settings": str(overrides or "")})
+                         "auroc": met["auroc"], "settings": str(settings or "")})
             print(f"{variant} holdout {holdout} seed {seed}  {name:45s} AUPRC {met['auprc']:.3f}  AUROC {met['auroc']:.3f}",
                   flush=True)
     if args.out and rows:

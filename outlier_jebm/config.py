@@ -108,12 +108,16 @@ class ScoreConfig:
     # Hierarchical likelihood ratios (Havtorn et al. 2021): prior draws of the lower layers per
     # input for the llr_gt<k> components (0 = not computed; each draw costs one decoder pass).
     llr_samples: int = 0
+    # Training images whose posterior means the latent_knn components search (0 = all of them).
+    reference_size: int = 10_000
 
     def validate(self) -> None:
         if self.steps < 0:
             raise ConfigError(f"score.steps must be >= 0, got {self.steps}")
         if self.llr_samples < 0:
             raise ConfigError(f"score.llr_samples must be >= 0, got {self.llr_samples}")
+        if self.reference_size < 0:
+            raise ConfigError(f"score.reference_size must be >= 0 (0 = every training image), got {self.reference_size}")
         _positive("score.step_size", self.step_size)
         _positive("score.chains", self.chains)
         if not 0.0 < self.false_alarm_rate < 1.0:

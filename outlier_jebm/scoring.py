@@ -375,19 +375,32 @@ class Scorer:
         return out
 
 
+def reference_latents(scorer: "Scorer", train_images: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """Posterior means (reference coordinates) of ``size`` training images drawn with ``seed`` (0 = all)."""
+    n = len(train_images) if size <= 0 else min(size, len(train_images))
+    pick = np.sort(np.random.default_rng(seed).choice(len(train_images), size=n, replace=False))
+    keep, scorer.reference = scorer.reference, None
+    try:
+        return np.ascontiguousarray(scorer.components_of(train_images[pick]).eps, dtype=np.float32)
+    finally:
+        scorer.reference = keep
+
+
 def calibrate(loaded: LoadedModel, train_images: np.ndarray, val_images: np.ndarray, *,
-              combine: Iterable[str] = DEFAULT_COMBINATION, max_reference: int = 10_000, seed: int = 0,
+              combine: Iterable[str] = DEFAULT_COMBINATION, reference_size: int | None = None, seed: int = 0,
               device: str | torch.device = "cpu") -> Calibration:
-    """Store reference latents of training images, then fit the calibration on held-in validation images."""
+    """Store reference latents of training images, then fit the calibration on held-in validation images.
+
+    ``reference_size`` (default ``score.reference_size``; 0 = every training image) sets how
+    many training images the ``latent_knn`` components search.
+    """
     if loaded.path is None:
         raise ValueError("calibration is written into a model directory; load the model from one")
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(train_images), size=min(max_reference, len(train_images)), replace=False)
+    size = loaded.config.score.reference_size if reference_size is None else reference_size
     scorer = Scorer(loaded, device=device)
-    scorer.reference = None
-    ref = scorer.components_of(train_images[np.sort(pick)]).eps
-    save_file({"eps": torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))}, str(loaded.path / REFERENCE_FILE))
-    scorer.reference = References(torch.from_numpy(ref.astype(np.float32)).to(scorer.device))
+    ref = reference_latents(scorer, train_images, size, seed)
+    save_file({"eps": torch.from_numpy(ref)}, str(loaded.path / REFERENCE_FILE))
+    scorer.reference = References(torch.from_numpy(ref).to(scorer.device))
     comps = scorer.components_of(val_images).components
     cal = fit_calibration(comps, combine=combine, false_alarm_rate=loaded.config.score.false_alarm_rate,
                           score_steps=scorer.score_cfg.steps)

@@ -268,3 +268,22 @@ def test_latent_knn_cos_is_the_mean_chordal_distance_to_the_nearest_directions_a
     eps = torch.from_numpy(bs.eps)
     np.testing.assert_allclose(knn_mean_distance(unit_rows(3.0 * eps), scorer.reference.directions).numpy(),
                                bs.components["latent_knn_cos"], rtol=1e-5, atol=1e-6)
+
+
+def test_reference_size_sets_how_many_training_images_latent_knn_searches(trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from outlier_jebm.config import ConfigError, ScoreConfig
+    from outlier_jebm.scoring import REFERENCE_FILE
+
+    loaded, split = trained
+    copy = tmp_path / "m"
+    shutil.copytree(loaded.path, copy)
+    for size, rows in [(0, len(split.train)), (50, 50), (10 ** 6, len(split.train))]:
+        calibrate(load_model(copy), split.train, split.val, reference_size=size)
+        assert load_file(str(copy / REFERENCE_FILE))["eps"].shape[0] == rows
+        assert len(Scorer(load_model(copy)).reference) == rows
+    with pytest.raises(ConfigError, match="reference_size"):
+        ScoreConfig(reference_size=-1).validate()
