@@ -417,6 +417,7 @@ def calibrate(
     model: Optional[str] = typer.Option(None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."),
     data: Optional[str] = typer.Option(None, help="Training data (default: the one recorded in the model)."),
     false_alarm_rate: Optional[float] = typer.Option(None, help="Override score.false_alarm_rate."),
+    reference_size: Optional[int] = typer.Option(None, min=0, help="Override score.reference_size: training images the latent kNN searches (0 = all)."),
     data_dir: Optional[Path] = typer.Option(None),
 ) -> None:
     """Recompute calibration.json from the model's held-in validation data (never from anomaly labels)."""
@@ -427,8 +428,9 @@ def calibrate(
 
     loaded = _load_model_or_fail(model)
     cfg = loaded.config
-    if false_alarm_rate is not None:
-        cfg = cfg.with_overrides(score={"false_alarm_rate": false_alarm_rate})
+    overrides = {k: v for k, v in (("false_alarm_rate", false_alarm_rate), ("reference_size", reference_size)) if v is not None}
+    if overrides:
+        cfg = cfg.with_overrides(score=overrides)
         save_model(loaded.model, cfg, loaded.path, loaded.meta)
         loaded.config = cfg
     source = data or loaded.meta.get("data")

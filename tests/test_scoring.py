@@ -220,7 +220,8 @@ def test_neg_log_joint_is_minus_the_models_log_joint_at_the_encoders_guess(train
     assert (comps["energy_drop"] == 0).all()
 
 
-@pytest.mark.parametrize("n_ref", [300, 1500])  # one full scan; two-stage search with padding
+# one full scan; the two-stage search with padding; several chunks, the last one partial
+@pytest.mark.parametrize("n_ref", [300, 1500, 20000])
 def test_latent_knn_matches_brute_force_and_skips_the_input_itself(n_ref):
     from outlier_jebm.scoring import Reference, knn_mean_distance
 
