@@ -69,6 +69,14 @@ def test_score_exits_non_zero_when_nothing_could_be_scored(tmp_path, monkeypatch
     assert res.exit_code == 1
     assert "empty" in res.output
 
+    # recalibrating with another reference size rewrites the reference and records the setting
+    from safetensors.torch import load_file
+
+    res = runner.invoke(app, ["calibrate", "--model", "m", "--reference-size", "100"])
+    assert res.exit_code == 0, res.output
+    assert load_file(str(tmp_path / "m" / "reference_latents.safetensors"))["eps"].shape[0] == 100
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["config"]["score"]["reference_size"] == 100
+
 
 def test_a_missing_data_path_or_model_gives_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
