@@ -437,8 +437,10 @@ def calibrate(
     if not source:
         _fail("--data is needed: the model does not record its training data")
     try:
+        # the split fit made: same seed, validation share and training cap
         td = prepare_data(source, holdout=loaded.meta.get("holdout"), seed=cfg.train.seed,
-                          val_fraction=cfg.train.val_fraction, image_size=cfg.model.image_size, data_dir=data_dir)
+                          val_fraction=cfg.train.val_fraction, max_train=cfg.train.max_train,
+                          image_size=cfg.model.image_size, data_dir=data_dir)
     except DataError as exc:
         _fail(str(exc))
     cal = calibrate_model(loaded, td.train, td.val, seed=cfg.train.seed)

@@ -63,7 +63,7 @@ def test_score_exits_non_zero_when_nothing_could_be_scored(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     cfg = _write_config(tmp_path / "tiny.yaml")
     assert runner.invoke(app, ["fit", "--data", "digits", "--config", str(cfg), "--epochs", "1", "--out", "m",
-                               "--tracking-uri", f"sqlite:///{tmp_path / 'db.sqlite'}"]).exit_code == 0
+                               "--max-train", "300", "--tracking-uri", f"sqlite:///{tmp_path / 'db.sqlite'}"]).exit_code == 0
     (tmp_path / "bad.png").write_bytes(b"")
     res = runner.invoke(app, ["score", str(tmp_path / "bad.png"), "--model", "m"])
     assert res.exit_code == 1
@@ -76,6 +76,9 @@ def test_score_exits_non_zero_when_nothing_could_be_scored(tmp_path, monkeypatch
     assert res.exit_code == 0, res.output
     assert load_file(str(tmp_path / "m" / "reference_latents.safetensors"))["eps"].shape[0] == 100
     assert json.loads((tmp_path / "m" / "config.json").read_text())["config"]["score"]["reference_size"] == 100
+    # "every training image" means the 300 the model was fitted on (fit --max-train), not the whole split
+    assert runner.invoke(app, ["calibrate", "--model", "m", "--reference-size", "0"]).exit_code == 0
+    assert load_file(str(tmp_path / "m" / "reference_latents.safetensors"))["eps"].shape[0] == 300
 
 
 def test_a_missing_data_path_or_model_gives_a_clear_error(tmp_path, monkeypatch):
