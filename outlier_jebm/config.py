@@ -82,6 +82,10 @@ class TrainConfig:
     mle_init_from_encoder: bool = True
     val_fraction: float = 0.05
     max_train: int | None = None
+    # A batch loss above this in magnitude counts as divergence, like a NaN: training stops and the
+    # last good checkpoint stays. Normal losses on 28x28 images stay within about 1e3; a runaway EBM
+    # (seen with scheme mle) reaches 1e10 while staying finite.
+    max_abs_loss: float = 1.0e8
     sample_every: int = 2  # epochs between sample grids logged to MLflow
     seed: int = 0
 
@@ -89,7 +93,7 @@ class TrainConfig:
         _choice("train.scheme", self.scheme, SCHEMES)
         _positive("train.epochs", self.epochs)
         _positive("train.batch_size", self.batch_size)
-        for name in ("lr_ebm", "lr_gen", "lr_enc", "grad_clip"):
+        for name in ("lr_ebm", "lr_gen", "lr_enc", "grad_clip", "max_abs_loss"):
             _positive(f"train.{name}", getattr(self, name))
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"train.val_fraction must be in (0, 0.5), got {self.val_fraction}")

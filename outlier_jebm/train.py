@@ -195,8 +195,9 @@ def fit(
 ) -> FitResult:
     """Train ``model`` on images (N, H, W) in [0, 1]; write a checkpoint to ``out_dir`` after every epoch.
 
-    A non-finite loss or gradient raises TrainingDiverged before the optimiser
-    step, so the weights of the last finished epoch stay on disk untouched.
+    A non-finite loss or gradient, or a loss beyond ``train.max_abs_loss``, raises
+    TrainingDiverged before the optimiser step, so the weights of the last finished
+    epoch stay on disk untouched.
 
     Inside an initialised torch.distributed process group (``torchrun``) every
     rank calls this with the same model, config and images: training is data
@@ -237,9 +238,11 @@ def fit(
         for step in range(n_steps):
             xb = x_all[distributed.batch_shard(order, step, bs, rank, world)]
             loss, stats = loss_fn(xb)
-            finite = bool(torch.isfinite(loss))
+            # a finite loss beyond max_abs_loss is a runaway, stopped like a NaN
+            usable = torch.isfinite(loss) & (loss.detach().abs() <= t.max_abs_loss)
+            finite = bool(usable)
             if world > 1:
-                finite, stats = distributed.agree_on_step(torch.isfinite(loss), stats)
+                finite, stats = distributed.agree_on_step(usable, stats)
             optimizer.zero_grad(set_to_none=True)
             if finite:
                 loss.backward()
@@ -249,8 +252,14 @@ def fit(
             if not (finite and torch.isfinite(grad_norm)):
                 kept = f"the last good checkpoint (epoch {epoch}) is in {out_dir}" if epoch > 0 else "no checkpoint was written yet"
                 where = f" on at least one of {world} ranks" if world > 1 else ""
+                if finite:
+                    what = "non-finite gradient"
+                elif bool(torch.isfinite(loss)) and float(loss.detach().abs()) > t.max_abs_loss:
+                    what = f"runaway loss {float(loss):.3g} (beyond train.max_abs_loss = {t.max_abs_loss:g})"
+                else:
+                    what = "non-finite loss"
                 raise TrainingDiverged(
-                    f"non-finite {'loss' if not finite else 'gradient'}{where} at epoch {epoch + 1}, "
+                    f"{what}{where} at epoch {epoch + 1}, "
                     f"step {step + 1} (global step {global_step + 1}); {kept}. Check the input data for NaN/Inf, "
                     "or lower the EBM learning rate / Langevin step size."
                 )

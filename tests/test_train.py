@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from outlier_jebm.checkpoint import load_model, save_model
+from outlier_jebm.config import ConfigError
 from outlier_jebm.model import JointEBM
 from outlier_jebm.train import TrainingDiverged, fit, loss_terms, make_optimizer, to_model_space
 
@@ -109,3 +110,21 @@ def test_resume_continues_from_the_last_epoch(digits01, tmp_path):
     result = fit(load_model(out).model, cfg2, images[:256], None, out, resume=True)
     assert len(result.history) == 2
     assert load_model(out).meta["epochs_done"] == 3
+
+
+def test_a_runaway_finite_loss_stops_training_like_a_nan_and_keeps_the_last_good_checkpoint(digits01, tmp_path):
+    images, _ = digits01
+    cfg = tiny_config(epochs=1)
+    model = JointEBM(cfg.model)
+    out = tmp_path / "m"
+    fit(model, cfg, images[:512], None, out)
+    good = (out / "weights.safetensors").read_bytes()
+    # every real loss is far beyond a bound of 1e-6: the first step of epoch 2 counts as a runaway
+    cfg2 = cfg.with_overrides(train={"epochs": 2, "max_abs_loss": 1e-6})
+    with pytest.raises(TrainingDiverged, match=r"runaway loss .* train.max_abs_loss = 1e-06\) at epoch 2, step 1 "
+                                               r".*last good checkpoint \(epoch 1\)"):
+        fit(model, cfg2, images[:512], None, out, resume=True)
+    assert (out / "weights.safetensors").read_bytes() == good
+    assert load_model(out).meta["epochs_done"] == 1
+    with pytest.raises(ConfigError, match="max_abs_loss"):
+        cfg.with_overrides(train={"max_abs_loss": 0})
