@@ -85,20 +85,36 @@ def test_a_checkpoint_round_trip_gives_identical_outputs(digits01, tmp_path):
     assert not any(p.suffix in {".pt", ".pkl", ".pth"} for p in (tmp_path / "m").iterdir())
 
 
-def test_a_nan_in_a_batch_stops_training_with_a_message_and_keeps_the_last_good_checkpoint(digits01, tmp_path):
-    images, _ = digits01
+def _after_one_good_epoch(images, tmp_path):
+    """A model fitted for one epoch into tmp_path/m: (model, config, model dir, the weights' bytes)."""
     cfg = tiny_config(epochs=1)
     model = JointEBM(cfg.model)
     out = tmp_path / "m"
-    fit(model, cfg, images[:512], None, out)
-    good = (out / "weights.safetensors").read_bytes()
-    poisoned = images[:512].copy()
-    poisoned[100, 3, 3] = np.nan
-    cfg2 = cfg.with_overrides(train={"epochs": 2})
-    with pytest.raises(TrainingDiverged, match=r"non-finite loss at epoch 2, step \d+.*last good checkpoint \(epoch 1\)"):
-        fit(model, cfg2, poisoned, None, out, resume=True)
+    fit(model, cfg, images, None, out)
+    return model, cfg, out, (out / "weights.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("cause", ["nan", "runaway"])
+def test_a_diverging_step_stops_training_with_a_message_and_keeps_the_last_good_checkpoint(digits01, tmp_path, cause):
+    images = digits01[0][:512]
+    model, cfg, out, good = _after_one_good_epoch(images, tmp_path)
+    if cause == "nan":
+        images = images.copy()
+        images[100, 3, 3] = np.nan
+        cfg2 = cfg.with_overrides(train={"epochs": 2})
+        message = r"non-finite loss at epoch 2, step \d+.*last good checkpoint \(epoch 1\)"
+    else:  # every real loss is far beyond 1e-6: the first step of epoch 2 counts as a runaway
+        cfg2 = cfg.with_overrides(train={"epochs": 2, "max_abs_loss": 1e-6})
+        message = r"runaway loss .* train.max_abs_loss = 1e-06\) at epoch 2, step 1 .*last good checkpoint \(epoch 1\)"
+    with pytest.raises(TrainingDiverged, match=message):
+        fit(model, cfg2, images, None, out, resume=True)
     assert (out / "weights.safetensors").read_bytes() == good
     assert load_model(out).meta["epochs_done"] == 1
+
+
+def test_max_abs_loss_must_be_positive():
+    with pytest.raises(ConfigError, match="max_abs_loss"):
+        tiny_config().with_overrides(train={"max_abs_loss": 0})
 
 
 def test_resume_continues_from_the_last_epoch(digits01, tmp_path):
@@ -110,21 +126,3 @@ def test_resume_continues_from_the_last_epoch(digits01, tmp_path):
     result = fit(load_model(out).model, cfg2, images[:256], None, out, resume=True)
     assert len(result.history) == 2
     assert load_model(out).meta["epochs_done"] == 3
-
-
-def test_a_runaway_finite_loss_stops_training_like_a_nan_and_keeps_the_last_good_checkpoint(digits01, tmp_path):
-    images, _ = digits01
-    cfg = tiny_config(epochs=1)
-    model = JointEBM(cfg.model)
-    out = tmp_path / "m"
-    fit(model, cfg, images[:512], None, out)
-    good = (out / "weights.safetensors").read_bytes()
-    # every real loss is far beyond a bound of 1e-6: the first step of epoch 2 counts as a runaway
-    cfg2 = cfg.with_overrides(train={"epochs": 2, "max_abs_loss": 1e-6})
-    with pytest.raises(TrainingDiverged, match=r"runaway loss .* train.max_abs_loss = 1e-06\) at epoch 2, step 1 "
-                                               r".*last good checkpoint \(epoch 1\)"):
-        fit(model, cfg2, images[:512], None, out, resume=True)
-    assert (out / "weights.safetensors").read_bytes() == good
-    assert load_model(out).meta["epochs_done"] == 1
-    with pytest.raises(ConfigError, match="max_abs_loss"):
-        cfg.with_overrides(train={"max_abs_loss": 0})
