@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -236,8 +237,6 @@ def _score_spark(paths, model, out, steps, top, spark_master, batch_rows, overwr
     from rich.table import Table
 
     from outlier_jebm.data import DataError
-    import tempfile
-
     from outlier_jebm.spark import pyfunc_uri_for, quiet, score_parquet, spark_session
 
     if steps is not None:

@@ -111,7 +111,7 @@ def _terms(model: JointEBM, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch
     return out
 
 
-def infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: "References | torch.Tensor | None" = None) -> BatchScores:
+def infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: "References | None" = None) -> BatchScores:
     """Posterior inference and every score component for a batch x (B, D) in [-1, 1]."""
     model.eval()
     # the spectral-norm weights of the EBM are computed once per batch, not once per use
@@ -119,7 +119,7 @@ def infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referenc
         return _infer_and_score(model, x, cfg, reference)
 
 
-def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: "References | torch.Tensor | None") -> BatchScores:
+def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: "References | None") -> BatchScores:
     with torch.no_grad():
         z0, _ = model.encoder(x, sample=False)  # (B, Z)
     chains = max(cfg.chains, 1) if cfg.steps > 0 else 1
@@ -147,9 +147,8 @@ def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referen
         terms["chain_spread"] = spread.to(x.device)
         eps = model.generator.to_eps(z)
         if reference is not None:
-            refs = reference if isinstance(reference, References) else References(reference)
-            terms["latent_knn"] = knn_mean_distance(eps, refs.points)
-            terms["latent_knn_cos"] = knn_mean_distance(unit_rows(eps), refs.directions)
+            terms["latent_knn"] = knn_mean_distance(eps, reference.points)
+            terms["latent_knn_cos"] = knn_mean_distance(unit_rows(eps), reference.directions)
         if cfg.llr_samples > 0:
             terms.update(likelihood_ratios(model, x, z, cfg.llr_samples))
     sq = terms.pop("_sq")
@@ -184,9 +183,6 @@ class Reference:
 
     def __len__(self) -> int:
         return self.eps.shape[0]
-
-    def to(self, device: str | torch.device) -> "Reference":
-        return Reference(self.eps.to(device))
 
 
 def unit_rows(v: torch.Tensor) -> torch.Tensor:
