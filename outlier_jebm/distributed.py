@@ -12,6 +12,7 @@ noise. Without torchrun (WORLD_SIZE unset or 1) nothing here does anything.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -74,10 +75,34 @@ class ProcessGroup:
         ``wait=False`` leaves at once, for a rank that failed: the others may
         never reach the barrier.
         """
-        if self.joined and dist.is_initialized():
-            if wait:
-                dist.barrier()
-            dist.destroy_process_group()
+        if self.joined:
+            leave_group(wait)
+
+
+# How long a rank that left the group lets gloo's worker threads run (see leave_group).
+GLOO_DRAIN_SECONDS = 0.2
+
+
+def leave_group(wait: bool = True) -> None:
+    """Leave the initialised process group, so that the process can then exit safely.
+
+    ``wait`` first waits at a barrier for every rank. After DistributedDataParallel
+    has run, destroying the group does not stop gloo's worker threads (torch
+    2.13 still holds the group). A worker that is still releasing the last
+    collective needs the GIL. If the interpreter is shutting down by then, the
+    thread is killed inside a C++ destructor and the process dies with SIGABRT
+    ("terminate called without an active exception"). Measured: 11 of 60
+    two-rank DDP runs aborted at exit, 0 of 60 with this pause. Sleeping
+    releases the GIL, so the workers finish while the interpreter is whole.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    backend = dist.get_backend()
+    dist.destroy_process_group()
+    if backend == "gloo":
+        time.sleep(GLOO_DRAIN_SECONDS)
 
 
 def current_world() -> tuple[int, int]:

@@ -255,7 +255,7 @@ def fit(
                 if finite:
                     what = "non-finite gradient"
                 elif bool(torch.isfinite(loss)) and float(loss.detach().abs()) > t.max_abs_loss:
-                    what = f"runaway loss {float(loss):.3g} (beyond train.max_abs_loss = {t.max_abs_loss:g})"
+                    what = f"runaway loss {float(loss.detach()):.3g} (beyond train.max_abs_loss = {t.max_abs_loss:g})"
                 else:
                     what = "non-finite loss"
                 raise TrainingDiverged(
