@@ -237,19 +237,22 @@ def test_latent_knn_matches_brute_force_and_skips_the_input_itself(n_ref):
     np.testing.assert_array_equal(knn_mean_distance(queries, ref, k=5).numpy(), got)
 
 
-@pytest.mark.parametrize("shape", [(7, 128 * 20), (5, 128 * 3), (4, 300)])
-def test_smallest_indices_finds_the_k_smallest_like_a_full_sort(shape):
-    from outlier_jebm.scoring import smallest_indices
+@pytest.mark.parametrize("n_ref", [200, 1500, 20000])  # fewer blocks than m, one chunk, several chunks
+def test_nearest_columns_finds_the_m_smallest_products_like_a_full_sort(n_ref):
+    from outlier_jebm.scoring import Reference, nearest_columns
 
     gen = torch.Generator().manual_seed(0)
-    values = torch.rand(*shape, generator=gen)
-    values[0, :] = 1.0  # ties everywhere in one row
-    values[0, 5] = 0.0
-    got = values.gather(1, smallest_indices(values, 6, block=128)).sort(dim=1).values
-    want = values.sort(dim=1).values[:, :6]
-    assert torch.equal(got, want)
-    idx = smallest_indices(values, 6, block=128)
+    ref = torch.randn(n_ref, 12, generator=gen)
+    ref[150:190] = ref[7]  # 41 equal rows over two blocks: ties
+    queries = torch.cat([ref[7:8], torch.randn(8, 12, generator=gen)])
+    prepared = Reference(ref)
+    lifted = torch.cat([queries, torch.ones(9, 1)], dim=1)
+    full = torch.cat([lifted @ chunk for chunk in prepared.chunks], dim=1)
+    idx = nearest_columns(lifted, prepared, 6)
+    assert torch.equal(full.gather(1, idx).sort(dim=1).values, full.sort(dim=1).values[:, :6])
     assert all(len(set(row.tolist())) == 6 for row in idx)  # six different columns per row
+    assert int(idx.max()) < n_ref  # a padding column is never chosen
+    assert len(prepared.chunks) == (1 if n_ref < 12288 else 3)
 
 
 def test_latent_knn_cos_is_the_mean_chordal_distance_to_the_nearest_directions_and_ignores_the_norm(trained):
