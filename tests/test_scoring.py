@@ -237,9 +237,10 @@ def test_latent_knn_matches_brute_force_and_skips_the_input_itself(n_ref):
     np.testing.assert_array_equal(knn_mean_distance(queries, ref, k=5).numpy(), got)
 
 
-@pytest.mark.parametrize("n_ref", [200, 1500, 20000])  # fewer blocks than m, one chunk, several chunks
+# fewer blocks than m; one chunk; several chunks; a last chunk of fewer blocks than m
+@pytest.mark.parametrize("n_ref", [200, 1500, 20000, 16570])
 def test_nearest_columns_finds_the_m_smallest_products_like_a_full_sort(n_ref):
-    from outlier_jebm.scoring import Reference, nearest_columns
+    from outlier_jebm.scoring import KNN_BLOCK, Reference, nearest_columns
 
     gen = torch.Generator().manual_seed(0)
     ref = torch.randn(n_ref, 12, generator=gen)
@@ -253,6 +254,8 @@ def test_nearest_columns_finds_the_m_smallest_products_like_a_full_sort(n_ref):
     assert all(len(set(row.tolist())) == 6 for row in idx)  # six different columns per row
     assert int(idx.max()) < n_ref  # a padding column is never chosen
     assert len(prepared.chunks) == (1 if n_ref < 12288 else 3)
+    if n_ref == 16570:
+        assert prepared.chunks[-1].shape[1] < 6 * KNN_BLOCK
 
 
 def test_latent_knn_cos_is_the_mean_chordal_distance_to_the_nearest_directions_and_ignores_the_norm(trained):
