@@ -2,15 +2,16 @@
 
     python benchmarks/complexity.py MODEL_DIR [MODEL_DIR ...] [--cache DIR]
 
-Each MODEL_DIR is ``<bench out>/models/<variant>-holdout<D>-seed<S>``. The split is rebuilt as
-the bench made it; the kNN reference holds every training image (as ``calibrate`` draws it with
+Each MODEL_DIR is ``<bench out>/models/<variant>-holdout<D>-seed<S>`` of an MNIST bench with the
+default data location. The split is rebuilt as the bench made it; the kNN reference holds every training image (as ``calibrate`` draws it with
 ``reference_size=0``). Per model it prints AUPRC of the default score and of
 
     C = mean robust z of (latent_knn_cos, latent_knn, serra),
     serra = neg_log_joint / ln 2 - complexity,
 
 where complexity is the length in bits of the 8-bit image compressed by zlib at level 9. Robust
-z-scores are fitted on the held-in validation part only, like ``fit_calibration``. Components are
+z-scores (median, 1.4826 MAD) are fitted on the held-in validation part only, like ``fit_calibration``
+(which also falls back to the standard deviation for a component with zero MAD; none here has one). Components are
 cached per model in ``--cache`` (npz), so a second run only evaluates.
 """
 
@@ -47,7 +48,8 @@ def components(model_dir: Path, cache: Path) -> dict[str, np.ndarray]:
     m = re.match(r"(.+)-holdout(\d+)-seed(\d+)$", model_dir.name)
     if not m:
         raise SystemExit(f"{model_dir}: expected <variant>-holdout<D>-seed<S>")
-    out = cache / f"{m.group(1)}-h{m.group(2)}-s{m.group(3)}.npz"
+    bench = model_dir.resolve().parent.parent.name  # two bench folders may hold models of the same name
+    out = cache / f"{bench}-{m.group(1)}-h{m.group(2)}-s{m.group(3)}.npz"
     if out.is_file():
         return dict(np.load(out))
     loaded = load_model(model_dir)

@@ -97,12 +97,14 @@ def leave_group(wait: bool = True) -> None:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if wait:
-        dist.barrier()
-    backend = dist.get_backend()
-    dist.destroy_process_group()
-    if backend == "gloo":
-        time.sleep(GLOO_DRAIN_SECONDS)
+    try:
+        if wait:
+            dist.barrier()
+    finally:  # a failed barrier still leaves the group
+        backend = dist.get_backend()
+        dist.destroy_process_group()
+        if backend == "gloo":
+            time.sleep(GLOO_DRAIN_SECONDS)
 
 
 def current_world() -> tuple[int, int]:

@@ -209,21 +209,22 @@ def nearest_columns(lifted: torch.Tensor, reference: Reference, m: int) -> torch
     Exact, without a top-k over whole rows: the m smallest entries of a row lie in the m blocks
     of ``KNN_BLOCK`` columns with the smallest minima. Each chunk's product goes into one reused
     buffer; from it only the chunk's m best blocks are kept (their minima and contents). At the
-    end the m best of all kept blocks are chosen and searched.
+    end the m best of all kept blocks are chosen and searched. Needs m <= the number of
+    reference rows (otherwise padding columns would be returned) and no autograd (``out=``).
     """
     B, block = lifted.shape[0], KNN_BLOCK
     rows = torch.arange(B, device=lifted.device).unsqueeze(1)
     buffer = lifted.new_empty(B, reference.chunk)
     minima, kept, block_ids = [], [], []
     for n, chunk in enumerate(reference.chunks):
-        blocks = torch.mm(lifted, chunk, out=buffer[:, : chunk.shape[1]]).view(B, -1, block)
+        blocks = torch.mm(lifted, chunk, out=buffer[:, : chunk.shape[1]]).view(B, chunk.shape[1] // block, block)
         low, which = blocks.amin(-1).topk(min(m, blocks.shape[1]), dim=1, largest=False, sorted=False)
         minima.append(low)
         kept.append(blocks[rows, which])  # (B, m, block), copied out of the buffer
         block_ids.append(which + n * (reference.chunk // block))
     low, block_ids = torch.cat(minima, 1), torch.cat(block_ids, 1)
     best = low.topk(min(m, low.shape[1]), dim=1, largest=False, sorted=False).indices
-    candidates = torch.cat(kept, 1)[rows, best].reshape(B, -1)
+    candidates = torch.cat(kept, 1)[rows, best].reshape(B, best.shape[1] * block)
     pos = candidates.topk(m, dim=1, largest=False, sorted=False).indices
     return block_ids.gather(1, best).gather(1, pos // block) * block + pos % block
 

@@ -240,7 +240,7 @@ def test_latent_knn_matches_brute_force_and_skips_the_input_itself(n_ref):
 # fewer blocks than m; one chunk; several chunks; a last chunk of fewer blocks than m
 @pytest.mark.parametrize("n_ref", [200, 1500, 20000, 16570])
 def test_nearest_columns_finds_the_m_smallest_products_like_a_full_sort(n_ref):
-    from outlier_jebm.scoring import KNN_BLOCK, Reference, nearest_columns
+    from outlier_jebm.scoring import KNN_BLOCK, Reference, knn_mean_distance, nearest_columns
 
     gen = torch.Generator().manual_seed(0)
     ref = torch.randn(n_ref, 12, generator=gen)
@@ -256,6 +256,7 @@ def test_nearest_columns_finds_the_m_smallest_products_like_a_full_sort(n_ref):
     assert len(prepared.chunks) == (1 if n_ref < 12288 else 3)
     if n_ref == 16570:
         assert prepared.chunks[-1].shape[1] < 6 * KNN_BLOCK
+    assert knn_mean_distance(torch.ones(0, 12), prepared).shape == (0,)  # an empty batch is no error
 
 
 def test_latent_knn_cos_is_the_mean_chordal_distance_to_the_nearest_directions_and_ignores_the_norm(trained):
