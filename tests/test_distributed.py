@@ -67,18 +67,22 @@ def _rank_main(rank: int, world: int, port: int, tmp: str) -> None:
     leave_group()  # the library's way out (a bare destroy_process_group aborted 2 exits in 30)
 
 
-@pytest.fixture(scope="module")
-def two_rank_runs(tmp_path_factory) -> Path:
-    """Fits on two gloo ranks in one process group (spawned once: starting the ranks is most of the cost)."""
-    tmp = tmp_path_factory.mktemp("ranks")
-    ctx = mp.start_processes(_rank_main, args=(2, _free_port(), str(tmp)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
+def _run_two_ranks(fn, args: tuple, seconds: float) -> None:
+    """Spawn fn(rank, 2, *args) on two processes; fail the test if they are not done in time."""
+    ctx = mp.start_processes(fn, args=(2, *args), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + seconds
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.terminate()
-            pytest.fail("the ranks did not finish in 120 s")
+            pytest.fail(f"the ranks did not finish in {seconds:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory) -> Path:
+    """Fits on two gloo ranks in one process group (spawned once: starting the ranks is most of the cost)."""
+    tmp = tmp_path_factory.mktemp("ranks")
+    _run_two_ranks(_rank_main, (_free_port(), str(tmp)), 120)
     return tmp
 
 
@@ -143,11 +147,4 @@ def test_ranks_that_trained_with_ddp_exit_cleanly_after_leave_group():
     # Without the pause in leave_group a rank dies with SIGABRT at exit now and
     # then (11 of 60 runs); with the sleep commented out this test failed 2 times in 3.
     for _ in range(6):
-        ctx = mp.start_processes(_ddp_rank_then_exit, args=(2, _free_port()), nprocs=2, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + 60
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.terminate()
-                pytest.fail("two DDP ranks did not finish in 60 s")
+        _run_two_ranks(_ddp_rank_then_exit, (_free_port(),), 60)
