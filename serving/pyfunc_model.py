@@ -16,6 +16,7 @@ then one column per score component - the columns of ``jebm-od score --out``.
 from __future__ import annotations
 
 import mlflow
+import pandas as pd
 
 
 class JEBMPyfuncModel(mlflow.pyfunc.PythonModel):
@@ -32,9 +33,10 @@ class JEBMPyfuncModel(mlflow.pyfunc.PythonModel):
         self.scorer = Scorer(loaded)
         self.components = self.scorer.component_names
 
-    def predict(self, context, model_input, params=None):
+    # The hint names the usual input. MLflow infers no schema from a DataFrame hint, so the logged
+    # signature still rules, and it stops warning about a missing hint. Arrays and dicts work too.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         import numpy as np
-        import pandas as pd
 
         from outlier_jebm.registry import output_columns
         from serving.payload import items_from_array, items_from_frame, score_items
