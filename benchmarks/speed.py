@@ -85,9 +85,11 @@ def bench_score(model_dir: str, images: np.ndarray, k: int) -> dict:
     sec = time.perf_counter() - t
     m = scorer.model
     fwd = linear_flops(m.encoder) + linear_flops(m.generator) + linear_flops(m.ebm)
-    # latent_knn and latent_knn_cos: one product each against the reference set (2 R Z each);
-    # the top-k and the exact distances of the k + 1 candidates are not counted
-    knn = 4 * len(scorer.reference) * m.z_dim if scorer.reference is not None else 0
+    # latent_knn and latent_knn_cos: one shared product against the reference set (2 R Z), or one
+    # each (4 R Z) for a reference holding a zero row; the per-entry key transforms, the top-k
+    # and the exact distances of the k + 1 candidates are not counted
+    ref = scorer.reference
+    knn = (2 if ref.shared_product else 4) * len(ref) * m.z_dim if ref is not None else 0
     # each Langevin step: a forward and a backward for the input gradient only (no weight
     # gradients), about 2x a forward, through generator (with T and T^-1) and EBM
     per_image = fwd + knn + k * 2 * (linear_flops(m.generator) + linear_flops(m.ebm))

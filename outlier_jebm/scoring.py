@@ -62,7 +62,7 @@ REFERENCE_FILE = "reference_latents.safetensors"
 DEFAULT_COMBINATION = ("latent_knn_cos", "latent_knn")
 KNN_K = 5
 KNN_BLOCK = 64  # columns per block in the two-stage nearest-neighbour search
-KNN_CHUNK = 128 * KNN_BLOCK  # reference columns per matrix product in the search
+KNN_CHUNK = 64 * KNN_BLOCK  # reference columns per matrix product in the search
 
 
 def component_names(model: JointEBM, with_reference: bool, llr_samples: int = 0) -> list[str]:
@@ -147,8 +147,7 @@ def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referen
         terms["chain_spread"] = spread.to(x.device)
         eps = model.generator.to_eps(z)
         if reference is not None:
-            terms["latent_knn"] = knn_mean_distance(eps, reference.points)
-            terms["latent_knn_cos"] = knn_mean_distance(unit_rows(eps), reference.directions)
+            terms["latent_knn"], terms["latent_knn_cos"] = knn_points_and_directions(eps, reference)
         if cfg.llr_samples > 0:
             terms.update(likelihood_ratios(model, x, z, cfg.llr_samples))
     sq = terms.pop("_sq")
@@ -169,7 +168,8 @@ class Reference:
     R' pads R to a multiple of ``KNN_BLOCK`` with columns at +inf, which are never nearest; the
     matrix is kept in chunks of ``KNN_CHUNK`` columns, searched one after the other so that each
     (B, chunk) product stays in cache: at B = 500 a product over 16 384 columns (32 MB, the
-    size of this machine's L3) took twice as long per column as one over 8 192. Up to 1.5
+    size of this machine's L3) took twice as long per column as one over 8 192, and the shared
+    search of ``References`` (a product and a transformed copy) ran fastest at 4 096. Up to 1.5
     chunks' worth is searched in one product rather than leave a small last chunk.
     """
 
@@ -192,41 +192,104 @@ def unit_rows(v: torch.Tensor) -> torch.Tensor:
 
 
 class References:
-    """The reference latents prepared for both searches: points (latent_knn) and directions (latent_knn_cos)."""
+    """The reference latents prepared for both searches: points (latent_knn) and directions (latent_knn_cos).
+
+    Both searches share one matrix product -2 e.r per query e and reference row r (the points'
+    chunks without their norm row). The points' key adds ||r||^2; the directions' order (nearest
+    unit vectors first) is that of -(e.r) / ||r||, i.e. the product times ``1 / (2 ||r||)``.
+    Both are one pass over the product with per-column vectors (+inf added on padding
+    columns). Neither key subtracts two large numbers to recover e.r, so a query of small norm
+    keeps its direction. A zero row has no direction: ``unit_rows`` keeps it at zero, at
+    distance 1 from every unit vector, which no column transform can express; a reference
+    holding one is searched twice instead (``shared_product`` False).
+    """
 
     def __init__(self, eps: torch.Tensor):
         self.eps = eps
         self.points = Reference(eps)
         self.directions = Reference(unit_rows(eps))
+        self.shared_product = bool((eps.norm(dim=1) > 1e-12).all())
+        self.weights = [chunk[:-1] for chunk in self.points.chunks]  # -2 R^T, a contiguous prefix
+        self.point_keys: list[tuple[None, torch.Tensor]] = []
+        self.direction_keys: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for chunk in self.points.chunks:
+            sq = chunk[-1:]
+            pad = torch.isinf(sq)
+            scale = torch.where(pad, torch.ones_like(sq), 0.5 / sq.clamp_min(1e-24).sqrt())
+            self.point_keys.append((None, sq))
+            self.direction_keys.append((scale, torch.where(pad, sq, torch.zeros_like(sq))))
 
     def __len__(self) -> int:
         return self.eps.shape[0]
 
 
-def nearest_columns(lifted: torch.Tensor, reference: Reference, m: int) -> torch.Tensor:
-    """Column indices of the m smallest entries of each row of ``lifted @ [-2 R^T; ||r||^2]``, unordered.
+class _BestBlocks:
+    """One search's state in ``nearest_columns``: per chunk, the m blocks with the smallest minima."""
 
-    Exact, without a top-k over whole rows: the m smallest entries of a row lie in the m blocks
-    of ``KNN_BLOCK`` columns with the smallest minima. Each chunk's product goes into one reused
-    buffer; from it only the chunk's m best blocks are kept (their minima and contents). At the
-    end the m best of all kept blocks are chosen and searched. Needs m <= the number of
-    reference rows (otherwise padding columns would be returned) and no autograd (``out=``).
-    """
-    B, block = lifted.shape[0], KNN_BLOCK
-    rows = torch.arange(B, device=lifted.device).unsqueeze(1)
-    buffer = lifted.new_empty(B, reference.chunk)
-    minima, kept, block_ids = [], [], []
-    for n, chunk in enumerate(reference.chunks):
-        blocks = torch.mm(lifted, chunk, out=buffer[:, : chunk.shape[1]]).view(B, chunk.shape[1] // block, block)
+    def __init__(self) -> None:
+        self.minima: list[torch.Tensor] = []
+        self.kept: list[torch.Tensor] = []
+        self.block_ids: list[torch.Tensor] = []
+
+    def add(self, blocks: torch.Tensor, m: int, first_block: int, rows: torch.Tensor) -> None:
         low, which = blocks.amin(-1).topk(min(m, blocks.shape[1]), dim=1, largest=False, sorted=False)
-        minima.append(low)
-        kept.append(blocks[rows, which])  # (B, m, block), copied out of the buffer
-        block_ids.append(which + n * (reference.chunk // block))
-    low, block_ids = torch.cat(minima, 1), torch.cat(block_ids, 1)
-    best = low.topk(min(m, low.shape[1]), dim=1, largest=False, sorted=False).indices
-    candidates = torch.cat(kept, 1)[rows, best].reshape(B, best.shape[1] * block)
-    pos = candidates.topk(m, dim=1, largest=False, sorted=False).indices
-    return block_ids.gather(1, best).gather(1, pos // block) * block + pos % block
+        self.minima.append(low)
+        self.kept.append(blocks[rows, which])  # (B, m, block), copied out of the buffer
+        self.block_ids.append(which + first_block)
+
+    def columns(self, m: int, rows: torch.Tensor) -> torch.Tensor:
+        B, block = rows.shape[0], KNN_BLOCK
+        low, block_ids = torch.cat(self.minima, 1), torch.cat(self.block_ids, 1)
+        best = low.topk(min(m, low.shape[1]), dim=1, largest=False, sorted=False).indices
+        candidates = torch.cat(self.kept, 1)[rows, best].reshape(B, best.shape[1] * block)
+        pos = candidates.topk(m, dim=1, largest=False, sorted=False).indices
+        return block_ids.gather(1, best).gather(1, pos // block) * block + pos % block
+
+
+Transform = "tuple[torch.Tensor | None, torch.Tensor] | None"
+
+
+def nearest_columns(queries: torch.Tensor, chunks: "list[torch.Tensor]", chunk: int, m: int,
+                    transforms: "list[list[Transform]] | None" = None) -> list[torch.Tensor]:
+    """Column indices of the m smallest entries of each row of ``queries @ [chunks...]``, unordered.
+
+    ``chunks`` are the column blocks of one matrix, each ``chunk`` wide but the last.
+    ``transforms`` lists one search per entry (default: the product itself); a search has one
+    (scale, shift) per chunk and looks at product * scale + shift (scale None: 1), so several
+    searches share one product. Exact, without a top-k over whole rows: the m smallest entries
+    of a row lie in the m blocks of ``KNN_BLOCK`` columns with the smallest minima. Each
+    chunk's product goes into one reused buffer; from it only the chunk's m best blocks are
+    kept (their minima and contents). At the end the m best of all kept blocks are chosen and
+    searched. Needs m <= the number of real columns (otherwise padding columns would be
+    returned) and no autograd (``out=``).
+    """
+    transforms = transforms or [[None] * len(chunks)]
+    B, block = queries.shape[0], KNN_BLOCK
+    rows = torch.arange(B, device=queries.device).unsqueeze(1)
+    buffer = queries.new_empty(B, chunk)
+    scratch = queries.new_empty(B, chunk) if any(t is not None for ts in transforms for t in ts) else None
+    searches = [_BestBlocks() for _ in transforms]
+    for n, weights in enumerate(chunks):
+        width, first = weights.shape[1], n * (chunk // block)
+        product = torch.mm(queries, weights, out=buffer[:, :width])
+        for search, per_chunk in zip(searches, transforms):
+            key = product
+            if per_chunk[n] is not None:
+                scale, shift = per_chunk[n]
+                key = scratch[:, :width]
+                if scale is None:
+                    torch.add(product, shift, out=key)
+                else:
+                    torch.addcmul(shift, product, scale, out=key)
+            search.add(key.view(B, width // block, block), m, first, rows)
+    return [search.columns(m, rows) for search in searches]
+
+
+def _mean_of_nearest(queries: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean exact distance to the k nearest of the candidate rows idx (B, k + 1), skipping the input itself."""
+    near = (rows[idx] - queries.unsqueeze(1)).pow(2).sum(-1).sqrt().sort(dim=1).values  # exact, ascending
+    is_self = near[:, :1] < 1e-5
+    return torch.where(is_self, near[:, 1:].mean(1, keepdim=True), near[:, :k].mean(1, keepdim=True)).squeeze(1)
 
 
 @torch.no_grad()
@@ -240,10 +303,26 @@ def knn_mean_distance(eps: torch.Tensor, reference: "Reference | torch.Tensor", 
     ref = reference if isinstance(reference, Reference) else Reference(reference)
     k = min(k, len(ref) - 1)
     lifted = torch.cat([eps, eps.new_ones(eps.shape[0], 1)], dim=1)
-    idx = nearest_columns(lifted, ref, k + 1)
-    near = (ref.eps[idx] - eps.unsqueeze(1)).pow(2).sum(-1).sqrt().sort(dim=1).values  # exact, ascending
-    is_self = near[:, :1] < 1e-5
-    return torch.where(is_self, near[:, 1:].mean(1, keepdim=True), near[:, :k].mean(1, keepdim=True)).squeeze(1)
+    (idx,) = nearest_columns(lifted, ref.chunks, ref.chunk, k + 1)
+    return _mean_of_nearest(eps, ref.eps, idx, k)
+
+
+@torch.no_grad()
+def knn_points_and_directions(eps: torch.Tensor, references: References, k: int = KNN_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """``latent_knn`` and ``latent_knn_cos`` from one product against the reference set.
+
+    The same values as ``knn_mean_distance(eps, references.points)`` and
+    ``knn_mean_distance(unit_rows(eps), references.directions)``, up to which of two rows at
+    (almost) the same distance is taken; each distance is recomputed exactly.
+    """
+    if not references.shared_product:
+        return (knn_mean_distance(eps, references.points, k),
+                knn_mean_distance(unit_rows(eps), references.directions, k))
+    k = min(k, len(references) - 1)
+    idx_points, idx_directions = nearest_columns(eps, references.weights, references.points.chunk, k + 1,
+                                                 [references.point_keys, references.direction_keys])
+    return (_mean_of_nearest(eps, references.points.eps, idx_points, k),
+            _mean_of_nearest(unit_rows(eps), references.directions.eps, idx_directions, k))
 
 
 LLR_SEED = 20210701

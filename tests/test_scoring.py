@@ -249,14 +249,34 @@ def test_nearest_columns_finds_the_m_smallest_products_like_a_full_sort(n_ref):
     prepared = Reference(ref)
     lifted = torch.cat([queries, torch.ones(9, 1)], dim=1)
     full = torch.cat([lifted @ chunk for chunk in prepared.chunks], dim=1)
-    idx = nearest_columns(lifted, prepared, 6)
+    (idx,) = nearest_columns(lifted, prepared.chunks, prepared.chunk, 6)
     assert torch.equal(full.gather(1, idx).sort(dim=1).values, full.sort(dim=1).values[:, :6])
     assert all(len(set(row.tolist())) == 6 for row in idx)  # six different columns per row
     assert int(idx.max()) < n_ref  # a padding column is never chosen
-    assert len(prepared.chunks) == (1 if n_ref < 12288 else 3)
+    assert len(prepared.chunks) == (1 if n_ref < 6144 else 5)
     if n_ref == 16570:
         assert prepared.chunks[-1].shape[1] < 6 * KNN_BLOCK
     assert knn_mean_distance(torch.ones(0, 12), prepared).shape == (0,)  # an empty batch is no error
+
+
+@pytest.mark.parametrize("n_ref", [200, 20000])
+@pytest.mark.parametrize("zero_row", [False, True])
+def test_one_product_gives_both_searches_the_values_of_two_separate_ones(n_ref, zero_row):
+    from outlier_jebm.scoring import References, knn_mean_distance, knn_points_and_directions, unit_rows
+
+    gen = torch.Generator().manual_seed(5)
+    ref = torch.randn(n_ref, 16, generator=gen) * torch.rand(n_ref, 1, generator=gen) * 6.0  # norms 0-6ish
+    ref[4] *= 1e-6  # a tiny norm still has a direction
+    if zero_row:
+        ref[3] = 0.0  # no direction: unit_rows keeps it zero, 1 from every unit vector
+    ref[20:30] = ref[11] * 2.5  # one direction, several norms: ties for latent_knn_cos
+    queries = torch.cat([torch.randn(30, 16, generator=gen) * 3.0, ref[:5], ref[11:12]])
+    refs = References(ref)
+    assert refs.shared_product is not zero_row
+    knn, knn_cos = knn_points_and_directions(queries, refs)
+    np.testing.assert_allclose(knn.numpy(), knn_mean_distance(queries, refs.points).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(knn_cos.numpy(), knn_mean_distance(unit_rows(queries), refs.directions).numpy(),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_latent_knn_cos_is_the_mean_chordal_distance_to_the_nearest_directions_and_ignores_the_norm(trained):
