@@ -287,6 +287,9 @@ def nearest_columns(queries: torch.Tensor, chunks: "list[torch.Tensor]", chunk: 
 
 def _mean_of_nearest(queries: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
     """Mean exact distance to the k nearest of the candidate rows idx (B, k + 1), skipping the input itself."""
+    # a NaN query has NaN keys everywhere and may pick padding columns: keep its index in range
+    # (its distances are NaN anyway) so that it cannot fail the other rows of the batch
+    idx = idx.clamp_max(rows.shape[0] - 1)
     near = (rows[idx] - queries.unsqueeze(1)).pow(2).sum(-1).sqrt().sort(dim=1).values  # exact, ascending
     is_self = near[:, :1] < 1e-5
     return torch.where(is_self, near[:, 1:].mean(1, keepdim=True), near[:, :k].mean(1, keepdim=True)).squeeze(1)

@@ -279,6 +279,23 @@ def test_one_product_gives_both_searches_the_values_of_two_separate_ones(n_ref, 
                                rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_ref", [70, 130])  # sizes where a NaN row picked padding columns
+def test_a_nan_query_gets_nan_and_leaves_the_other_rows_of_its_batch_alone(n_ref):
+    from outlier_jebm.scoring import References, knn_points_and_directions
+
+    gen = torch.Generator().manual_seed(2)
+    refs = References(torch.randn(n_ref, 8, generator=gen))
+    queries = torch.randn(6, 8, generator=gen)
+    alone = knn_points_and_directions(queries, refs)
+    poisoned = queries.clone()
+    poisoned[2] = float("nan")
+    together = knn_points_and_directions(poisoned, refs)
+    for a, b in zip(alone, together):
+        assert torch.isnan(b[2])
+        keep = torch.arange(6) != 2
+        assert torch.equal(a[keep], b[keep])
+
+
 def test_latent_knn_cos_is_the_mean_chordal_distance_to_the_nearest_directions_and_ignores_the_norm(trained):
     loaded, split = trained
     scorer = Scorer(loaded)
