@@ -9,9 +9,8 @@ default data location. The split is rebuilt as the bench made it; the kNN refere
     C = mean robust z of (latent_knn_cos, latent_knn, serra),
     serra = neg_log_joint / ln 2 - complexity,
 
-where complexity is the length in bits of the 8-bit image compressed by zlib at level 9. Robust
-z-scores (median, 1.4826 MAD) are fitted on the held-in validation part only, like ``fit_calibration``
-(which also falls back to the standard deviation for a component with zero MAD; none here has one). Components are
+where complexity is the length in bits of the 8-bit image compressed by zlib at level 9. Both
+scores are calibrated by ``fit_calibration`` on the held-in validation part only, as a model is. Components are
 cached per model in ``--cache`` (npz), so a second run only evaluates.
 """
 
@@ -31,11 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def complexity_bits(images: np.ndarray) -> np.ndarray:
     q = np.clip(np.round(images * 255), 0, 255).astype(np.uint8)
     return np.array([8 * len(zlib.compress(im.tobytes(), 9)) for im in q], dtype=np.float64)
-
-
-def robust_z(val: np.ndarray, test: np.ndarray) -> np.ndarray:
-    med = np.median(val)
-    return (test - med) / (1.4826 * np.median(np.abs(val - med)) + 1e-12)
 
 
 def components(model_dir: Path, cache: Path) -> dict[str, np.ndarray]:
@@ -73,14 +67,19 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("complexity-cache"))
     args = ap.parse_args()
     from outlier_jebm.evaluate import detection_metrics
+    from outlier_jebm.scoring import DEFAULT_COMBINATION, fit_calibration
 
     print("| model | default | C (default + serra) | difference |\n|---|---|---|---|")
     for model_dir in args.models:
         a = components(model_dir, args.cache)
-        z = {k: robust_z(a[f"val_{k}"], a[f"test_{k}"]) for k in ("latent_knn_cos", "latent_knn")}
-        serra = robust_z(a["val_neg_log_joint"] / np.log(2) - a["val_cx"], a["test_neg_log_joint"] / np.log(2) - a["test_cx"])
-        default = detection_metrics(a["y"], (z["latent_knn_cos"] + z["latent_knn"]) / 2)["auprc"]
-        corrected = detection_metrics(a["y"], (z["latent_knn_cos"] + z["latent_knn"] + serra) / 3)["auprc"]
+        parts = {part: {k: a[f"{part}_{k}"] for k in DEFAULT_COMBINATION} for part in ("val", "test")}
+        for part, c in parts.items():
+            c["serra"] = a[f"{part}_neg_log_joint"] / np.log(2) - a[f"{part}_cx"]
+        auprc = {}
+        for name, combine in (("default", DEFAULT_COMBINATION), ("corrected", (*DEFAULT_COMBINATION, "serra"))):
+            cal = fit_calibration(parts["val"], combine=combine, false_alarm_rate=0.05, score_steps=0)
+            auprc[name] = detection_metrics(a["y"], cal.score(parts["test"]))["auprc"]
+        default, corrected = auprc["default"], auprc["corrected"]
         print(f"| {model_dir.name} | {default:.3f} | {corrected:.3f} | {corrected - default:+.3f} |", flush=True)
 
 

@@ -34,6 +34,7 @@ Calibration reads held-in images only, never anomaly labels.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -207,7 +208,7 @@ class References:
     def __init__(self, eps: torch.Tensor):
         self.eps = eps
         self.points = Reference(eps)
-        self.directions = Reference(unit_rows(eps))
+        self.unit = unit_rows(eps)  # for the exact distances of the directions' candidates
         self.shared_product = bool((eps.norm(dim=1) > 1e-12).all())
         self.weights = [chunk[:-1] for chunk in self.points.chunks]  # -2 R^T, a contiguous prefix
         self.point_keys: list[tuple[None, torch.Tensor]] = []
@@ -218,6 +219,11 @@ class References:
             scale = torch.where(pad, torch.ones_like(sq), 0.5 / sq.clamp_min(1e-24).sqrt())
             self.point_keys.append((None, sq))
             self.direction_keys.append((scale, torch.where(pad, sq, torch.zeros_like(sq))))
+
+    @functools.cached_property
+    def directions(self) -> Reference:
+        """The directions' own search matrix: built on first use (the fallback, or a direct search)."""
+        return Reference(self.unit)
 
     def __len__(self) -> int:
         return self.eps.shape[0]
@@ -325,7 +331,7 @@ def knn_points_and_directions(eps: torch.Tensor, references: References, k: int 
     idx_points, idx_directions = nearest_columns(eps, references.weights, references.points.chunk, k + 1,
                                                  [references.point_keys, references.direction_keys])
     return (_mean_of_nearest(eps, references.points.eps, idx_points, k),
-            _mean_of_nearest(unit_rows(eps), references.directions.eps, idx_directions, k))
+            _mean_of_nearest(unit_rows(eps), references.unit, idx_directions, k))
 
 
 LLR_SEED = 20210701
