@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from outlier_jebm import native
 from outlier_jebm.checkpoint import load_model
 from outlier_jebm.config import Config, default_config_path
 from outlier_jebm.data import load_dataset
@@ -112,6 +113,7 @@ def main() -> None:
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "date": time.strftime("%Y-%m-%d"),
         "matmul_gflops": gflops,
+        "knn_search": native.status(),
         "train": bench_train(cfg, images[:10000], args.train_steps),
         "score": [],
     }

@@ -46,6 +46,7 @@ import torch
 from torch.nn.utils import parametrize
 from safetensors.torch import load_file, save_file
 
+from . import native
 from .checkpoint import CALIBRATION_FILE, LoadedModel
 from .config import ScoreConfig
 from .langevin import posterior_langevin
@@ -64,6 +65,7 @@ DEFAULT_COMBINATION = ("latent_knn_cos", "latent_knn")
 KNN_K = 5
 KNN_BLOCK = 64  # columns per block in the two-stage nearest-neighbour search
 KNN_CHUNK = 64 * KNN_BLOCK  # reference columns per matrix product in the search
+NATIVE_CHUNK = 1024  # reference columns per pass of the fused kernel (1024 x Z floats stay in L2)
 
 
 def component_names(model: JointEBM, with_reference: bool, llr_samples: int = 0) -> list[str]:
@@ -93,7 +95,7 @@ class BatchScores:
 def _terms(model: JointEBM, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
     s2 = model.obs_sigma**2
     mean = model.generator.mean_x(z)
-    sq = (x - mean).pow(2)
+    sq = torch.sub(x, mean).square_()
     f_terms = model.ebm.terms(z)
     log_pg = model.generator.log_p_gauss(z)  # (B, L)
     out = {"recon": sq.sum(-1) / (2 * s2), "_sq": sq}
@@ -221,6 +223,17 @@ class References:
             self.direction_keys.append((scale, torch.where(pad, sq, torch.zeros_like(sq))))
 
     @functools.cached_property
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The shared search laid out for the fused kernel: -2 R^T packed in strips of 16 columns
+        (R'/16, Z, 16), and per column (scale, shift) of the points' and the directions' keys (2, R')."""
+        weights = torch.cat(self.weights, 1)
+        packed = weights.view(weights.shape[0], -1, 16).permute(1, 0, 2).contiguous()
+        scale = torch.cat([torch.cat([torch.ones_like(sq) if s is None else s for s, sq in keys], 1)
+                           for keys in (self.point_keys, self.direction_keys)])
+        shift = torch.cat([torch.cat([sh for _, sh in keys], 1) for keys in (self.point_keys, self.direction_keys)])
+        return packed, scale.contiguous(), shift.contiguous()
+
+    @functools.cached_property
     def directions(self) -> Reference:
         """The directions' own search matrix: built on first use (the fallback, or a direct search)."""
         return Reference(self.unit)
@@ -296,7 +309,8 @@ def _mean_of_nearest(queries: torch.Tensor, rows: torch.Tensor, idx: torch.Tenso
     # a NaN query has NaN keys everywhere and may pick padding columns: keep its index in range
     # (its distances are NaN anyway) so that it cannot fail the other rows of the batch
     idx = idx.clamp_max(rows.shape[0] - 1)
-    near = (rows[idx] - queries.unsqueeze(1)).pow(2).sum(-1).sqrt().sort(dim=1).values  # exact, ascending
+    candidates = rows.index_select(0, idx.reshape(-1)).view(*idx.shape, rows.shape[1])  # row copies, not a gather per entry
+    near = (candidates - queries.unsqueeze(1)).pow(2).sum(-1).sqrt().sort(dim=1).values  # exact, ascending
     is_self = near[:, :1] < 1e-5
     return torch.where(is_self, near[:, 1:].mean(1, keepdim=True), near[:, :k].mean(1, keepdim=True)).squeeze(1)
 
@@ -328,8 +342,13 @@ def knn_points_and_directions(eps: torch.Tensor, references: References, k: int 
         return (knn_mean_distance(eps, references.points, k),
                 knn_mean_distance(unit_rows(eps), references.directions, k))
     k = min(k, len(references) - 1)
-    idx_points, idx_directions = nearest_columns(eps, references.weights, references.points.chunk, k + 1,
-                                                 [references.point_keys, references.direction_keys])
+    if native.usable_for(eps):
+        packed, scale, shift = references.fused
+        idx = native.candidates(eps, packed, scale, shift, k + 1, NATIVE_CHUNK)
+        idx_points, idx_directions = idx[:, 0], idx[:, 1]
+    else:
+        idx_points, idx_directions = nearest_columns(eps, references.weights, references.points.chunk, k + 1,
+                                                     [references.point_keys, references.direction_keys])
     return (_mean_of_nearest(eps, references.points.eps, idx_points, k),
             _mean_of_nearest(unit_rows(eps), references.unit, idx_directions, k))
 
