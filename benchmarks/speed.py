@@ -1,6 +1,6 @@
 """Training and scoring throughput of a config on MNIST, with a FLOP count for the roofline.
 
-    python benchmarks/speed.py --model DIR [--train-steps 100] [--score-n 10000] [--steps 0,10]
+    python benchmarks/speed.py --model DIR [--train-steps 100] [--score-n 10000] [--steps 0,10] [--batch-size N]
 
 Measures in one run: training images/s of the default config (steps of the real loop,
 prior Langevin share of the step), scoring images/s at each K, and the compute roofline
@@ -78,9 +78,11 @@ def bench_train(cfg: Config, images: np.ndarray, steps: int) -> dict:
     return {"train_images_per_second": bs / full, "step_seconds": full, "prior_langevin_share": langevin / full}
 
 
-def bench_score(model_dir: str, images: np.ndarray, k: int) -> dict:
+def bench_score(model_dir: str, images: np.ndarray, k: int, batch_size: int | None = None) -> dict:
     scorer = Scorer(load_model(model_dir), steps=k)
-    scorer.components_of(images[:500])
+    if batch_size:
+        scorer.score_cfg.batch_size = batch_size
+    scorer.components_of(images[:scorer.score_cfg.batch_size])
     t = time.perf_counter()
     scorer.components_of(images)
     sec = time.perf_counter() - t
@@ -94,7 +96,8 @@ def bench_score(model_dir: str, images: np.ndarray, k: int) -> dict:
     # each Langevin step: a forward and a backward for the input gradient only (no weight
     # gradients), about 2x a forward, through generator (with T and T^-1) and EBM
     per_image = fwd + knn + k * 2 * (linear_flops(m.generator) + linear_flops(m.ebm))
-    return {"k": k, "images_per_second": len(images) / sec, "flops_per_image": per_image}
+    return {"k": k, "batch_size": scorer.score_cfg.batch_size, "images_per_second": len(images) / sec,
+            "flops_per_image": per_image}
 
 
 def main() -> None:
@@ -104,6 +107,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=100)
     ap.add_argument("--score-n", type=int, default=10000)
     ap.add_argument("--steps", default="0,10")
+    ap.add_argument("--batch-size", type=int, default=None, help="scoring batch (default: the model's score.batch_size)")
     args = ap.parse_args()
     images = load_dataset("mnist").images[-args.score_n - 10000 :]
     cfg = Config.from_yaml(args.config)
@@ -118,7 +122,7 @@ def main() -> None:
         "score": [],
     }
     for k in [int(s) for s in args.steps.split(",")]:
-        r = bench_score(args.model, images[-args.score_n :], k)
+        r = bench_score(args.model, images[-args.score_n :], k, args.batch_size)
         r["roofline_images_per_second"] = gflops * 1e9 / r["flops_per_image"]
         r["share_of_roofline"] = r["images_per_second"] / r["roofline_images_per_second"]
         out["score"].append(r)

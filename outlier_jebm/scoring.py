@@ -65,6 +65,7 @@ DEFAULT_COMBINATION = ("latent_knn_cos", "latent_knn")
 KNN_K = 5
 KNN_BLOCK = 64  # columns per block in the two-stage nearest-neighbour search
 KNN_CHUNK = 64 * KNN_BLOCK  # reference columns per matrix product in the search
+TORCH_SEARCH_ROWS = 500  # queries per product in the torch search (the chunk sizes were tuned at 500)
 NATIVE_CHUNK = 1024  # reference columns per pass of the fused kernel (1024 x Z floats stay in L2)
 
 
@@ -346,9 +347,11 @@ def knn_points_and_directions(eps: torch.Tensor, references: References, k: int 
         packed, scale, shift = references.fused
         idx = native.candidates(eps, packed, scale, shift, k + 1, NATIVE_CHUNK)
         idx_points, idx_directions = idx[:, 0], idx[:, 1]
-    else:
-        idx_points, idx_directions = nearest_columns(eps, references.weights, references.points.chunk, k + 1,
-                                                     [references.point_keys, references.direction_keys])
+    else:  # at most TORCH_SEARCH_ROWS queries per product, so that a product chunk stays in cache
+        parts = [nearest_columns(part, references.weights, references.points.chunk, k + 1,
+                                 [references.point_keys, references.direction_keys])
+                 for part in eps.split(TORCH_SEARCH_ROWS)] or [[eps.new_empty(0, k + 1, dtype=torch.long)] * 2]
+        idx_points, idx_directions = (torch.cat(found) for found in zip(*parts))
     return (_mean_of_nearest(eps, references.points.eps, idx_points, k),
             _mean_of_nearest(unit_rows(eps), references.unit, idx_directions, k))
 

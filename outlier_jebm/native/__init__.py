@@ -39,7 +39,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-std=gnu11", "-shared", "-fPIC"]
 # with OpenMP the kernel runs on the runtime torch has loaded (libgomp.so.1); without it the
 # rows are split between Python threads, which races torch's spinning workers for the cores
 OPENMP = ["-fopenmp"]
-ABI = 3
+ABI = 4
 TILE = 6  # query rows per register tile: the row split between threads is a multiple of it
 
 _lock = threading.Lock()

@@ -5,10 +5,10 @@
  * (P[s][k][j] = W[k][16 s + j]), each search t looks at key_t = (Q W) * scale_t + shift_t per
  * column and returns, per query row, the m columns with the smallest keys (unordered).
  *
- * The product is never written out. A 6-row by 16-column register tile runs over Z with
- * AVX2 FMAs; the keys of a 64-column block go into a small buffer in L1 together with
- * their minimum. A block whose minimum beats the worst of the row's m kept blocks is
- * copied in its place. The m smallest keys of a row lie in the m blocks with the smallest
+ * The product is never written out to memory. A 6-row by 16-column register tile runs over
+ * Z with AVX2 FMAs; the products of one 64-column block go to a small buffer in L1, and each
+ * row's smallest key per search is taken from it. A block whose minimum beats the worst of
+ * the row's m kept blocks has its keys stored in that one's place. The m smallest keys of a row lie in the m blocks with the smallest
  * minima, so at the end the m smallest keys among the kept blocks are the answer (up to
  * ties). Reference columns are walked in chunks that stay in L2 while every row tile of
  * the call passes over them.
@@ -27,7 +27,7 @@
 #define BLOCK 64
 #define MAX_SEARCHES 2
 
-int jebm_knn_abi(void) { return 3; }
+int jebm_knn_abi(void) { return 4; }
 
 /* Whether this build splits rows between OpenMP threads itself (else the caller splits them). */
 int jebm_knn_openmp(void) {
@@ -50,6 +50,12 @@ static inline float hmin8(__m256 v) {
     return _mm_cvtss_f32(a);
 }
 
+/* One 8-column vector of keys: product * scale + shift (sc NULL: scale 1, an add off the FMA pipes). */
+static inline __m256 key8(const float *d, const float *sc, const float *sh) {
+    return sc ? _mm256_fmadd_ps(_mm256_load_ps(d), _mm256_loadu_ps(sc), _mm256_loadu_ps(sh))
+              : _mm256_add_ps(_mm256_load_ps(d), _mm256_loadu_ps(sh));
+}
+
 /* One search's kept blocks for one row. */
 typedef struct {
     float *minima;   /* m */
@@ -59,7 +65,7 @@ typedef struct {
     int64_t worst;   /* index of the largest kept minimum once count == m */
 } kept_t;
 
-static void keep(kept_t *s, int64_t m, float v, int64_t id, const float *keys) {
+static void keep(kept_t *s, int64_t m, float v, int64_t id, const float *dots, const float *sc, const float *sh) {
     int64_t at;
     if (s->count < m) {
         at = s->count++;
@@ -69,7 +75,8 @@ static void keep(kept_t *s, int64_t m, float v, int64_t id, const float *keys) {
     }
     s->minima[at] = v;
     s->ids[at] = id;
-    memcpy(s->keys + at * BLOCK, keys, BLOCK * sizeof(float));
+    for (int j = 0; j < BLOCK; j += 8)  /* the same arithmetic as block_min */
+        _mm256_storeu_ps(s->keys + at * BLOCK + j, key8(dots + j, sc ? sc + j : NULL, sh + j));
     if (s->count == m) {
         int64_t w = 0;
         for (int64_t j = 1; j < m; j++)
@@ -85,28 +92,14 @@ static void keep(kept_t *s, int64_t m, float v, int64_t id, const float *keys) {
         c##i##1 = _mm256_fmadd_ps(a, w1, c##i##1);         \
     } while (0)
 
-#define KEY_ROW(i)                                                            \
+#define STORE_ROW(i)                                                          \
     do {                                                                      \
-        __m256 k0 = _mm256_fmadd_ps(c##i##0, sc0, sh0);                       \
-        __m256 k1 = _mm256_fmadd_ps(c##i##1, sc1, sh1);                       \
-        float *dst = keys + (t * TILE + i) * BLOCK + strip * STRIP;           \
-        _mm256_store_ps(dst, k0);                                             \
-        _mm256_store_ps(dst + 8, k1);                                         \
+        _mm256_store_ps(dots + i * BLOCK + strip * STRIP, c##i##0);           \
+        _mm256_store_ps(dots + i * BLOCK + strip * STRIP + 8, c##i##1);       \
     } while (0)
 
-#define ADD_ROW(i)                                                            \
-    do {                                                                      \
-        __m256 k0 = _mm256_add_ps(c##i##0, sh0);                              \
-        __m256 k1 = _mm256_add_ps(c##i##1, sh1);                              \
-        float *dst = keys + (t * TILE + i) * BLOCK + strip * STRIP;           \
-        _mm256_store_ps(dst, k0);                                             \
-        _mm256_store_ps(dst + 8, k1);                                         \
-    } while (0)
-
-/* The keys of one 64-column block for a tile of 6 rows: keys[t][row][64], lows[t][row] (8 lanes). */
-static void tile_block(const float *qt, const float *P, int64_t Z, int64_t T, int64_t unit,
-                       const float *scale, const float *shift, int64_t Rp, int64_t col0,
-                       float *keys, __m256 *lows) {
+/* The products of a tile of 6 rows with one 64-column block: dots[row][64]. */
+static void tile_block(const float *qt, const float *P, int64_t Z, int64_t col0, float *dots) {
     for (int strip = 0; strip < BLOCK / STRIP; strip++) {
         const float *w = P + (col0 / STRIP + strip) * Z * STRIP;
         __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
@@ -120,18 +113,17 @@ static void tile_block(const float *qt, const float *P, int64_t Z, int64_t T, in
             __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
             FMA_ROW(0); FMA_ROW(1); FMA_ROW(2); FMA_ROW(3); FMA_ROW(4); FMA_ROW(5);
         }
-        int64_t col = col0 + strip * STRIP;
-        for (int64_t t = 0; t < T; t++) {
-            const float *sc = (unit >> t) & 1 ? NULL : scale + t * Rp + col, *sh = shift + t * Rp + col;
-            __m256 sh0 = _mm256_loadu_ps(sh), sh1 = _mm256_loadu_ps(sh + 8);
-            if (sc == NULL) { /* product + shift: an add, off the FMA pipes */
-                ADD_ROW(0); ADD_ROW(1); ADD_ROW(2); ADD_ROW(3); ADD_ROW(4); ADD_ROW(5);
-            } else {
-                __m256 sc0 = _mm256_loadu_ps(sc), sc1 = _mm256_loadu_ps(sc + 8);
-                KEY_ROW(0); KEY_ROW(1); KEY_ROW(2); KEY_ROW(3); KEY_ROW(4); KEY_ROW(5);
-            }
-        }
+        STORE_ROW(0); STORE_ROW(1); STORE_ROW(2); STORE_ROW(3); STORE_ROW(4); STORE_ROW(5);
     }
+}
+
+/* The smallest key of a row's 64-column block. */
+static inline float block_min(const float *d, const float *sc, const float *sh) {
+    __m256 a0 = _mm256_min_ps(key8(d, sc, sh), key8(d + 8, sc ? sc + 8 : NULL, sh + 8));
+    __m256 a1 = _mm256_min_ps(key8(d + 16, sc ? sc + 16 : NULL, sh + 16), key8(d + 24, sc ? sc + 24 : NULL, sh + 24));
+    __m256 a2 = _mm256_min_ps(key8(d + 32, sc ? sc + 32 : NULL, sh + 32), key8(d + 40, sc ? sc + 40 : NULL, sh + 40));
+    __m256 a3 = _mm256_min_ps(key8(d + 48, sc ? sc + 48 : NULL, sh + 48), key8(d + 56, sc ? sc + 56 : NULL, sh + 56));
+    return hmin8(_mm256_min_ps(_mm256_min_ps(a0, a1), _mm256_min_ps(a2, a3)));
 }
 
 /* The search for rows [0, B) of Q, on the calling thread. */
@@ -146,15 +138,14 @@ static int search_rows(const float *Q, int64_t B, int64_t Z, const float *P, int
     float *kept_keys = malloc(sizeof(float) * states * m * BLOCK);
     kept_t *kept = calloc(states, sizeof(kept_t));
     float *qt = aligned_alloc(32, sizeof(float) * ((Z * TILE + 7) / 8 * 8));
-    float *keys = aligned_alloc(32, sizeof(float) * MAX_SEARCHES * TILE * BLOCK);
+    float *dots = aligned_alloc(32, sizeof(float) * TILE * BLOCK);
     int rc = 0;
-    if (!minima || !ids || !kept_keys || !kept || !qt || !keys) { rc = 2; goto done; }
+    if (!minima || !ids || !kept_keys || !kept || !qt || !dots) { rc = 2; goto done; }
     for (int64_t s = 0; s < states; s++) {
         kept[s].minima = minima + s * m;
         kept[s].ids = ids + s * m;
         kept[s].keys = kept_keys + s * m * BLOCK;
     }
-    __m256 lows[MAX_SEARCHES * TILE];
     for (int64_t b0 = 0; b0 < nblocks; b0 += per_chunk) {
         int64_t b1 = b0 + per_chunk < nblocks ? b0 + per_chunk : nblocks;
         for (int64_t r0 = 0; r0 < B; r0 += TILE) {
@@ -163,19 +154,17 @@ static int search_rows(const float *Q, int64_t B, int64_t Z, const float *P, int
                 for (int64_t i = 0; i < TILE; i++)
                     qt[k * TILE + i] = i < rows ? Q[(r0 + i) * Z + k] : 0.0f;
             for (int64_t b = b0; b < b1; b++) {
-                tile_block(qt, P, Z, T, unit, scale, shift, Rp, b * BLOCK, keys, lows);
-                for (int64_t t = 0; t < T; t++)
+                tile_block(qt, P, Z, b * BLOCK, dots);
+                for (int64_t t = 0; t < T; t++) {
+                    const float *sc = (unit >> t) & 1 ? NULL : scale + t * Rp + b * BLOCK;
+                    const float *sh = shift + t * Rp + b * BLOCK;
                     for (int64_t i = 0; i < rows; i++) {
                         kept_t *s = &kept[(r0 + i) * T + t];
-                        const float *kk = keys + (t * TILE + i) * BLOCK;
-                        __m256 a0 = _mm256_min_ps(_mm256_load_ps(kk), _mm256_load_ps(kk + 8));
-                        __m256 a1 = _mm256_min_ps(_mm256_load_ps(kk + 16), _mm256_load_ps(kk + 24));
-                        __m256 a2 = _mm256_min_ps(_mm256_load_ps(kk + 32), _mm256_load_ps(kk + 40));
-                        __m256 a3 = _mm256_min_ps(_mm256_load_ps(kk + 48), _mm256_load_ps(kk + 56));
-                        float v = hmin8(_mm256_min_ps(_mm256_min_ps(a0, a1), _mm256_min_ps(a2, a3)));
+                        float v = block_min(dots + i * BLOCK, sc, sh);
                         if (s->count < m || v < s->minima[s->worst])
-                            keep(s, m, v, b, keys + (t * TILE + i) * BLOCK);
+                            keep(s, m, v, b, dots + i * BLOCK, sc, sh);
                     }
+                }
             }
         }
     }
@@ -204,7 +193,7 @@ static int search_rows(const float *Q, int64_t B, int64_t Z, const float *P, int
         for (; filled < m; filled++) dst[filled] = 0; /* fewer than m kept columns: cannot happen for m <= R' */
     }
 done:
-    free(minima); free(ids); free(kept_keys); free(kept); free(qt); free(keys);
+    free(minima); free(ids); free(kept_keys); free(kept); free(qt); free(dots);
     return rc;
 }
 
