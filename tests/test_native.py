@@ -136,3 +136,24 @@ def test_padding_makes_the_reference_a_whole_number_of_blocks():
     assert packed.shape == (128 // 16, 5, 16) and scale.shape == shift.shape == (2, 128)
     assert 128 % KNN_BLOCK == 0
     assert torch.isinf(shift[:, 70:]).all() and torch.isfinite(shift[:, :70]).all()
+
+
+@needs_kernel
+def test_a_build_without_openmp_splits_rows_between_python_threads_with_the_same_result(monkeypatch, tmp_path):
+    gen = torch.Generator().manual_seed(6)
+    refs = References(torch.randn(3000, 16, generator=gen))
+    queries = torch.randn(77, 16, generator=gen)
+    packed, scale, shift = refs.fused
+    want = native.candidates(queries, packed, scale, shift, 6, chunk=1024).sort(2).values
+    monkeypatch.setenv("JEBM_OD_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "OPENMP", [])  # e.g. a clang without libomp
+    lib, why = native._load()
+    assert lib is not None and not lib.jebm_knn_openmp() and why.endswith("Python threads)")
+    monkeypatch.setattr(native, "_state", {"lib": lib, "status": why})
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            assert torch.equal(native.candidates(queries, packed, scale, shift, 6, chunk=1024).sort(2).values, want)
+    finally:
+        torch.set_num_threads(threads)

@@ -13,8 +13,9 @@ under a name derived from the source, the flags and the compiler, and written at
 so that concurrent processes (torchrun ranks, Spark tasks) cannot load half a file.
 
 Where it cannot run (no compiler, a CPU without AVX2/FMA, a CUDA tensor, ``JEBM_OD_NATIVE=0``),
-scoring uses the torch search and logs the reason once at INFO level. ``status()`` says
-which is in use; ``jebm-od info`` prints it.
+scoring uses the torch search (same results, slower) and logs why once per process: a warning,
+or a debug line when it was switched off on purpose. ``status()`` says which search is in use;
+``benchmarks/speed.py`` records it with its figures.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def _library() -> ctypes.CDLL | None:
     with _lock:
         if "lib" not in _state:
             _state["lib"], _state["status"] = _load()
-            (log.info if _state["lib"] is None else log.debug)("latent kNN: %s", _state["status"])
+            quiet = _state["lib"] is not None or os.environ.get("JEBM_OD_NATIVE") == "0"
+            (log.debug if quiet else log.warning)("latent kNN: %s", _state["status"])
         return _state["lib"]
 
 
