@@ -50,8 +50,8 @@ def mlp(sizes: list[int], *, spectral: bool = False, final_activation: bool = Fa
 
 def fast_tanh(y: torch.Tensor) -> torch.Tensor:
     """tanh(y) as 2 sigmoid(2y) - 1: the same function (within 2e-7 in float32), about 2x faster
-    than ``torch.tanh`` on CPU here (284 against 634 us on a 500 x 784 batch, 2 threads). Without
-    autograd, y (a layer's fresh output) is overwritten in place."""
+    than ``torch.tanh`` on a CPU decoder output (``benchmarks/kernels.py``). Without autograd,
+    y (a layer's fresh output) is overwritten in place."""
     if y.requires_grad:
         return torch.sigmoid(2.0 * y) * 2.0 - 1.0
     return torch.sigmoid(y.mul_(2.0), out=y).mul_(2.0).sub_(1.0)

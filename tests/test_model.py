@@ -63,3 +63,16 @@ def test_prior_kinds_have_the_expected_energy_terms():
     for prior, n in [("gaussian", 0), ("layerwise", 2), ("joint", 1)]:
         model = JointEBM(tiny_config(prior=prior).model)
         assert model.ebm.terms(torch.randn(5, model.z_dim)).shape == (5, n)
+
+
+def test_fast_tanh_is_tanh_with_and_without_autograd():
+    from outlier_jebm.model import fast_tanh
+
+    y = torch.cat([torch.linspace(-30, 30, 2001), torch.tensor([0.0, 1e-8, -1e-8, float("inf"), -float("inf")])])
+    with torch.no_grad():
+        torch.testing.assert_close(fast_tanh(y.clone()), torch.tanh(y), rtol=0, atol=3e-7)
+    leaf = y[:2001].clone().requires_grad_()
+    out = fast_tanh(leaf)
+    torch.testing.assert_close(out, torch.tanh(leaf.detach()), rtol=0, atol=3e-7)
+    out.sum().backward()
+    torch.testing.assert_close(leaf.grad, 1 - torch.tanh(leaf.detach()) ** 2, rtol=0, atol=1e-6)
