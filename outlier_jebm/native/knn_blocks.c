@@ -8,10 +8,10 @@
  * The product is never written out to memory. A 6-row by 16-column register tile runs over
  * Z with AVX2 FMAs; the products of one 64-column block go to a small buffer in L1, and each
  * row's smallest key per search is taken from it. A block whose minimum beats the worst of
- * the row's m kept blocks has its keys stored in that one's place. The m smallest keys of a row lie in the m blocks with the smallest
- * minima, so at the end the m smallest keys among the kept blocks are the answer (up to
- * ties). Reference columns are walked in chunks that stay in L2 while every row tile of
- * the call passes over them.
+ * the row's m kept blocks has its keys stored in that one's place. The m smallest keys of a
+ * row lie in the m blocks with the smallest minima, so at the end the m smallest keys among
+ * the kept blocks are the answer (up to ties). Reference columns are walked in chunks that
+ * stay in L2 while every row tile of the call passes over them.
  *
  * Plain C with intrinsics, built by the package on first use with the system compiler;
  * the torch search in scoring.py computes the same thing wherever this is not available.
