@@ -108,7 +108,7 @@ class ScoreConfig:
     noise: bool = False
     chains: int = 1
     false_alarm_rate: float = 0.05
-    # Images per scoring batch: 1 000 was 1.09x faster than 500 at K = 0 and 1.08x at K = 10 on
+    # Images per scoring batch: 1 000 was 1.06x faster than 500 at K = 0 and at K = 10 on
     # 2 cores with the fused kNN kernel (fewer per-batch overheads; benchmarks/RESULTS.md).
     batch_size: int = 1000
     # Hierarchical likelihood ratios (Havtorn et al. 2021): prior draws of the lower layers per

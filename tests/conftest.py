@@ -1,10 +1,28 @@
+import os
+import shutil
 import socket
+import tempfile
 
 import numpy as np
 import pytest
 import torch
 
 from outlier_jebm.config import Config
+
+
+def pytest_configure(config):
+    # the fused kNN kernel is built into a cache of this test session, not the user's ~/.cache
+    # (and a read-only home cannot turn the fused path off in CI); subprocesses inherit it
+    if "JEBM_OD_CACHE" not in os.environ:
+        config._jebm_cache = tempfile.mkdtemp(prefix="jebm-od-kernel-")
+        os.environ["JEBM_OD_CACHE"] = config._jebm_cache
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_jebm_cache", None)
+    if cache:
+        os.environ.pop("JEBM_OD_CACHE", None)
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def tiny_config(generator="chain", prior="joint", scheme="variational", **train) -> Config:
