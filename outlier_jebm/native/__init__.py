@@ -42,6 +42,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-std=gnu11", "-shared", "-fPIC"]
 OPENMP = ["-fopenmp"]
 ABI = 4
 TILE = 6  # query rows per register tile: the row split between threads is a multiple of it
+MAX_ROWS = 4096  # query rows per kernel call: bounds its working memory (about 12 MB at m = 6)
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -173,13 +174,16 @@ def candidates(queries: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                                        scale.data_ptr(), shift.data_ptr(), T, unit, m, chunk, threads,
                                        out.data_ptr() + s * T * m * 8)
 
-    if lib.jebm_knn_openmp() or threads == 1:
-        codes = [run(0, B, threads)]
-    else:
-        tiles = -(-B // TILE)
-        per = -(-tiles // min(threads, tiles)) * TILE
-        spans = [(s, min(B, s + per)) for s in range(0, B, per)]
-        codes = list(_pool(len(spans)).map(lambda span: run(*span, 1), spans))
+    codes = []
+    for start in range(0, B, MAX_ROWS):  # the kept blocks take m x 64 floats per row and search
+        stop = min(B, start + MAX_ROWS)
+        if lib.jebm_knn_openmp() or threads == 1:
+            codes.append(run(start, stop, threads))
+        else:
+            tiles = -(-(stop - start) // TILE)
+            per = -(-tiles // min(threads, tiles)) * TILE
+            spans = [(s, min(stop, s + per)) for s in range(start, stop, per)]
+            codes += list(_pool(len(spans)).map(lambda span: run(*span, 1), spans))
     if any(codes):
         raise RuntimeError(f"fused kNN kernel failed with code {max(codes)} (1: bad arguments, 2: out of memory)")
     return out
