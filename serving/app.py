@@ -11,7 +11,7 @@ Routes
     Answer: ``{"predictions": [{"score", "score_normalized", "label", "top_component",
     "components"} | {"error": "..."}], "model": ..., "n_scored": ..., "n_errors": ...}``.
 ``GET /health``      ``{"status": "ok"}`` once the model is loaded.
-``GET /v1/model``    config, calibration, version, training data of the model.
+``GET /v1/model``    config, calibration, version, training data of the model, the kNN search in use.
 ``GET /metrics``     Prometheus text format.
 
 Limits, each answered with a JSON ``{"error": ...}``: body size (413), items per request
@@ -125,7 +125,7 @@ class ObserveMiddleware:
 
 class ServerState:
     def __init__(self, loaded: LoadedModel, model_ref: str, load_seconds: float, limits: Limits, steps: int | None):
-        from outlier_jebm import __version__
+        from outlier_jebm import __version__, native
         from outlier_jebm.scoring import Scorer
 
         self.loaded = loaded
@@ -140,6 +140,8 @@ class ServerState:
         self.metrics.model_load.set(load_seconds)
         self.metrics.model_info.labels(model=model_ref, version=__version__).set(1)
         self.version = __version__
+        # which latent kNN search scores here (builds the fused kernel now, not on the first request)
+        self.knn_search = native.status() if self.scorer.reference is not None else None
 
 
 def create_app(loaded: LoadedModel, *, model_ref: str = "", load_seconds: float = 0.0,
@@ -176,6 +178,7 @@ def create_app(loaded: LoadedModel, *, model_ref: str = "", load_seconds: float 
             "image_size": state.size,
             "score_steps": state.scorer.score_cfg.steps,
             "components": state.components,
+            "knn_search": state.knn_search,
             "config": loaded.config.to_dict(),
             "calibration": loaded.calibration,
             "training": loaded.meta,

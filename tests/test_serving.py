@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import free_port as _free_port, tiny_config
+from outlier_jebm import native
 from outlier_jebm.checkpoint import load_model
 from outlier_jebm.data import DataError
 from outlier_jebm.pipeline import prepare_data, run_fit
@@ -200,6 +201,7 @@ def test_serve_concurrent_clients_and_metrics(server, fitted):
     assert info["image_size"] == 8 and info["calibration"]["threshold"] == pytest.approx(
         load_model(fitted["dir"]).calibration["threshold"])
     assert info["training"]["holdout"] == 3
+    assert info["knn_search"] == native.status()  # the fused kernel where it builds, else why not
 
 
 def test_mlflow_models_serve_matches_the_cli(fitted, tmp_path):
