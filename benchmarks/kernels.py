@@ -40,6 +40,20 @@ def timed(fn, n: int = 10) -> float:
     return (time.perf_counter() - t) / n * 1e3
 
 
+def load_without_openmp(cache: str):
+    """The kernel built without -fopenmp into ``cache`` (the environment is restored after)."""
+    saved_cache, saved_flags = os.environ.get("JEBM_OD_CACHE"), native.OPENMP
+    os.environ["JEBM_OD_CACHE"], native.OPENMP = cache, []
+    try:
+        return native._load()
+    finally:
+        native.OPENMP = saved_flags
+        if saved_cache is None:
+            del os.environ["JEBM_OD_CACHE"]
+        else:
+            os.environ["JEBM_OD_CACHE"] = saved_cache
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--refs", type=int, default=47213)
@@ -58,11 +72,7 @@ def main() -> None:
 
     # a second library built without OpenMP, in a scratch cache
     with tempfile.TemporaryDirectory() as scratch:
-        saved = os.environ.get("JEBM_OD_CACHE"), native.OPENMP
-        os.environ["JEBM_OD_CACHE"], native.OPENMP = scratch, []
-        plain_lib, plain_status = native._load()
-        os.environ.pop("JEBM_OD_CACHE") if saved[0] is None else os.environ.__setitem__("JEBM_OD_CACHE", saved[0])
-        native.OPENMP = saved[1]
+        plain_lib, plain_status = load_without_openmp(scratch)
         state = dict(native._state)
 
         def with_python_threads():
