@@ -1,5 +1,6 @@
 """The fused kNN kernel against the torch search it replaces, and its build and fallback."""
 
+import os
 import shutil
 
 import numpy as np
@@ -9,7 +10,16 @@ import torch
 from outlier_jebm import native
 from outlier_jebm.scoring import KNN_BLOCK, References, knn_points_and_directions, nearest_columns
 
-HAS_CC = shutil.which("cc") is not None and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+def _cpu_has_avx2_and_fma() -> bool:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+# the same compiler the package uses; the CPU's own flags (torch's capability can be overridden)
+HAS_CC = shutil.which(os.environ.get("CC", "cc")) is not None and _cpu_has_avx2_and_fma()
 needs_kernel = pytest.mark.skipif(not HAS_CC, reason="no C compiler or no AVX2 here: scoring uses the torch search")
 
 
@@ -101,6 +111,9 @@ def test_bad_layouts_are_refused_with_a_reason():
     packed, scale, shift = refs.fused
     with pytest.raises(ValueError, match="do not fit queries of width 9"):
         native.candidates(torch.randn(4, 9), packed, scale, shift, 6, chunk=512)
+    for bad in (torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8).half(), torch.randn(4, 8).int(), torch.randn(32)):
+        with pytest.raises(ValueError, match="queries must be a 2-d float32 CPU tensor"):
+            native.candidates(bad, packed, scale, shift, 6, chunk=512)
     with pytest.raises(ValueError, match="contiguous float32"):
         native.candidates(torch.randn(4, 8), packed, scale.double(), shift.double(), 6, chunk=512)
     assert native.candidates(torch.randn(0, 8), packed, scale, shift, 6, chunk=512).shape == (0, 2, 6)

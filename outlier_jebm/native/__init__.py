@@ -73,6 +73,7 @@ def _build(cc: str, flags: list[str]) -> Path:
         done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of a shared cache out
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -136,10 +137,14 @@ def _pool(n: int) -> ThreadPoolExecutor:
     with _lock:
         pool = _state.get("pool")
         if pool is None or pool._max_workers < n:
-            if pool is not None:
-                pool.shutdown(wait=False)
+            # a smaller pool is replaced, not shut down: another thread may be about to use it
+            # (its idle workers exit once it is garbage collected)
             pool = _state["pool"] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="jebm-knn")
         return pool
+
+
+# a forked child has none of the parent's pool threads: it starts its own
+os.register_at_fork(after_in_child=lambda: _state.pop("pool", None))
 
 
 def candidates(queries: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
@@ -154,7 +159,10 @@ def candidates(queries: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     lib = _library()
     if lib is None:
         raise RuntimeError(f"the fused kNN kernel is not available: {_state['status']}")
-    q = queries.contiguous()
+    if not (queries.dtype == torch.float32 and queries.device.type == "cpu" and queries.dim() == 2):
+        raise ValueError(f"queries must be a 2-d float32 CPU tensor, got {queries.dtype} {tuple(queries.shape)} "
+                         f"on {queries.device}")
+    q = queries.detach().contiguous()
     B, Z = q.shape
     n_cols, T = scale.shape[1], scale.shape[0]
     if packed.shape != (n_cols // 16, Z, 16) or shift.shape != scale.shape:

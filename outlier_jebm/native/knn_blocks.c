@@ -139,8 +139,9 @@ static int search_rows(const float *Q, int64_t B, int64_t Z, const float *P, int
     kept_t *kept = calloc(states, sizeof(kept_t));
     float *qt = aligned_alloc(32, sizeof(float) * ((Z * TILE + 7) / 8 * 8));
     float *dots = aligned_alloc(32, sizeof(float) * TILE * BLOCK);
+    float *best = malloc(sizeof(float) * m); /* the final selection's keys (heap: m is the caller's) */
     int rc = 0;
-    if (!minima || !ids || !kept_keys || !kept || !qt || !dots) { rc = 2; goto done; }
+    if (!minima || !ids || !kept_keys || !kept || !qt || !dots || !best) { rc = 2; goto done; }
     for (int64_t s = 0; s < states; s++) {
         kept[s].minima = minima + s * m;
         kept[s].ids = ids + s * m;
@@ -172,7 +173,6 @@ static int search_rows(const float *Q, int64_t B, int64_t Z, const float *P, int
     for (int64_t s = 0; s < states; s++) {
         kept_t *st = &kept[s];
         int64_t *dst = out + s * m, n = st->count * BLOCK, filled = 0, worst = 0;
-        float best[m];
         for (int64_t j = 0; j < n; j++) {
             float v = st->keys[j];
             int64_t col = st->ids[j / BLOCK] * BLOCK + j % BLOCK;
@@ -193,7 +193,7 @@ static int search_rows(const float *Q, int64_t B, int64_t Z, const float *P, int
         for (; filled < m; filled++) dst[filled] = 0; /* fewer than m kept columns: cannot happen for m <= R' */
     }
 done:
-    free(minima); free(ids); free(kept_keys); free(kept); free(qt); free(dots);
+    free(minima); free(ids); free(kept_keys); free(kept); free(qt); free(dots); free(best);
     return rc;
 }
 
