@@ -214,14 +214,14 @@ class References:
         self.unit = unit_rows(eps)  # for the exact distances of the directions' candidates
         self.shared_product = bool((eps.norm(dim=1) > 1e-12).all())
         self.weights = [chunk[:-1] for chunk in self.points.chunks]  # -2 R^T, a contiguous prefix
-        self.point_keys: list[tuple[None, torch.Tensor]] = []
-        self.direction_keys: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for chunk in self.points.chunks:
-            sq = chunk[-1:]
-            pad = torch.isinf(sq)
-            scale = torch.where(pad, torch.ones_like(sq), 0.5 / sq.clamp_min(1e-24).sqrt())
-            self.point_keys.append((None, sq))
-            self.direction_keys.append((scale, torch.where(pad, sq, torch.zeros_like(sq))))
+        # per column (scale, shift) of both keys over all R' columns; the torch search takes chunk slices
+        sq = torch.cat([chunk[-1:] for chunk in self.points.chunks], 1)  # ||r||^2, +inf on padding
+        pad = torch.isinf(sq)
+        self.key_scale = torch.cat([torch.ones_like(sq), torch.where(pad, 1.0, 0.5 / sq.clamp_min(1e-24).sqrt())])
+        self.key_shift = torch.cat([sq, torch.where(pad, sq, 0.0)])  # (2, R'): points, directions
+        cuts = [(n * self.points.chunk, n * self.points.chunk + w.shape[1]) for n, w in enumerate(self.weights)]
+        self.point_keys = [(None, self.key_shift[:1, a:b]) for a, b in cuts]
+        self.direction_keys = [(self.key_scale[1:, a:b], self.key_shift[1:, a:b]) for a, b in cuts]
 
     @functools.cached_property
     def fused(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -229,10 +229,7 @@ class References:
         (R'/16, Z, 16), and per column (scale, shift) of the points' and the directions' keys (2, R')."""
         weights = torch.cat(self.weights, 1)
         packed = weights.view(weights.shape[0], -1, 16).permute(1, 0, 2).contiguous()
-        scale = torch.cat([torch.cat([torch.ones_like(sq) if s is None else s for s, sq in keys], 1)
-                           for keys in (self.point_keys, self.direction_keys)])
-        shift = torch.cat([torch.cat([sh for _, sh in keys], 1) for keys in (self.point_keys, self.direction_keys)])
-        return packed, scale.contiguous(), shift.contiguous()
+        return packed, self.key_scale, self.key_shift
 
     @functools.cached_property
     def directions(self) -> Reference:
@@ -350,7 +347,7 @@ def knn_points_and_directions(eps: torch.Tensor, references: References, k: int 
     else:  # at most TORCH_SEARCH_ROWS queries per product, so that a product chunk stays in cache
         parts = [nearest_columns(part, references.weights, references.points.chunk, k + 1,
                                  [references.point_keys, references.direction_keys])
-                 for part in eps.split(TORCH_SEARCH_ROWS)] or [[eps.new_empty(0, k + 1, dtype=torch.long)] * 2]
+                 for part in eps.split(TORCH_SEARCH_ROWS)]  # an empty batch is one empty part
         idx_points, idx_directions = (torch.cat(found) for found in zip(*parts))
     return (_mean_of_nearest(eps, references.points.eps, idx_points, k),
             _mean_of_nearest(unit_rows(eps), references.unit, idx_directions, k))
