@@ -33,10 +33,7 @@ def test_the_kernel_builds_and_loads_where_a_compiler_and_avx2_are_present():
 def _keys(queries, refs):
     """The full key matrices of both searches, as the torch search sees them."""
     product = torch.cat([queries @ w for w in refs.weights], 1)
-    sq = torch.cat([sq for _, sq in refs.point_keys], 1)
-    scale = torch.cat([s for s, _ in refs.direction_keys], 1)
-    shift = torch.cat([s for _, s in refs.direction_keys], 1)
-    return product + sq, product * scale + shift
+    return product + refs.key_shift[0], product * refs.key_scale[1] + refs.key_shift[1]
 
 
 @needs_kernel
