@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 app = typer.Typer(
@@ -21,7 +22,9 @@ console = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    # soft_wrap: a path or a reason stays on one line whatever the terminal's width (copyable);
+    # escape: a "[...]" in a path or a message is text, not rich markup
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -348,7 +351,8 @@ def evaluate(
     if holdout is None:
         _fail("--holdout is needed: the model was not trained with a held-out digit")
     if loaded.meta.get("holdout") not in (None, holdout):
-        console.print(f"[yellow]warning:[/] the model was trained with digit {loaded.meta['holdout']} held out, not {holdout}")
+        console.print(f"[yellow]warning:[/] the model was trained with digit {loaded.meta['holdout']} held out, not {holdout}",
+                      soft_wrap=True)
     try:
         with console.status("scoring the test part ..."):
             run = run_evaluate(loaded, data, holdout, seed=seed, steps=steps, device=device, data_dir=data_dir,

@@ -2,6 +2,7 @@ import json
 import sqlite3
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -81,10 +82,16 @@ def test_score_exits_non_zero_when_nothing_could_be_scored(tmp_path, monkeypatch
     assert load_file(str(tmp_path / "m" / "reference_latents.safetensors"))["eps"].shape[0] == 300
 
 
-def test_a_missing_data_path_or_model_gives_a_clear_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("columns", ["40", "80", "200"])
+def test_a_missing_data_path_or_model_gives_a_clear_error_on_one_line(tmp_path, monkeypatch, columns):
     monkeypatch.chdir(tmp_path)
-    res = runner.invoke(app, ["fit", "--data", str(tmp_path / "nowhere"), "--epochs", "1"])
-    assert res.exit_code == 2 and "does not exist" in res.output
+    monkeypatch.setenv("COLUMNS", columns)
+    # a long path with rich-markup-like brackets: it must come out whole, on the error's own line
+    missing = tmp_path / ("a-rather-long-folder-name-" * 4) / "[bold]nowhere"
+    res = runner.invoke(app, ["fit", "--data", str(missing), "--epochs", "1"])
+    assert res.exit_code == 2
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("error:"))
+    assert f"{missing} does not exist" in line
     res = runner.invoke(app, ["score", str(tmp_path)])
     assert res.exit_code == 2 and "jebm-od fit" in res.output
 
