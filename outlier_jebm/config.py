@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,10 @@ from typing import Any
 import yaml
 
 GENERATOR_KINDS = ("chain", "ladder")
+BACKBONES = ("mlp", "conv")
+DATA_KINDS = ("image", "vector")
+CHANNELS = (1, 3)
+CONV_IMAGE_SIZES = (28, 32, 64)
 PRIOR_KINDS = ("gaussian", "layerwise", "joint")
 SCHEMES = ("variational", "mle")
 
@@ -21,7 +26,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    # image: (H, W) or (H, W, C) pixels in [0, 1], modelled in [-1, 1] with a tanh output;
+    # vector: d plain features, modelled after an optional standardisation with a linear output
+    data_kind: str = "image"
     image_size: int = 28
+    channels: int = 1  # 1 (grayscale) | 3 (RGB); images only
+    vector_dim: int = 0  # d, the number of features (vectors only; set from the training data)
+    standardize: bool = True  # vectors only: centre and scale each feature by the training data's mean and std
+    backbone: str = "mlp"  # mlp | conv (images only): the generator's and the inference network's layers
+    conv_channels: int = 32  # conv backbone: feature maps at the finest resolution (doubled at each coarser one)
     generator: str = "chain"  # chain (CVPR) | ladder (ICCV)
     prior: str = "joint"  # gaussian | layerwise | joint
     z_dims: list[int] = field(default_factory=lambda: [32, 16])  # z_1 (nearest the data) ... z_L
@@ -34,6 +47,18 @@ class ModelConfig:
     min_cond_sigma: float = 0.01
 
     def validate(self) -> None:
+        _choice("model.data_kind", self.data_kind, DATA_KINDS)
+        _choice("model.backbone", self.backbone, BACKBONES)
+        _choice("model.channels", self.channels, CHANNELS)
+        if self.data_kind == "vector":
+            if int(self.vector_dim) < 1:
+                raise ConfigError(f"model.vector_dim must be >= 1 for vector data, got {self.vector_dim}")
+            if self.backbone != "mlp":
+                raise ConfigError("model.backbone must be 'mlp' for vector data (conv needs images)")
+        if self.backbone == "conv" and self.image_size not in CONV_IMAGE_SIZES:
+            raise ConfigError(f"model.image_size {self.image_size} is not supported by the conv backbone; "
+                              f"supported: {', '.join(map(str, CONV_IMAGE_SIZES))}")
+        _positive("model.conv_channels", self.conv_channels)
         _choice("model.generator", self.generator, GENERATOR_KINDS)
         _choice("model.prior", self.prior, PRIOR_KINDS)
         if not self.z_dims or any(int(d) < 1 for d in self.z_dims):
@@ -49,8 +74,22 @@ class ModelConfig:
         return len(self.z_dims)
 
     @property
+    def is_vector(self) -> bool:
+        return self.data_kind == "vector"
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """One input's shape as users hand it in: (d,), (H, W) or (H, W, C)."""
+        if self.is_vector:
+            return (int(self.vector_dim),)
+        if self.channels == 1:
+            return (self.image_size, self.image_size)
+        return (self.image_size, self.image_size, self.channels)
+
+    @property
     def data_dim(self) -> int:
-        return self.image_size * self.image_size
+        """D: the length of one flattened input (pixels in H, W, C order, or features)."""
+        return math.prod(self.data_shape)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -57,6 +58,12 @@ def fast_tanh(y: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(y.mul_(2.0), out=y).mul_(2.0).sub_(1.0)
 
 
+def to_model_space(images01: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Images (N, H, W[, C]) or (N, D) in [0, 1] -> (N, D) float32 in [-1, 1] on ``device``."""
+    x = torch.as_tensor(np.asarray(images01, dtype=np.float32) if not torch.is_tensor(images01) else images01)
+    return (x.reshape(x.shape[0], -1).to(device=device, dtype=torch.float32) * 2.0) - 1.0
+
+
 def standard_normal_log_density(z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I) summed over the last dimension: (B, d) -> (B,)."""
     return -0.5 * (z.pow(2).sum(-1) + z.shape[-1] * LOG_2PI)
@@ -75,6 +82,8 @@ class Generator(nn.Module):
         self.kind = cfg.generator
         self.z_dims = [int(d) for d in cfg.z_dims]
         self.min_sigma = cfg.min_cond_sigma
+        # images live in [-1, 1] (a tanh output); standardised vectors are unbounded (a linear output)
+        self.bounded_output = not cfg.is_vector
         L = len(self.z_dims)
         D = cfg.data_dim
         if self.kind == "chain":
@@ -138,15 +147,17 @@ class Generator(nn.Module):
         return torch.cat(es, dim=-1)
 
     def mean_x(self, z: torch.Tensor) -> torch.Tensor:
-        """g(z): the mean of p(x | z), (B, Z) -> (B, D) in [-1, 1]."""
+        """g(z): the mean of p(x | z), (B, Z) -> (B, D), in [-1, 1] for images."""
         zs = self.split(z)
         if self.kind == "chain":
-            return fast_tanh(self.decoder(zs[0]))
-        h = None
-        for module, zi in zip(self.top, reversed(zs[1:])):
-            h = module(zi if h is None else torch.cat([zi, h], dim=-1))
-        inp = zs[0] if h is None else torch.cat([zs[0], h], dim=-1)
-        return fast_tanh(self.decoder(inp))
+            inp = zs[0]
+        else:
+            h = None
+            for module, zi in zip(self.top, reversed(zs[1:])):
+                h = module(zi if h is None else torch.cat([zi, h], dim=-1))
+            inp = zs[0] if h is None else torch.cat([zs[0], h], dim=-1)
+        out = self.decoder(inp)
+        return fast_tanh(out) if self.bounded_output else out
 
 
 class EnergyPrior(nn.Module):
@@ -246,6 +257,37 @@ class JointEBM(nn.Module):
         self.ebm = EnergyPrior(cfg)
         self.encoder = InferenceNet(cfg)
         self.obs_sigma = float(cfg.obs_sigma)
+        if cfg.is_vector:
+            # x = (features - shift) / scale, fitted on the training data (``fit_standardization``) and
+            # saved with the weights, so that every surface scores with the training data's scaling
+            self.register_buffer("x_shift", torch.zeros(cfg.data_dim))
+            self.register_buffer("x_scale", torch.ones(cfg.data_dim))
+
+    def fit_standardization(self, features: np.ndarray) -> None:
+        """Vectors only: each feature's mean and std on the training data (std 0 counts as 1)."""
+        if not self.cfg.standardize:
+            return
+        f = torch.as_tensor(np.asarray(features, dtype=np.float64).reshape(len(features), -1))
+        std = f.std(0, unbiased=False)
+        self.x_shift.copy_(f.mean(0).float())
+        self.x_scale.copy_(torch.where(std > 1e-12, std, torch.ones_like(std)).float())
+
+    def to_model_space(self, data: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Inputs as users hand them in -> (N, D) float32 on ``device``: images (N, H, W[, C]) in [0, 1]
+        to [-1, 1]; vectors (N, d) standardised (or as they are)."""
+        if not self.cfg.is_vector:
+            return to_model_space(data, device)
+        x = torch.as_tensor(np.asarray(data, dtype=np.float32) if not torch.is_tensor(data) else data)
+        x = x.reshape(x.shape[0], -1).to(device=device, dtype=torch.float32)
+        return (x - self.x_shift.to(device)) / self.x_scale.to(device)
+
+    def from_model_space(self, x: torch.Tensor) -> np.ndarray:
+        """The inverse of ``to_model_space``, shaped as one input is: (N, *data_shape)."""
+        if self.cfg.is_vector:
+            out = x * self.x_scale.to(x.device) + self.x_shift.to(x.device)
+        else:
+            out = (x + 1.0) / 2.0
+        return out.detach().cpu().numpy().reshape(-1, *self.cfg.data_shape)
 
     @property
     def z_dim(self) -> int:

@@ -12,11 +12,9 @@ from .viz import image_grid, stack_rows
 
 
 def to_images(model: JointEBM, z: torch.Tensor) -> np.ndarray:
-    """Decode latents to images (N, H, W) in [0, 1]."""
-    size = model.cfg.image_size
+    """Decode latents to images (N, H, W[, C]) in [0, 1]."""
     with torch.no_grad():
-        x = model.generator.mean_x(z)
-    return ((x.cpu().numpy() + 1.0) / 2.0).reshape(-1, size, size)
+        return model.from_model_space(model.generator.mean_x(z))
 
 
 def prior_samples(model: JointEBM, n: int, *, steps: int, step_size: float) -> np.ndarray:
@@ -69,10 +67,10 @@ def sample_figures(model: JointEBM, *, steps: int, step_size: float, n: int = 64
 
 def reconstructions(model: JointEBM, images01: np.ndarray) -> Image.Image:
     """Inputs (top row) over their reconstructions from the inference network's mean (bottom row)."""
-    size = model.cfg.image_size
     device = next(model.parameters()).device
-    x = torch.as_tensor(images01.reshape(len(images01), -1), dtype=torch.float32, device=device) * 2 - 1
+    x = model.to_model_space(images01, device)
     with torch.no_grad():
         z, _ = model.encoder(x, sample=False)
     recon = to_images(model, z)
-    return stack_rows([image_grid(images01.reshape(-1, size, size), len(images01)), image_grid(recon, len(images01))])
+    shape = model.cfg.data_shape
+    return stack_rows([image_grid(images01.reshape(-1, *shape), len(images01)), image_grid(recon, len(images01))])

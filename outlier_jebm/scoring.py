@@ -51,7 +51,6 @@ from .checkpoint import CALIBRATION_FILE, LoadedModel
 from .config import ScoreConfig
 from .langevin import posterior_langevin
 from .model import JointEBM
-from .train import to_model_space
 
 REFERENCE_FILE = "reference_latents.safetensors"
 # Chosen by measurement (benchmarks/RESULTS.md, "The default score, again"): on 11 models
@@ -88,7 +87,7 @@ def component_names(model: JointEBM, with_reference: bool, llr_samples: int = 0)
 @dataclass
 class BatchScores:
     components: dict[str, np.ndarray]  # name -> (B,)
-    pixel_error: np.ndarray  # (B, H, W) squared error per pixel, in [0, 1] image units
+    pixel_error: np.ndarray  # (B, *data_shape) squared error per pixel in [0, 1] image units (per feature for vectors)
     eps: np.ndarray  # (B, Z) posterior mean in reference coordinates
 
 
@@ -155,8 +154,10 @@ def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referen
         if cfg.llr_samples > 0:
             terms.update(likelihood_ratios(model, x, z, cfg.llr_samples))
     sq = terms.pop("_sq")
-    size = model.cfg.image_size
-    pixel_error = (sq / 4.0).reshape(-1, size, size)  # [-1, 1] units -> [0, 1] units
+    if model.cfg.is_vector:  # squared error per feature, in standardised units
+        pixel_error = sq
+    else:  # [-1, 1] units -> [0, 1] units, (B, H, W[, C])
+        pixel_error = (sq / 4.0).reshape(-1, *model.cfg.data_shape)
     return BatchScores(
         components={k: v.detach().cpu().numpy().astype(np.float64) for k, v in terms.items()},
         pixel_error=pixel_error.cpu().numpy(),
@@ -479,7 +480,7 @@ class Scorer:
     def iter_batches(self, images01: np.ndarray) -> Iterator[BatchScores]:
         bs = self.score_cfg.batch_size
         for i in range(0, len(images01), bs):
-            x = to_model_space(images01[i : i + bs], self.device)
+            x = self.model.to_model_space(images01[i : i + bs], self.device)
             yield infer_and_score(self.model, x, self.score_cfg, self.reference)
 
     def score(self, images01: np.ndarray) -> dict[str, np.ndarray]:

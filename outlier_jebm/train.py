@@ -33,7 +33,7 @@ from . import distributed
 from .checkpoint import load_train_state, save_model, save_train_state
 from .config import Config
 from .langevin import posterior_langevin, prior_langevin
-from .model import JointEBM
+from .model import JointEBM, to_model_space  # noqa: F401  (re-exported: the image map)
 
 
 class TrainingDiverged(RuntimeError):
@@ -54,12 +54,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def to_model_space(images01: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(N, H, W) or (N, D) in [0, 1] -> (N, D) float32 in [-1, 1] on ``device``."""
-    x = torch.as_tensor(np.asarray(images01, dtype=np.float32) if not torch.is_tensor(images01) else images01)
-    return (x.reshape(x.shape[0], -1).to(device=device, dtype=torch.float32) * 2.0) - 1.0
 
 
 def make_optimizer(model: JointEBM, config: Config) -> torch.optim.Adam:
@@ -222,8 +216,10 @@ def fit(
     if resume:
         progress = load_train_state(out_dir, optimizer)
         start_epoch, global_step = progress["epoch"], progress["global_step"]
-    x_all = to_model_space(train_images, device)
-    x_val = to_model_space(val_images, device) if val_images is not None and len(val_images) else None
+    if model.cfg.is_vector and not resume:
+        model.fit_standardization(train_images)  # before DDP or training reads the buffers
+    x_all = model.to_model_space(train_images, device)
+    x_val = model.to_model_space(val_images, device) if val_images is not None and len(val_images) else None
     n = x_all.shape[0]
     bs = batch_size_per_rank(n, t.batch_size, world)
     n_steps = steps_per_epoch(n, t.batch_size, world)
