@@ -31,7 +31,7 @@ class ModelConfig:
     data_kind: str = "image"
     image_size: int = 28
     channels: int = 1  # 1 (grayscale) | 3 (RGB); images only
-    vector_dim: int = 0  # d, the number of features (vectors only; set from the training data)
+    vector_dim: int = 0  # d, the number of features (vectors only; 0 in a config file: set from the training data)
     standardize: bool = True  # vectors only: centre and scale each feature by the training data's mean and std
     backbone: str = "mlp"  # mlp | conv (images only): the generator's and the inference network's layers
     conv_channels: int = 32  # conv backbone: feature maps at the finest resolution (doubled at each coarser one)
@@ -51,8 +51,8 @@ class ModelConfig:
         _choice("model.backbone", self.backbone, BACKBONES)
         _choice("model.channels", self.channels, CHANNELS)
         if self.data_kind == "vector":
-            if int(self.vector_dim) < 1:
-                raise ConfigError(f"model.vector_dim must be >= 1 for vector data, got {self.vector_dim}")
+            if int(self.vector_dim) < 0:
+                raise ConfigError(f"model.vector_dim must be >= 0 (0: from the data), got {self.vector_dim}")
             if self.backbone != "mlp":
                 raise ConfigError("model.backbone must be 'mlp' for vector data (conv needs images)")
         if self.backbone == "conv" and self.image_size not in CONV_IMAGE_SIZES:
@@ -108,6 +108,9 @@ class LangevinConfig:
 class TrainConfig:
     scheme: str = "variational"  # variational | mle
     epochs: int = 12
+    # at least this many optimiser steps: on a small data set (a few hundred vectors) the number of
+    # epochs is raised to reach it, so that one config serves tables of any length (0 = off)
+    min_steps: int = 0
     batch_size: int = 100
     lr_ebm: float = 2e-5
     lr_gen: float = 3e-4  # generator (and p(z_i | z_{i+1}))
@@ -132,6 +135,8 @@ class TrainConfig:
         _choice("train.scheme", self.scheme, SCHEMES)
         _positive("train.epochs", self.epochs)
         _positive("train.batch_size", self.batch_size)
+        if self.min_steps < 0:
+            raise ConfigError(f"train.min_steps must be >= 0, got {self.min_steps}")
         for name in ("lr_ebm", "lr_gen", "lr_enc", "grad_clip", "max_abs_loss"):
             _positive(f"train.{name}", getattr(self, name))
         if not 0.0 < self.val_fraction < 0.5:
@@ -228,8 +233,17 @@ class Config:
         return Config.from_dict(data)
 
 
-def default_config_path() -> Path:
-    return Path(__file__).parent / "configs" / "mnist.yaml"
+def default_config_path(data_kind: str = "image") -> Path:
+    """The packaged default config: ``mnist.yaml`` for images, ``vectors.yaml`` for feature vectors."""
+    _choice("data kind", data_kind, DATA_KINDS)
+    return Path(__file__).parent / "configs" / ("vectors.yaml" if data_kind == "vector" else "mnist.yaml")
+
+
+def for_vectors(config: Config, n_features: int) -> Config:
+    """``config`` made to model vectors of ``n_features`` features (the data decides the data kind)."""
+    if config.model.backbone != "mlp":
+        raise ConfigError(f"model.backbone {config.model.backbone!r} needs images; vectors use the mlp backbone")
+    return config.with_overrides(model={"data_kind": "vector", "vector_dim": int(n_features)})
 
 
 def _build(cls, where: str, values: Any):

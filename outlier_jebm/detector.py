@@ -1,4 +1,4 @@
-"""``JEBMDetector``: the model behind PyOD's detector contract, on the CLI's code path."""
+"""``JEBMDetector``: the model as a PyOD detector, for plain vectors and images, on the CLI's code path."""
 
 from __future__ import annotations
 
@@ -6,112 +6,195 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
+from pyod.models.base import BaseDetector
+from sklearn.utils.validation import check_is_fitted
 
-from .checkpoint import load_model
-from .config import Config, default_config_path
-from .data import to_unit_range
-from .model import JointEBM
-from .scoring import Scorer, calibrate
-from .train import fit, resolve_device, seed_everything
+from .config import Config, default_config_path, for_vectors
+from .data import DataError, to_unit_range
+
+PREPROCESSING = ("standardize", "none")
 
 
-class JEBMDetector:
-    """Unsupervised image outlier detector with a joint latent-space EBM prior.
+class JEBMDetector(BaseDetector):
+    """Unsupervised outlier detector: a multi-layer generator with a joint latent-space EBM prior.
+
+    Fits on normal (or mostly normal) data and scores new samples by posterior inference in
+    the latent space (see ``outlier_jebm.scoring``). Training, calibration and scoring go
+    through the same code as ``jebm-od fit`` and ``jebm-od score``; the fitted model is a
+    model directory like theirs (``model_dir_``).
+
+    Two kinds of data, decided by the shape of ``X``:
+
+    - vectors, ``(n_samples, n_features)`` for any number of features: the ``mlp`` backbone,
+      features standardised or not (``preprocessing``);
+    - images, ``(n_samples, H, W)`` (grayscale) or ``(n_samples, H, W, C)``, pixels in [0, 1]
+      or integers 0-255: the backbone the config names.
 
     Parameters
     ----------
-    config : Config, optional
-        Model, training and scoring configuration (default: ``configs/mnist.yaml``).
-    contamination : float
-        Expected share of outliers; the threshold is the (1 - contamination)
-        quantile of held-in validation scores (``score.false_alarm_rate``).
-    image_size : int, optional
-        Side of the square images (default: the config's).
-    val_fraction : float
-        Share of the training images held in for calibration.
-    model_dir : path, optional
-        Where the fitted model directory is written (default: a temporary directory).
-    device : str
-        ``auto``, ``cpu`` or ``cuda``.
+    contamination : float in (0., 0.5), optional (default=0.1)
+        The expected share of outliers in the training data. As in every PyOD detector it sets
+        ``threshold_``, the (1 - contamination) quantile of ``decision_scores_``.
+    config : Config, str or Path, optional (default=None)
+        Model, training and scoring configuration, or a YAML file. None: the packaged
+        ``vectors.yaml`` for vectors, ``mnist.yaml`` for images.
+    preprocessing : {'standardize', 'none'}, optional (default='standardize')
+        Vectors only. ``'standardize'`` centres and scales each feature by the mean and
+        standard deviation of the training data (a constant feature is only centred); the
+        statistics are saved with the model and applied to every sample scored later.
+        ``'none'`` models the features as they are (for data already on a common scale).
+    epochs : int, optional (default=None)
+        Overrides ``train.epochs`` of the config.
+    random_state : int, optional (default=None)
+        Seed of the validation split, the initialisation and the Langevin noise (default:
+        ``train.seed`` of the config).
+    val_fraction : float, optional (default=0.1)
+        Share of ``X`` held out of training, on which the score's components are standardised
+        (median and MAD) before they are combined.
+    model_dir : str or Path, optional (default=None)
+        Where the fitted model directory is written (default: a temporary directory that lives
+        as long as the detector).
+    device : str, optional (default='auto')
+        ``'auto'``, ``'cpu'`` or ``'cuda'``.
 
     Attributes
     ----------
-    decision_scores_ : ndarray (n_samples,)
-        Outlier scores of the training data (higher = more abnormal).
+    decision_scores_ : numpy array of shape (n_samples,)
+        The outlier scores of the training data. The higher, the more abnormal.
     threshold_ : float
-        Scores above it are labelled 1 (outlier).
-    labels_ : ndarray (n_samples,)
-        0/1 labels of the training data.
+        The (1 - contamination) quantile of ``decision_scores_``; a score above it is an outlier.
+    labels_ : numpy array of shape (n_samples,)
+        0 (inlier) or 1 (outlier) for each training sample.
+    data_kind_ : str
+        ``'vector'`` or ``'image'``.
+    data_shape_ : tuple of int
+        The shape of one sample, ``(n_features,)``, ``(H, W)`` or ``(H, W, C)``.
     model_dir_ : Path
-        The fitted model directory (config, weights, calibration).
+        The fitted model directory (config, weights, standardisation, calibration).
+
+    Examples
+    --------
+    >>> from outlier_jebm.detector import JEBMDetector
+    >>> det = JEBMDetector(contamination=0.05).fit(X_train)   # doctest: +SKIP
+    >>> det.decision_function(X_test)                          # doctest: +SKIP
     """
 
-    def __init__(self, config: Config | None = None, contamination: float = 0.05, *, image_size: int | None = None,
-                 val_fraction: float = 0.1, model_dir: str | Path | None = None, device: str = "auto"):
+    def __init__(self, contamination=0.1, config=None, preprocessing="standardize", epochs=None,
+                 random_state=None, val_fraction=0.1, model_dir=None, device="auto"):
+        super().__init__(contamination=contamination)
         self.config = config
-        self.contamination = contamination
-        self.image_size = image_size
+        self.preprocessing = preprocessing
+        self.epochs = epochs
+        self.random_state = random_state
         self.val_fraction = val_fraction
         self.model_dir = model_dir
         self.device = device
 
-    def fit(self, X, y=None) -> "JEBMDetector":
-        """Fit on images X: (n, H*W) or (n, H, W), floats in [0, 1] or integers 0-255. y is ignored."""
-        if not 0.0 < self.contamination < 0.5:
-            raise ValueError(f"contamination must be in (0, 0.5), got {self.contamination}")
-        cfg = self.config or Config.from_yaml(default_config_path())
-        size = self.image_size or cfg.model.image_size
-        cfg = cfg.with_overrides(model={"image_size": size}, score={"false_alarm_rate": self.contamination})
-        images = to_unit_range(np.asarray(X), size, name="X")
-        rng = np.random.default_rng(cfg.train.seed)
-        order = rng.permutation(len(images))
-        n_val = max(2, int(round(self.val_fraction * len(images))))
-        val, train = images[order[:n_val]], images[order[n_val:]]
+    def fit(self, X, y=None):
+        """Fit the detector on X; y is ignored (unsupervised).
+
+        Parameters
+        ----------
+        X : numpy array of shape (n_samples, n_features), (n_samples, H, W) or (n_samples, H, W, C)
+            Training data: vectors, or images in [0, 1] or 0-255.
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : object
+            The fitted detector.
+        """
+        from .checkpoint import load_model
+        from .pipeline import TrainingData, run_fit
+        from .scoring import Scorer
+        from .train import resolve_device
+
+        if not 0.0 < self.contamination <= 0.5:
+            raise ValueError(f"contamination must be in (0, 0.5], got {self.contamination}")
+        if self.preprocessing not in PREPROCESSING:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {self.preprocessing!r}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        self._set_n_classes(y)
+        X = np.asarray(X)
+        cfg = self._config_for(X)
+        data = self._validated(X, cfg)
+        if len(data) < 10:
+            raise ValueError(f"X: {len(data)} samples are too few to fit and calibrate a detector (at least 10)")
+        order = np.random.default_rng(cfg.train.seed).permutation(len(data))
+        n_val = max(5, int(round(self.val_fraction * len(data))))
+        td = TrainingData(train=data[order[n_val:]], val=data[order[:n_val]], name="JEBMDetector.fit", holdout=None)
         if self.model_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="jebm-detector-")
             out = Path(self._tmp.name)
         else:
             out = Path(self.model_dir)
         device = resolve_device(self.device)
-        seed_everything(cfg.train.seed)
-        fit(JointEBM(cfg.model), cfg, train, val, out, device=device, meta={"data": "JEBMDetector.fit", "holdout": None})
-        loaded = load_model(out, device=device)
-        cal = calibrate(loaded, train, val, seed=cfg.train.seed, device=device)
+        run_fit(cfg, td, out_dir=out, device=self.device, track=False, remember=False)
+        self._scorer = Scorer(load_model(out, device=device), device=device)
         self.model_dir_ = out
-        self._scorer = Scorer(loaded, device=device)
-        self.threshold_ = float(cal.threshold)
-        self.decision_scores_ = self._scorer.score(images)["score"]
-        self.labels_ = (self.decision_scores_ > self.threshold_).astype(int)
+        self.config_ = self._scorer.config
+        self.data_kind_ = cfg.model.data_kind
+        self.data_shape_ = tuple(cfg.model.data_shape)
+        self.decision_scores_ = self._scorer.score(data)["score"]
+        self._process_decision_scores()
         return self
 
-    def _table(self, X) -> dict[str, np.ndarray]:
-        if not hasattr(self, "_scorer"):
-            raise RuntimeError("this JEBMDetector is not fitted yet: call fit(X) first")
-        return self._scorer.score(to_unit_range(np.asarray(X), self._scorer.image_size, name="X"))
+    def decision_function(self, X):
+        """Outlier scores of X with the fitted detector (higher = more abnormal).
 
-    def decision_function(self, X) -> np.ndarray:
-        """Outlier scores (higher = more abnormal), shape (n_samples,)."""
-        return self._table(X)["score"]
+        Parameters
+        ----------
+        X : numpy array of shape (n_samples, n_features), (n_samples, H, W) or (n_samples, H, W, C)
+            Data of the kind and shape the detector was fitted on.
 
-    def predict(self, X) -> np.ndarray:
-        """0 (inlier) / 1 (outlier) for each sample."""
-        return (self.decision_function(X) > self.threshold_).astype(int)
+        Returns
+        -------
+        anomaly_scores : numpy array of shape (n_samples,)
+            The anomaly score of each sample.
+        """
+        check_is_fitted(self, ["decision_scores_", "threshold_", "labels_"])
+        return self._scorer.score(self._validated(np.asarray(X), self.config_))["score"]
 
-    def predict_proba(self, X, method: str = "calibrated") -> np.ndarray:
-        """(n_samples, 2): probability-like [inlier, outlier], the outlier column is ``score_normalized``
-        (0.5 exactly at the threshold)."""
-        p = self._table(X)["score_normalized"]
-        return np.stack([1.0 - p, p], axis=1)
+    def _config_for(self, X: np.ndarray) -> Config:
+        """The config to fit X with: the data kind, the feature count or the image size from X itself."""
+        if X.ndim == 2:
+            cfg = self._base_config("vector")
+            cfg = for_vectors(cfg, X.shape[1]).with_overrides(
+                model={"standardize": self.preprocessing == "standardize"})
+        elif X.ndim in (3, 4) and X.shape[1] == X.shape[2]:
+            cfg = self._base_config("image")
+            channels = 1 if X.ndim == 3 else X.shape[3]
+            cfg = cfg.with_overrides(model={"image_size": int(X.shape[1]), "channels": int(channels)})
+        else:
+            raise DataError(f"X: shape {X.shape} is neither vectors (n_samples, n_features) nor square images "
+                            "(n_samples, H, W) or (n_samples, H, W, C)")
+        return cfg.with_overrides(score={"false_alarm_rate": float(self.contamination)},
+                                  train={"epochs": self.epochs, "seed": self.random_state})
 
-    def fit_predict(self, X, y=None) -> np.ndarray:
-        return self.fit(X).labels_
+    def _base_config(self, kind: str) -> Config:
+        if isinstance(self.config, Config):
+            return self.config
+        return Config.from_yaml(self.config if self.config is not None else default_config_path(kind))
 
-    def get_params(self, deep: bool = True) -> dict:
-        return {"config": self.config, "contamination": self.contamination, "image_size": self.image_size,
-                "val_fraction": self.val_fraction, "model_dir": self.model_dir, "device": self.device}
+    @staticmethod
+    def _validated(X: np.ndarray, cfg: Config) -> np.ndarray:
+        """X checked against the config's data kind and shape; images scaled to [0, 1]."""
+        from .tables import check_vectors
 
-    def set_params(self, **params) -> "JEBMDetector":
-        for k, v in params.items():
-            setattr(self, k, v)
-        return self
+        m = cfg.model
+        if m.is_vector:
+            if X.ndim != 2 and not (X.ndim == 1 and X.shape[0] == m.vector_dim):
+                raise DataError(f"X: shape {X.shape} is not (n_samples, n_features); this detector was fitted "
+                                f"on vectors of {m.vector_dim} features")
+            return check_vectors(X, "X", dim=m.vector_dim)
+        if X.ndim == 2:
+            raise DataError(f"X: shape {X.shape} looks like vectors, but this detector was fitted on images of "
+                            f"shape {tuple(m.data_shape)}")
+        if tuple(X.shape[1:]) != tuple(m.data_shape):
+            raise DataError(f"X: images of shape {tuple(X.shape[1:])}, but this detector was fitted on "
+                            f"{tuple(m.data_shape)}")
+        if m.channels == 1:
+            return to_unit_range(X, m.image_size, name="X")
+        return to_unit_range(X, m.image_size, name="X", channels=m.channels)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -252,6 +252,9 @@ class JointEBM(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.is_vector and cfg.vector_dim < 1:
+            raise ConfigError("model.vector_dim is 0: set it to the number of features (the CLI and the "
+                              "detector take it from the training data)")
         self.cfg = cfg
         self.generator = Generator(cfg)
         self.ebm = EnergyPrior(cfg)

@@ -20,7 +20,7 @@ from .model import JointEBM
 from .sampling import reconstructions, sample_figures
 from .scoring import calibrate
 from .tracking import Tracker
-from .train import StepHook, fit, resolve_device, seed_everything, steps_per_epoch
+from .train import StepHook, fit, planned_epochs, resolve_device, seed_everything, steps_per_epoch
 
 LATEST_POINTER = Path("models") / "latest"
 
@@ -118,6 +118,10 @@ def run_fit(
         # the model's own config, trained on up to the number of epochs asked for now
         saved, _ = read_config(out_dir)
         config = saved.with_overrides(train={"epochs": config.train.epochs})
+    if not resume:
+        epochs = planned_epochs(config, len(data.train), group.world_size)
+        if epochs != config.train.epochs:
+            config = config.with_overrides(train={"epochs": epochs})
     seed_everything(config.train.seed)
     model = JointEBM(config.model)
     if resume:

@@ -143,6 +143,12 @@ def batch_size_per_rank(n: int, batch_size: int, world_size: int = 1) -> int:
     return max(1, min(batch_size, n // world_size))
 
 
+def planned_epochs(config: Config, n: int, world_size: int = 1) -> int:
+    """``train.epochs``, raised where needed to reach ``train.min_steps`` optimiser steps on n images."""
+    t = config.train
+    return max(t.epochs, math.ceil(t.min_steps / steps_per_epoch(n, t.batch_size, world_size)))
+
+
 def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
     """Optimiser steps in one epoch of n images; each step takes world_size * batch_size of them."""
     return n // (batch_size_per_rank(n, batch_size, world_size) * world_size)
