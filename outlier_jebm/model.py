@@ -11,7 +11,10 @@ Every variant is one configuration of this module:
 - generator ``ladder`` (ICCV): every z_i ~ N(0, I); h_L = g_L(z_L),
   h_i = g_i([z_i, h_{i+1}]), p(x | z) = N(h_1, s^2 I);
 - prior ``gaussian`` (f = 0), ``layerwise`` (f = sum_i f_i(z_i)) or ``joint``
-  (f = f([z_1, ..., z_L])), with p(z) proportional to exp(f(z)) p_gauss(z).
+  (f = f([z_1, ..., z_L])), with p(z) proportional to exp(f(z)) p_gauss(z);
+- backbone ``mlp`` or ``conv`` (``ConvDecoder``, ``ConvTrunk``) for the decoder of
+  p(x | z) and the inference network's trunk; the hierarchy, the priors and
+  Langevin act on latent vectors either way.
 
 f is a negative energy: higher f means more probable. Nothing in the code base
 uses the opposite sign.
@@ -47,6 +50,65 @@ def mlp(sizes: list[int], *, spectral: bool = False, final_activation: bool = Fa
         if i < len(sizes) - 2 or final_activation:
             layers.append(nn.LeakyReLU(0.2) if spectral else nn.GELU())
     return nn.Sequential(*layers)
+
+
+# conv backbone: (side of the coarsest feature map, number of stride-2 stages) per image size. As in the
+# papers' CIFAR-10 code the 32x32 generator starts from 8x8; 28 starts from 7x7, 64 adds a third stage.
+CONV_LAYOUT = {28: (7, 2), 32: (8, 2), 64: (8, 3)}
+
+
+class ConvDecoder(nn.Module):
+    """Top-down conv decoder: (B, n_in) -> (B, D) pre-activation pixels in H, W, C order.
+
+    A linear map to a coarse feature map, then transposed convolutions (kernel 4,
+    stride 2, padding 1) that double the side and halve the feature maps down to
+    ``width`` at the image size, then a 3x3 convolution to the image channels.
+    No normalisation: Langevin and scoring need g(z) to be a function of each z
+    alone, whatever the batch. ``Generator.mean_x`` applies the tanh.
+
+    Feature maps are kept channel last in memory (torch's channels_last), as the
+    flat x is: on CPU the convolutions run about 2x faster that way, and the
+    output flattens to H, W, C order without a copy.
+    """
+
+    def __init__(self, n_in: int, image_size: int, channels: int, width: int):
+        super().__init__()
+        side, stages = CONV_LAYOUT[image_size]
+        self.coarse = (side, side, width * 2**stages)  # (h, w, c)
+        self.project = nn.Linear(n_in, math.prod(self.coarse))
+        # in place: the conv and linear backward passes need their inputs, never their outputs
+        layers: list[nn.Module] = [nn.LeakyReLU(0.2, inplace=True)]
+        for i in range(stages, 0, -1):
+            layers += [nn.ConvTranspose2d(width * 2**i, width * 2 ** (i - 1), 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
+        layers.append(nn.Conv2d(width, channels, 3, padding=1))
+        self.up = nn.Sequential(*layers)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        y = self.project(h).view(-1, *self.coarse).permute(0, 3, 1, 2)  # (B, c, h, w), channels_last
+        y = self.up(y)  # (B, C, H, W), channels_last
+        return y.permute(0, 2, 3, 1).reshape(y.shape[0], -1)  # (B, H*W*C)
+
+
+class ConvTrunk(nn.Module):
+    """Bottom-up conv trunk of the inference network, the decoder's mirror: (B, D) -> (B, n_out).
+
+    x in H, W, C order is viewed as (B, C, H, W); a 3x3 convolution to ``width``
+    maps, strided convolutions (kernel 4, stride 2, padding 1) that halve the side
+    and double the maps down to the coarse feature map, then a linear layer.
+    """
+
+    def __init__(self, image_size: int, channels: int, width: int, n_out: int):
+        super().__init__()
+        side, stages = CONV_LAYOUT[image_size]
+        self.image_shape = (image_size, image_size, channels)
+        layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+        for i in range(stages):
+            layers += [nn.Conv2d(width * 2**i, width * 2 ** (i + 1), 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
+        layers += [nn.Flatten(), nn.Linear(width * 2**stages * side * side, n_out), nn.LeakyReLU(0.2, inplace=True)]
+        self.down = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(x.view(-1, *self.image_shape).permute(0, 3, 1, 2))  # (B, C, H, W), channels_last
 
 
 def fast_tanh(y: torch.Tensor) -> torch.Tensor:
@@ -91,7 +153,7 @@ class Generator(nn.Module):
             self.cond = nn.ModuleList(
                 mlp([self.z_dims[i + 1], cfg.cond_hidden, 2 * self.z_dims[i]]) for i in range(L - 1)
             )
-            self.decoder = mlp([self.z_dims[0], *cfg.gen_hidden, D])
+            n_in = self.z_dims[0]
         else:
             # top[i] computes h_{i+2} from [z_{i+2}, h_{i+3}]; the decoder computes h_1 from [z_1, h_2]
             top = []
@@ -99,7 +161,11 @@ class Generator(nn.Module):
                 n_in = self.z_dims[i] + (cfg.cond_hidden if i < L - 1 else 0)
                 top.append(mlp([n_in, cfg.cond_hidden], final_activation=True))
             self.top = nn.ModuleList(top)
+            # [z_1, h_2]: the lower latent layer and the path from above enter the decoder together
             n_in = self.z_dims[0] + (cfg.cond_hidden if L > 1 else 0)
+        if cfg.backbone == "conv":
+            self.decoder = ConvDecoder(n_in, cfg.image_size, cfg.channels, cfg.conv_channels)
+        else:
             self.decoder = mlp([n_in, *cfg.gen_hidden, D])
 
     def split(self, z: torch.Tensor) -> list[torch.Tensor]:
@@ -198,7 +264,10 @@ class InferenceNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.z_dims = [int(d) for d in cfg.z_dims]
-        self.trunk = mlp([cfg.data_dim, *cfg.enc_hidden], final_activation=True)
+        if cfg.backbone == "conv":
+            self.trunk = ConvTrunk(cfg.image_size, cfg.channels, cfg.conv_channels, cfg.enc_hidden[-1])
+        else:
+            self.trunk = mlp([cfg.data_dim, *cfg.enc_hidden], final_activation=True)
         self.steps = nn.ModuleList()
         heads = [nn.Linear(cfg.enc_hidden[-1], 2 * self.z_dims[0])]
         width = cfg.enc_hidden[-1]
