@@ -124,6 +124,7 @@ class TrainConfig:
     mle_init_from_encoder: bool = True
     val_fraction: float = 0.05
     max_train: int | None = None
+    threads: int = 0  # torch intra-op threads while training (0: leave torch's setting); small models: 1
     # A batch loss above this in magnitude counts as divergence, like a NaN: training stops and the
     # last good checkpoint stays. Normal losses on 28x28 images stay within about 1e3; a runaway EBM
     # (seen with scheme mle) reaches 1e10 while staying finite.
@@ -135,6 +136,8 @@ class TrainConfig:
         _choice("train.scheme", self.scheme, SCHEMES)
         _positive("train.epochs", self.epochs)
         _positive("train.batch_size", self.batch_size)
+        if self.threads < 0:
+            raise ConfigError(f"train.threads must be >= 0 (0: torch's own setting), got {self.threads}")
         if self.min_steps < 0:
             raise ConfigError(f"train.min_steps must be >= 0, got {self.min_steps}")
         for name in ("lr_ebm", "lr_gen", "lr_enc", "grad_clip", "max_abs_loss"):

@@ -186,6 +186,31 @@ def fit(
     train_images: np.ndarray,
     val_images: np.ndarray | None,
     out_dir: str | Path,
+    **kwargs: Any,
+) -> FitResult:
+    """Train ``model`` (see ``_fit``) with torch's intra-op threads set to ``train.threads`` (0: as they are).
+
+    Small models (vectors) run many tiny operations per step, where extra threads mostly wait on
+    each other, badly so when another process holds a core (``benchmarks/RESULTS.md``, "Vectors").
+    The setting is restored after.
+    """
+    threads = config.train.threads
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _fit(model, config, train_images, val_images, out_dir, **kwargs)
+    finally:
+        if threads:
+            torch.set_num_threads(before)
+
+
+def _fit(
+    model: JointEBM,
+    config: Config,
+    train_images: np.ndarray,
+    val_images: np.ndarray | None,
+    out_dir: str | Path,
     *,
     device: torch.device | str = "cpu",
     meta: dict[str, Any] | None = None,
