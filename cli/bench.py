@@ -12,7 +12,8 @@ import typer
 
 
 def bench(
-    data: str = typer.Option("mnist", help="Labelled dataset: mnist or digits."),
+    data: str = typer.Option("mnist", help="Labelled dataset: mnist or digits (images); breast_cancer, wine, "
+                                           "digits64 or mnist784 (vectors)."),
     holdout: str = typer.Option("1,4,5,7,9", help="Held-out digits, comma-separated (one split per digit and seed)."),
     detectors: str = typer.Option(
         "jebm,iforest,ecod,hbos,knn,pca,autoencoder,vae,deepsvdd",
@@ -27,7 +28,8 @@ def bench(
         "all", help="Score components reported as their own rows for every jebm model: all (those not constant), "
                     "none, or a comma list (e.g. latent_knn,neg_log_prior)."),
     seeds: str = typer.Option("0", help="Split seeds, comma-separated (also each jebm model's train.seed)."),
-    config: Optional[Path] = typer.Option(None, help="Base jebm config (default: configs/mnist.yaml)."),
+    config: Optional[Path] = typer.Option(None, help="Base jebm config (default: configs/mnist.yaml for images, "
+                                                     "configs/vectors.yaml for vectors)."),
     epochs: Optional[int] = typer.Option(None, help="Override train.epochs of the base config (variants may override it)."),
     max_train: Optional[int] = typer.Option(None, help="Cap the training part (as fit --max-train; the held-in validation share is not capped)."),
     time_budget: Optional[str] = typer.Option(
@@ -61,7 +63,10 @@ def bench(
         Console().print(table)
         return
 
-    base = _load_config(config)
+    from outlier_jebm.config import default_config_path
+    from outlier_jebm.tables import is_vector_source
+
+    base = _load_config(config or default_config_path("vector" if is_vector_source(data) else "image"))
     try:
         if epochs is not None:
             base = base.with_overrides(train={"epochs": epochs})

@@ -39,9 +39,12 @@ def _load_config(path: Optional[Path]):
 
 @app.command()
 def fit(
-    data: str = typer.Option("mnist", help="mnist, digits, a folder of images, or a .npy/.npz file."),
-    holdout: Optional[int] = typer.Option(None, help="Digit held out as the anomaly class (hold-out protocol)."),
-    config: Optional[Path] = typer.Option(None, help="YAML config (default: configs/mnist.yaml)."),
+    data: str = typer.Option("mnist", help="mnist, digits, a folder of images, a .npy/.npz file of images; or "
+                                           "vectors: a .csv/.parquet table (or .npy/.npz with a vector config), "
+                                           "breast_cancer, wine, digits64, mnist784."),
+    holdout: Optional[int] = typer.Option(None, help="Class held out as the anomaly class (hold-out protocol)."),
+    config: Optional[Path] = typer.Option(None, help="YAML config (default: configs/mnist.yaml for images, "
+                                                     "configs/vectors.yaml for vectors)."),
     epochs: Optional[int] = typer.Option(None, help="Override train.epochs."),
     max_train: Optional[int] = typer.Option(None, help="Use at most this many training images."),
     seed: Optional[int] = typer.Option(None, help="Override train.seed (split, init, shuffling)."),
@@ -63,18 +66,24 @@ def fit(
     # under torchrun every rank runs this command; rank 0 alone reports progress (errors come from any rank)
     main = is_main_process()
     say = console.print if main else (lambda *args, **kwargs: None)
-    cfg = _load_config(config)
+    from outlier_jebm.config import default_config_path, for_vectors
+    from outlier_jebm.tables import is_vector_source
+
+    cfg = _load_config(config or default_config_path("vector" if is_vector_source(data) else "image"))
     if resume and out is None:
         _fail("--resume needs --out pointing at the model directory to continue")
     try:
         cfg = cfg.with_overrides(train={"epochs": epochs, "seed": seed, "max_train": max_train})
         with console.status(f"loading {data} ...") if main else nullcontext():
             td = prepare_data(data, holdout=holdout, seed=cfg.train.seed, val_fraction=cfg.train.val_fraction,
-                              max_train=cfg.train.max_train, image_size=cfg.model.image_size, data_dir=data_dir)
+                              max_train=cfg.train.max_train, image_size=cfg.model.image_size, data_dir=data_dir,
+                              channels=cfg.model.channels, data_kind=cfg.model.data_kind)
+        if td.train.ndim == 2:  # vectors: the data says how many features
+            cfg = for_vectors(cfg, td.train.shape[1])
     except (DataError, ConfigError) as exc:
         _fail(str(exc))
     out_dir = out or default_out_dir(td.name, holdout)
-    say(f"training on [bold]{len(td.train)}[/] images of {td.name}"
+    say(f"training on [bold]{len(td.train)}[/] {'vectors' if cfg.model.is_vector else 'images'} of {td.name}"
         + (f" (digit {holdout} held out)" if holdout is not None else "")
         + f", {len(td.val)} held-in for validation; model -> {out_dir}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -172,7 +181,8 @@ def _load_model_or_fail(model: Optional[str], device: str = "cpu"):
 
 @app.command()
 def score(
-    paths: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+    paths: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively); for a vector "
+                                                  "model, tables (.csv, .parquet, .npy, .npz), one row per input."),
     model: Optional[str] = typer.Option(None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."),
     out: Optional[Path] = typer.Option(None, help="Write one row per input to .csv, .json or .parquet."),
     maps: Optional[Path] = typer.Option(None, help="Write per-pixel anomaly-map overlays (PNG) into this folder."),
@@ -197,12 +207,15 @@ def score(
         return
     if engine != "local":
         _fail(f"--engine {engine!r}: expected local or spark")
-    from outlier_jebm.batch import ResultWriter, score_files
+    from outlier_jebm.batch import ResultWriter, score_files, score_tables
     from outlier_jebm.scoring import Scorer
 
     loaded = _load_model_or_fail(model)
     if loaded.calibration is None:
         _fail(f"{loaded.path}: the model has no calibration.json (it was not fitted to the end); refit it")
+    vectors = loaded.config.model.is_vector
+    if vectors and maps is not None:
+        _fail("--maps draws images: a vector model has none (each row's per-component scores are in --out)")
     scorer = Scorer(loaded, steps=steps)
     columns = scorer.component_names
     writer = None
@@ -220,7 +233,9 @@ def score(
         def on_progress(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        for row in score_files(scorer, paths, maps_dir=maps, on_progress=on_progress):
+        rows = (score_tables(scorer, paths, on_progress=on_progress) if vectors
+                else score_files(scorer, paths, maps_dir=maps, on_progress=on_progress))
+        for row in rows:
             if writer is not None:
                 writer.write(row)
             if row["error"]:
@@ -443,7 +458,7 @@ def calibrate(
         # the split fit made: same seed, validation share and training cap
         td = prepare_data(source, holdout=loaded.meta.get("holdout"), seed=cfg.train.seed,
                           val_fraction=cfg.train.val_fraction, max_train=cfg.train.max_train,
-                          image_size=cfg.model.image_size, data_dir=data_dir)
+                          image_size=cfg.model.image_size, data_dir=data_dir, channels=cfg.model.channels)
     except DataError as exc:
         _fail(str(exc))
     cal = calibrate_model(loaded, td.train, td.val, seed=cfg.train.seed)

@@ -27,8 +27,9 @@ def score_files(
 ) -> Iterator[dict]:
     """One row per input, in input order: scored rows, and rows with ``error`` for unusable files.
 
-    Images are read and scored ``score.batch_size`` at a time, so a folder of any
-    size never sits in memory at once. A bad file costs only its own row.
+    Images are read as the model's inputs (grayscale, or RGB for a colour model) and scored
+    ``score.batch_size`` at a time, so a folder of any size never sits in memory at once. A bad
+    file costs only its own row.
     """
     files, problems = image_files(paths)
     bad = {str(p): reason for p, reason in problems}
@@ -43,7 +44,7 @@ def score_files(
         images, ok_paths = [], []
         for path in chunk:
             try:
-                images.append(read_image(path, scorer.image_size))
+                images.append(read_image(path, scorer.image_size, scorer.channels))
                 ok_paths.append(path)
             except ImageError as exc:
                 bad[str(path)] = exc.reason
@@ -63,6 +64,45 @@ def score_files(
         done += len(chunk)
         if on_progress is not None:
             on_progress(done, total)
+
+
+def score_tables(
+    scorer: Scorer,
+    paths: Iterable[str | Path],
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Iterator[dict]:
+    """Vector models: one row per table row (``path`` is ``FILE:ROW``, rows counted from 0).
+
+    Each file is a table (``tables.load_table``: .csv, .parquet, .npy, .npz) with the model's
+    number of features. A file that cannot be read, or has the wrong width, is one error row;
+    a row holding NaN or an infinite value is an error row of its own and the rest are scored.
+    """
+    from .data import DataError
+    from .tables import load_table
+
+    paths = [Path(p) for p in paths]
+    dim = scorer.config.model.vector_dim
+    for n, path in enumerate(paths):
+        try:
+            features, _ = load_table(path, allow_nonfinite=True)
+            if features.shape[1] != dim:
+                raise DataError(f"{path}: {features.shape[1]} features, but the model was fitted on {dim}")
+        except DataError as exc:
+            yield _error_row(path, str(exc).removeprefix(f"{path}: "))
+            continue
+        finite = np.isfinite(features).all(1)
+        good = np.flatnonzero(finite)
+        table = scorer.score(features[good]) if len(good) else {}
+        position = {int(row): i for i, row in enumerate(good)}
+        for row in range(len(features)):
+            name = f"{path}:{row}"
+            if row in position:
+                yield _row(name, {k: v[position[row]] for k, v in table.items()})
+            else:
+                yield _error_row(name, "NaN or infinite value")
+        if on_progress is not None:
+            on_progress(n + 1, len(paths))
 
 
 def _safe_name(path: Path) -> str:

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, for_vectors
 from .evaluate import detection_metrics
 
 # ICCV 2023 joint-EBM paper, Table 3, as quoted in PROTOCOL.md (AUPRC, MNIST hold-out-one-digit).
@@ -49,6 +49,8 @@ PUBLISHED_AUPRC: dict[str, dict[int, float]] = {
 }
 
 PIXEL_INPUT = "image pixels in [0, 1], flattened to H*W features, no further scaling"
+VECTOR_INPUT = ("feature vectors standardised with the mean and std of the training part (train + held-in "
+                "validation), the same input for every PyOD detector; jebm standardises its own training part")
 
 COLUMNS = [
     "detector", "holdout", "seed", "status", "auprc", "auroc", "fit_seconds", "score_images_per_second",
@@ -133,8 +135,24 @@ PYOD_DETECTORS: dict[str, PyODDetector] = {d.name: d for d in [
 
 
 def pixel_features(images01: np.ndarray) -> np.ndarray:
-    """(N, H, W) images in [0, 1] -> (N, H*W) float32: the PyOD detectors' input."""
+    """(N, H, W[, C]) images in [0, 1] -> (N, H*W*C) float32: the PyOD detectors' input."""
     return np.ascontiguousarray(images01.reshape(len(images01), -1), dtype=np.float32)
+
+
+def is_vector_split(td) -> bool:
+    """Vectors come as (n, d), images as (n, H, W) or (n, H, W, C)."""
+    return td.train.ndim == 2
+
+
+def pyod_inputs(td) -> tuple[np.ndarray, np.ndarray]:
+    """The PyOD detectors' training and test input for one split (``PIXEL_INPUT`` or ``VECTOR_INPUT``)."""
+    X = pixel_features(np.concatenate([td.train, td.val]))  # the protocol's whole 80 %
+    T = pixel_features(td.test)
+    if is_vector_split(td):
+        mean, std = X.mean(0), X.std(0)
+        std = np.where(std > 1e-12, std, 1.0)
+        X, T = (X - mean) / std, (T - mean) / std
+    return X, T
 
 
 @dataclass
@@ -149,7 +167,8 @@ class JEBMVariant:
     def describe(self) -> dict[str, Any]:
         return {"family": "jebm", "overrides": self.overrides, "config": self.config.to_dict(),
                 "components": self.components or "all (constant ones left out)",
-                "input": "image pixels in [0, 1], scaled to [-1, 1] inside the model"}
+                "input": ("feature vectors, standardised inside the model (model.standardize)"
+                          if self.config.model.is_vector else "image pixels in [0, 1], scaled to [-1, 1] inside the model")}
 
 
 def parse_overrides(text: str, sep: str = ",") -> dict[str, Any]:
@@ -364,7 +383,9 @@ def run_bench(spec: BenchSpec, *, on_row: RowHook | None = None, on_message: Mes
                 if td is None:
                     td = prepare_data(spec.data, holdout=holdout, seed=seed,
                                       val_fraction=spec.base_config.train.val_fraction, max_train=spec.max_train,
-                                      image_size=spec.base_config.model.image_size, data_dir=spec.data_dir)
+                                      image_size=spec.base_config.model.image_size, data_dir=spec.data_dir,
+                                      channels=spec.base_config.model.channels,
+                                      data_kind=spec.base_config.model.data_kind)
                     say(f"holdout {holdout} seed {seed}: {len(td.train) + len(td.val)} training images "
                         f"({len(td.val)} of them held in for jebm's calibration), {len(td.test)} test images, "
                         f"{100 * float(np.mean(td.test_is_anomaly)):.1f} % anomalies")
@@ -411,8 +432,7 @@ _WARMED: set[str] = set()
 
 
 def _pyod_cell(det: PyODDetector, td, seed: int) -> CellRows:
-    X = pixel_features(np.concatenate([td.train, td.val]))  # (n, H*W): the protocol's whole 80 %
-    T = pixel_features(td.test)
+    X, T = pyod_inputs(td)
     if det.name not in _WARMED:
         # one untimed fit on a few images first, so that fit_seconds leaves out one-off costs of the
         # process (lazy imports, numba compilation: HBOS's first fit on 8x8 digits took 5 s, its second 0.02 s)
@@ -436,6 +456,8 @@ def _jebm_cell(variant: JEBMVariant, td, holdout: int, seed: int, spec: BenchSpe
     from .train import resolve_device
 
     cfg = variant.config.with_overrides(train={"seed": seed, "max_train": spec.max_train})
+    if is_vector_split(td):
+        cfg = for_vectors(cfg, td.train.shape[1])
     model_dir = Path(spec.out_dir) / "models" / f"{_slug(variant.name)}-holdout{holdout}-seed{seed}"
     n_epochs = cfg.train.epochs
 
@@ -619,7 +641,8 @@ def render_markdown(rows: list[dict[str, Any]], spec: BenchSpec, settings: dict[
         lines += ["", f"`{spec.command}`"]
     lines += [
         "",
-        "Every detector saw the same split per (digit, seed). PyOD detectors: " + PIXEL_INPUT + ", fitted on "
+        "Every detector saw the same split per (hold-out, seed). PyOD detectors: "
+        + (VECTOR_INPUT if spec.base_config.model.is_vector else PIXEL_INPUT) + ", fitted on "
         "the whole training part; their settings and the reason for each change from PyOD's defaults are in "
         "`settings.json`. jebm: trained by `run_fit` (the `fit` command's code path, MLflow logging aside) "
         "and scored by `Scorer`; `name[component]` rows rank by one score component of the same fit. "
@@ -629,6 +652,7 @@ def render_markdown(rows: list[dict[str, Any]], spec: BenchSpec, settings: dict[
         "",
     ]
     lines += _summary_table(agg, detectors, holdouts, spec)
+    lines += [""] + _summary_table(agg, detectors, holdouts, spec, metric="auroc")
     for h in holdouts:
         rates = [e["anomaly_rate"] for (d, hh), e in agg.items() if hh == h and e["anomaly_rate"] is not None]
         n_tests = [e["n_test"] for (d, hh), e in agg.items() if hh == h and e["n_test"] is not None]
@@ -651,25 +675,28 @@ def render_markdown(rows: list[dict[str, Any]], spec: BenchSpec, settings: dict[
     return "\n".join(lines) + "\n"
 
 
-def _summary_table(agg, detectors: list[str], holdouts: list[int], spec: BenchSpec) -> list[str]:
+def _summary_table(agg, detectors: list[str], holdouts: list[int], spec: BenchSpec,
+                   metric: str = "auprc") -> list[str]:
     if not holdouts:
         return []
-    head = ["## Summary: AUPRC", "", "| | " + " | ".join(str(h) for h in holdouts) + " |",
+    head = [f"## Summary: {metric.upper()}", "", "| | " + " | ".join(str(h) for h in holdouts) + " |",
             "| --- |" + " --- |" * len(holdouts)]
     body = []
     pyod = [d for d in detectors if any(agg.get((d, h), {}).get("family") == "pyod" for h in holdouts)]
     if pyod:
         cells = []
         for h in holdouts:
-            ran = [(agg[(d, h)]["auprc"], d) for d in pyod if (d, h) in agg and agg[(d, h)]["auprc"] is not None]
+            ran = [(agg[(d, h)][metric], d) for d in pyod if (d, h) in agg and agg[(d, h)][metric] is not None]
             cells.append(f"{max(ran)[0]:.3f} ({max(ran)[1]})" if ran else "-")
-        body.append("| best PyOD (picked per digit on test labels) | " + " | ".join(cells) + " |")
+        body.append("| best PyOD (picked per hold-out on test labels) | " + " | ".join(cells) + " |")
     for d in detectors:
         e0 = next((agg[(d, h)] for h in holdouts if (d, h) in agg), None)
         if e0 is None or e0["family"] != "jebm" or e0["score"] != "score":
             continue
-        cells = [_pm(agg[(d, h)], "auprc") if (d, h) in agg else "-" for h in holdouts]
+        cells = [_pm(agg[(d, h)], metric) if (d, h) in agg else "-" for h in holdouts]
         body.append(f"| {d} | " + " | ".join(cells) + " |")
+    if metric != "auprc":
+        return head + body
     if spec.data.strip().lower() == "mnist":
         for name, values in PUBLISHED_AUPRC.items():
             cells = [f"{values[h]:.3f}" if h in values else "-" for h in holdouts]
@@ -744,6 +771,8 @@ def _available_components(config: Config) -> set[str]:
     from .model import JointEBM
     from .scoring import component_names
 
+    if config.model.is_vector:
+        config = for_vectors(config, max(config.model.vector_dim, 1))
     return set(component_names(JointEBM(config.model), True, llr_samples=1))
 
 

@@ -1,8 +1,11 @@
 """Datasets, image decoding and the hold-out-one-digit split.
 
-Every image that leaves this module is float32 in [0, 1] with white strokes on
-a black background (MNIST polarity), shaped ``(N, H, W)`` for a stack or
-``(H, W)`` for a single image. The model rescales to [-1, 1] itself.
+Every image that leaves this module is float32 in [0, 1], shaped ``(N, H, W)``
+for a stack or ``(H, W)`` for a single image when grayscale (``channels=1``, white
+strokes on a black background: MNIST polarity), and ``(N, H, W, 3)`` /
+``(H, W, 3)`` when colour (``channels=3``, RGB, channel last, never inverted). A
+grayscale reader turns colour into luminance; a colour reader repeats a gray
+image's channel. The model rescales to [-1, 1] itself.
 
 Sources (SPEC section 5):
 
@@ -36,6 +39,8 @@ from PIL import Image, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+CHANNELS = (1, 3)
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 DEFAULT_DATA_DIR = Path("~/.cache/jebm-od")
 DEFAULT_MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
@@ -91,7 +96,7 @@ class Dataset:
     Attributes
     ----------
     images : np.ndarray
-        float32 ``(N, H, W)`` in [0, 1], MNIST polarity.
+        float32 ``(N, H, W)`` in [0, 1], MNIST polarity, or ``(N, H, W, 3)`` (RGB).
     labels : np.ndarray or None
         int64 ``(N,)``, or None for unlabelled sources (folders, bare arrays).
     name : str
@@ -138,19 +143,23 @@ class Split:
     seed: int
 
 
-def load_dataset(source: str, data_dir: str | Path | None = None, image_size: int = 28) -> Dataset:
+def load_dataset(source: str, data_dir: str | Path | None = None, image_size: int = 28, channels: int = 1) -> Dataset:
     """Load a dataset by name or path.
 
     Parameters
     ----------
     source : str
-        ``"mnist"``, ``"digits"``, a ``.npy`` / ``.npz`` file, a folder of
-        images (searched recursively) or a single image file. The two names
-        win over a folder of the same name; write ``./mnist`` for the folder.
+        ``"mnist"``, ``"digits"``, a ``.npy`` / ``.npz`` file (``(N, H, H)``,
+        ``(N, H*H)`` or colour ``(N, H, H, 3)``; uint8 0-255 or floats in [0, 1]),
+        a folder of images (searched recursively) or a single image file. The two
+        names win over a folder of the same name; write ``./mnist`` for the folder.
     data_dir : str or Path, optional
         Where MNIST files are looked for and cached (see ``load_mnist``).
     image_size : int
         Side of the returned square images; sources of another size are resized.
+    channels : int
+        1: grayscale images ``(N, S, S)`` (colour sources become luminance);
+        3: RGB images ``(N, S, S, 3)`` (gray sources repeat their channel).
 
     Returns
     -------
@@ -163,14 +172,16 @@ def load_dataset(source: str, data_dir: str | Path | None = None, image_size: in
         is unusable (training data should be clean, so nothing is skipped).
     """
     _check_image_size(image_size)
+    _check_channels(channels)
     key = str(source).strip().lower()
     if key == "mnist":
         ds = load_mnist(data_dir)
         if image_size != ds.images.shape[-1]:
             ds = Dataset(_resize_stack(ds.images, image_size), ds.labels, ds.name)
-        return ds
+        return Dataset(match_channels(ds.images, channels), ds.labels, ds.name) if channels != 1 else ds
     if key == "digits":
-        return load_digits(image_size)
+        ds = load_digits(image_size)
+        return Dataset(match_channels(ds.images, channels), ds.labels, ds.name) if channels != 1 else ds
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -179,25 +190,25 @@ def load_dataset(source: str, data_dir: str | Path | None = None, image_size: in
     if path.is_file() and suffix in (".npy", ".npz"):
         images, labels = _load_array_file(path)
         images = _to_square_stack(images, str(path))
-        if images.shape[-1] != image_size:
+        if images.shape[1] != image_size:
             images = _resize_stack(images, image_size)
-        return Dataset(images, labels, path.name)
+        return Dataset(match_channels(images, channels), labels, path.name)
     if path.is_file() and suffix not in IMAGE_SUFFIXES:
         raise DataError(
             f"{path}: unsupported file type {suffix or '(none)'}; expected .npy, .npz, "
             f"an image ({', '.join(sorted(IMAGE_SUFFIXES))}) or a folder"
         )
-    return _load_image_folder(path, image_size)
+    return _load_image_folder(path, image_size, channels)
 
 
-def _load_image_folder(path: Path, image_size: int) -> Dataset:
+def _load_image_folder(path: Path, image_size: int, channels: int = 1) -> Dataset:
     files, problems = image_files([path])
     if not files and not problems:
         raise DataError(f"no images found in {path} (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
     images = []
     for file in files:
         try:
-            images.append(read_image(file, image_size))
+            images.append(read_image(file, image_size, channels))
         except ImageError as err:
             problems.append((Path(err.path), err.reason))
     if problems:
@@ -502,18 +513,23 @@ def _load_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _to_square_stack(array: np.ndarray, name: str) -> np.ndarray:
-    """Infer the side of an ``(N, H, H)`` or ``(N, H*H)`` array and scale it to [0, 1]."""
-    if array.ndim == 3 and array.shape[1] == array.shape[2]:
-        side = array.shape[1]
+    """Infer the side of an ``(N, H, H)``, ``(N, H*H)`` or ``(N, H, H, 3)`` array and scale it to [0, 1].
+
+    The result keeps the array's own channels: ``(N, H, H)`` or ``(N, H, H, 3)``.
+    """
+    if array.ndim == 4 and array.shape[3] == 3 and array.shape[1] == array.shape[2]:
+        side, channels = array.shape[1], 3
+    elif array.ndim == 3 and array.shape[1] == array.shape[2]:
+        side, channels = array.shape[1], 1
     elif array.ndim == 2 and round(np.sqrt(array.shape[1])) ** 2 == array.shape[1]:
-        side = round(np.sqrt(array.shape[1]))
+        side, channels = round(np.sqrt(array.shape[1])), 1
     else:
-        raise DataError(f"{name}: images must have shape (N, H, H) or (N, H*H), got {array.shape}")
-    return to_unit_range(array, side, name)
+        raise DataError(f"{name}: images must have shape (N, H, H), (N, H*H) or (N, H, H, 3), got {array.shape}")
+    return to_unit_range(array, side, name, channels)
 
 
 def _resize_stack(images: np.ndarray, image_size: int) -> np.ndarray:
-    out = np.empty((len(images), image_size, image_size), dtype=np.float32)
+    out = np.empty((len(images), image_size, image_size, *images.shape[3:]), dtype=np.float32)
     for i, img in enumerate(images):
         out[i] = _resize(img.astype(np.float32, copy=False), image_size)
     return out
@@ -521,8 +537,10 @@ def _resize_stack(images: np.ndarray, image_size: int) -> np.ndarray:
 
 def _resize(img: np.ndarray, image_size: int) -> np.ndarray:
     """Resize a float32 image: Lanczos when shrinking (sharp, antialiased), bilinear when enlarging (no ringing)."""
-    if img.shape == (image_size, image_size):
+    if img.shape[:2] == (image_size, image_size):
         return img
+    if img.ndim == 3:  # (H, W, C): Pillow resizes float images only in mode F, one channel at a time
+        return np.stack([_resize(img[..., c], image_size) for c in range(img.shape[2])], axis=-1)
     method = Image.Resampling.LANCZOS if max(img.shape) > image_size else Image.Resampling.BILINEAR
     resized = np.asarray(Image.fromarray(img).resize((image_size, image_size), method), dtype=np.float32)
     # Lanczos overshoots a little around sharp strokes.
@@ -633,15 +651,17 @@ def image_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Pat
     return files, problems
 
 
-def read_image(path: str | Path, image_size: int = 28) -> np.ndarray:
-    """Read one image file as float32 ``(image_size, image_size)`` in [0, 1], MNIST polarity.
+def read_image(path: str | Path, image_size: int = 28, channels: int = 1) -> np.ndarray:
+    """Read one image file as float32 in [0, 1]: ``(S, S)`` in MNIST polarity, or ``(S, S, 3)`` RGB.
 
     Parameters
     ----------
     path : str or Path
         The image file.
     image_size : int
-        Side of the result.
+        Side ``S`` of the result.
+    channels : int
+        1 (grayscale) or 3 (RGB); see ``decode_image``.
 
     Returns
     -------
@@ -656,16 +676,18 @@ def read_image(path: str | Path, image_size: int = 28) -> np.ndarray:
         data = Path(path).read_bytes()
     except OSError as err:
         raise ImageError(path, f"cannot read file ({err.strerror or err})") from err
-    return decode_image(data, image_size, str(path))
+    return decode_image(data, image_size, str(path), channels)
 
 
-def decode_image(data: bytes, image_size: int = 28, name: str = "<bytes>") -> np.ndarray:
+def decode_image(data: bytes, image_size: int = 28, name: str = "<bytes>", channels: int = 1) -> np.ndarray:
     """Decode encoded image bytes (PNG, JPEG, ...) exactly as ``read_image`` does.
 
-    Grayscale of any bit depth is scaled by its full range; colour becomes
-    luminance with transparency composited over black; the image is padded to
-    a square with its border colour and resized; a bright border means a dark
-    digit on light paper, which is inverted.
+    Grayscale of any bit depth is scaled by its full range; transparency is
+    composited over black; the image is padded to a square with its border
+    colour and resized. With ``channels=1`` colour becomes luminance and a
+    bright border means a dark digit on light paper, which is inverted (MNIST
+    polarity). With ``channels=3`` the result is RGB, a gray image repeats its
+    channel, and nothing is inverted: colours mean what they show.
 
     Parameters
     ----------
@@ -675,11 +697,13 @@ def decode_image(data: bytes, image_size: int = 28, name: str = "<bytes>") -> np
         Side of the result.
     name : str
         Used in error messages (a file name or an upload's name).
+    channels : int
+        1 (grayscale) or 3 (RGB).
 
     Returns
     -------
     np.ndarray
-        float32 ``(image_size, image_size)`` in [0, 1].
+        float32 ``(image_size, image_size)`` (or ``(image_size, image_size, 3)``) in [0, 1].
 
     Raises
     ------
@@ -687,6 +711,7 @@ def decode_image(data: bytes, image_size: int = 28, name: str = "<bytes>") -> np
         If the bytes are empty, not an image, truncated, corrupt, or too large.
     """
     _check_image_size(image_size)
+    _check_channels(channels)
     if not data:
         raise ImageError(name, "empty file")
     try:
@@ -707,13 +732,13 @@ def decode_image(data: bytes, image_size: int = 28, name: str = "<bytes>") -> np
             raise ImageError(name, f"image too large, refused as a possible decompression bomb ({err})") from err
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             raise ImageError(name, f"truncated or corrupt image data ({err})") from err
-        gray = _to_gray(img, name)
-    if gray.size == 0:
+        pixels = _to_gray(img, name) if channels == 1 else _to_rgb(img, name)
+    if pixels.size == 0:
         raise ImageError(name, "image has no pixels")
-    gray = _resize(_pad_square(gray), image_size)
-    if _border(gray).mean() > 0.5:
-        gray = 1.0 - gray
-    return np.clip(gray, 0.0, 1.0).astype(np.float32, copy=False)
+    pixels = _resize(_pad_square(pixels), image_size)
+    if channels == 1 and _border(pixels).mean() > 0.5:
+        pixels = 1.0 - pixels
+    return np.clip(pixels, 0.0, 1.0).astype(np.float32, copy=False)
 
 
 def _to_gray(img: Image.Image, name: str) -> np.ndarray:
@@ -743,6 +768,38 @@ def _to_gray(img: Image.Image, name: str) -> np.ndarray:
         raise ImageError(name, f"unsupported image mode {mode}") from err
 
 
+def _to_rgb(img: Image.Image, name: str) -> np.ndarray:
+    """RGB in [0, 1] as float32 (H, W, 3), whatever the mode: gray repeats its channel."""
+    mode = img.mode
+    if mode in ("1", "L", "I", "F") or mode.startswith("I;16"):
+        return np.repeat(_to_gray(img, name)[..., None], 3, axis=-1)
+    try:
+        if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+            rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+            return (rgba[..., :3] * rgba[..., 3:]).astype(np.float32)  # over black, as for grayscale
+        return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except (ValueError, OSError) as err:
+        raise ImageError(name, f"unsupported image mode {mode}") from err
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """RGB (..., 3) -> gray (...), ITU-R 601 weights (those of Pillow's "L" conversion)."""
+    return (np.asarray(rgb, dtype=np.float32) @ LUMA_WEIGHTS).astype(np.float32, copy=False)
+
+
+def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """A stack ``(N, S, S)`` or ``(N, S, S, 3)`` in [0, 1] with the channels asked for.
+
+    Gray to colour repeats the channel; colour to gray takes the luminance. Polarity is
+    left as it is.
+    """
+    if channels == 3 and images.ndim == 3:
+        return np.repeat(images[..., None], 3, axis=-1)
+    if channels == 1 and images.ndim == 4:
+        return luminance(images)
+    return images
+
+
 def _min_max(values: np.ndarray) -> np.ndarray:
     lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
@@ -751,9 +808,9 @@ def _min_max(values: np.ndarray) -> np.ndarray:
 
 
 def _border(img: np.ndarray) -> np.ndarray:
-    """The outer ring of pixels (two wide, one for tiny images)."""
-    width = 1 if min(img.shape) < 12 else 2
-    mask = np.ones(img.shape, dtype=bool)
+    """The outer ring of pixels (two wide, one for tiny images): (n,), or (n, C) for (H, W, C)."""
+    width = 1 if min(img.shape[:2]) < 12 else 2
+    mask = np.ones(img.shape[:2], dtype=bool)
     mask[width:-width, width:-width] = False
     return img[mask]
 
@@ -764,34 +821,91 @@ def _pad_square(img: np.ndarray) -> np.ndarray:
     The border's median stands for the background: unlike its mean it ignores
     a stroke that touches the edge.
     """
-    height, width = img.shape
+    height, width = img.shape[:2]
     if height == width:
         return img
     side = max(height, width)
-    out = np.full((side, side), np.median(_border(img)), dtype=np.float32)
+    out = np.full((side, side, *img.shape[2:]), np.median(_border(img), axis=0), dtype=np.float32)
     top, left = (side - height) // 2, (side - width) // 2
     out[top : top + height, left : left + width] = img
     return out
 
 
-def to_unit_range(pixels: np.ndarray, image_size: int = 28, name: str = "input") -> np.ndarray:
+def one_image_shapes(image_size: int, channels: int = 1) -> tuple[tuple[int, ...], ...]:
+    """The array shapes one image may have: the model's own kind first (flat, then square),
+    then the other kind, which readers convert (gray to RGB by repeating, RGB to luminance)."""
+    s = image_size
+    gray, color = ((s * s,), (s, s)), ((s * s * 3,), (s, s, 3))
+    return gray + color if channels == 1 else color + gray
+
+
+def describe_shapes(image_size: int, channels: int = 1, *, batch: bool = True) -> str:
+    """The shapes a model takes, in words for error messages (a colour model also takes gray images)."""
+    s, f = image_size, image_size * image_size
+    if batch:
+        gray = f"(N, {f}), (N, {s}, {s}), ({f},), ({s}, {s})"
+        color = f"(N, {3 * f}), (N, {s}, {s}, 3), ({3 * f},), ({s}, {s}, 3)"
+    else:
+        gray, color = f"({f},) or ({s}, {s})", f"({3 * f},) or ({s}, {s}, 3)"
+    return gray if channels == 1 else f"{color} (RGB, channel last), or a gray image's {gray}"
+
+
+def image_stack(pixels: np.ndarray, image_size: int, name: str = "input", channels: int = 1) -> np.ndarray:
+    """A user's array as a stack of images of its own kind, values unchecked.
+
+    Parameters
+    ----------
+    pixels : array_like
+        One image or a batch of them, each in one of ``one_image_shapes(image_size)``.
+    image_size : int
+        The side ``S``.
+    name : str
+        Names the input in error messages.
+    channels : int
+        The model's channels; they only choose the wording of the error.
+
+    Returns
+    -------
+    np.ndarray
+        ``(N, S, S)`` (gray) or ``(N, S, S, 3)`` (RGB), in the input's own dtype.
+
+    Raises
+    ------
+    DataError
+        If the shape is none of the accepted ones.
+    """
+    array = np.asarray(pixels)
+    s = image_size
+    square = {(s * s,): (s, s), (s, s): (s, s), (s * s * 3,): (s, s, 3), (s, s, 3): (s, s, 3)}
+    if array.shape in square:
+        return array.reshape(1, *square[array.shape])
+    if array.ndim >= 2 and array.shape[1:] in square:
+        return array.reshape(len(array), *square[array.shape[1:]])
+    raise DataError(f"{name}: shape {array.shape} is not one of {describe_shapes(image_size, channels)}")
+
+
+def to_unit_range(pixels: np.ndarray, image_size: int = 28, name: str = "input", channels: int = 1) -> np.ndarray:
     """Validate an array of images given by a user and scale it to [0, 1].
 
     Parameters
     ----------
     pixels : array_like
-        ``(N, S*S)``, ``(N, S, S)``, ``(S*S,)`` or ``(S, S)`` with
-        ``S = image_size``; floats in [0, 1] or integers in 0-255. Polarity is
-        taken as given (white strokes on black).
+        ``(N, S*S)``, ``(N, S, S)``, ``(S*S,)`` or ``(S, S)`` (gray), or
+        ``(N, S*S*3)``, ``(N, S, S, 3)``, ``(S*S*3,)`` or ``(S, S, 3)`` (RGB, pixels
+        in H, W, C order) with ``S = image_size``; floats in [0, 1] or integers in
+        0-255. Polarity is taken as given (white strokes on black for MNIST).
     image_size : int
         The side ``S``.
     name : str
         Names the input in error messages.
+    channels : int
+        1: the result is gray (RGB input becomes luminance); 3: RGB (a gray input
+        repeats its channel).
 
     Returns
     -------
     np.ndarray
-        float32 ``(N, S, S)`` in [0, 1].
+        float32 ``(N, S, S)`` (or ``(N, S, S, 3)``) in [0, 1].
 
     Raises
     ------
@@ -799,16 +913,8 @@ def to_unit_range(pixels: np.ndarray, image_size: int = 28, name: str = "input")
         On a wrong shape or dtype, NaN / infinite values, or values out of range.
     """
     _check_image_size(image_size)
-    array = np.asarray(pixels)
-    s, flat = image_size, image_size * image_size
-    if array.shape in ((flat,), (s, s)):
-        array = array.reshape(1, s, s)
-    elif (array.ndim == 2 and array.shape[1] == flat) or (array.ndim == 3 and array.shape[1:] == (s, s)):
-        array = array.reshape(len(array), s, s)
-    else:
-        raise DataError(
-            f"{name}: shape {array.shape} is not one of (N, {flat}), (N, {s}, {s}), ({flat},), ({s}, {s})"
-        )
+    _check_channels(channels)
+    array = image_stack(pixels, image_size, name, channels)
     if len(array) == 0:
         raise DataError(f"{name}: no images (shape {array.shape})")
 
@@ -816,7 +922,7 @@ def to_unit_range(pixels: np.ndarray, image_size: int = 28, name: str = "input")
         lo, hi = int(array.min()), int(array.max())
         if lo < 0 or hi > 255:
             raise DataError(f"{name}: integer pixels must lie in 0-255, got {lo}..{hi}")
-        return (array / np.float32(255.0)).astype(np.float32)
+        return match_channels((array / np.float32(255.0)).astype(np.float32), channels)
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise DataError(f"{name}: contains NaN or infinite values")
@@ -825,8 +931,13 @@ def to_unit_range(pixels: np.ndarray, image_size: int = 28, name: str = "input")
             raise DataError(
                 f"{name}: float pixels must lie in [0, 1], got {lo:g}..{hi:g} (pass uint8 for 0-255 data)"
             )
-        return array.astype(np.float32)
+        return match_channels(array.astype(np.float32), channels)
     raise DataError(f"{name}: pixels must be integers 0-255 or floats in [0, 1], got dtype {array.dtype}")
+
+
+def _check_channels(channels: int) -> None:
+    if channels not in CHANNELS:
+        raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
 
 
 def _check_image_size(image_size: int) -> None:

@@ -349,7 +349,7 @@ class JointEBM(nn.Module):
         to [-1, 1]; vectors (N, d) standardised (or as they are)."""
         if not self.cfg.is_vector:
             return to_model_space(data, device)
-        x = torch.as_tensor(np.asarray(data, dtype=np.float32) if not torch.is_tensor(data) else data)
+        x = torch.as_tensor(np.array(data, dtype=np.float32) if not torch.is_tensor(data) else data)  # a copy: may be read-only
         x = x.reshape(x.shape[0], -1).to(device=device, dtype=torch.float32)
         return (x - self.x_shift.to(device)) / self.x_scale.to(device)
 

@@ -14,7 +14,7 @@ import torch
 from .checkpoint import LoadedModel, load_model, read_config
 from .evaluate import Evaluation
 from .config import Config
-from .data import Dataset, holdout_split, load_dataset
+from .data import holdout_split, load_dataset
 from .distributed import ProcessGroup
 from .model import JointEBM
 from .sampling import reconstructions, sample_figures
@@ -27,7 +27,7 @@ LATEST_POINTER = Path("models") / "latest"
 
 @dataclass
 class TrainingData:
-    train: np.ndarray  # (n, H, W) in [0, 1]
+    train: np.ndarray  # (n, H, W) or (n, H, W, 3) in [0, 1]
     val: np.ndarray
     name: str
     holdout: int | None
@@ -44,11 +44,25 @@ def prepare_data(
     max_train: int | None = None,
     image_size: int = 28,
     data_dir: str | Path | None = None,
+    channels: int = 1,
+    data_kind: str = "image",
 ) -> TrainingData:
-    """Load a dataset and apply the hold-out protocol (or a plain train/validation split)."""
-    ds: Dataset = load_dataset(source, data_dir=data_dir, image_size=image_size)
+    """Load a dataset and apply the hold-out protocol (or a plain train/validation split).
+
+    ``channels`` is the model's (``model.channels``): 1 reads grayscale, 3 reads RGB.
+    Vectors (``data_kind`` "vector", a named vector set or a .csv/.parquet table; see
+    ``tables``) come out as (n, d) arrays, images as (n, H, W[, C]).
+    """
+    from .tables import is_vector_source, load_vector_dataset, vector_holdout_split
+
+    vectors = data_kind == "vector" or is_vector_source(source)
+    if vectors:
+        ds = load_vector_dataset(source, data_dir=data_dir)
+    else:
+        ds = load_dataset(source, data_dir=data_dir, image_size=image_size, channels=channels)
     if holdout is not None:
-        split = holdout_split(ds, holdout, seed=seed, val_fraction=val_fraction)
+        split_fn = vector_holdout_split if vectors else holdout_split
+        split = split_fn(ds, holdout, seed=seed, val_fraction=val_fraction)
         train, val, test, flags = split.train, split.val, split.test, split.test_is_anomaly
     else:
         order = np.random.default_rng(seed).permutation(len(ds.images))
@@ -237,7 +251,7 @@ def run_evaluate(
     cfg = loaded.config
     seed = cfg.train.seed if seed is None else seed
     data = prepare_data(source, holdout=holdout, seed=seed, val_fraction=cfg.train.val_fraction,
-                        image_size=cfg.model.image_size, data_dir=data_dir)
+                        image_size=cfg.model.image_size, data_dir=data_dir, channels=cfg.model.channels)
     scorer = Scorer(loaded, steps=steps, device=resolve_device(device))
     t0 = time.perf_counter()
     table = scorer.score(data.test)

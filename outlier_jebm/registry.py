@@ -37,7 +37,8 @@ def output_columns(component_names: list[str]) -> list[str]:
 
 def model_signature(component_names: list[str]):
     """Output schema only: the input is validated by the model itself, because MLflow's tensor
-    schemas cannot accept both a 784-column ``dataframe_split`` and ``inputs`` of N x 28 x 28."""
+    schemas cannot accept both a 784-column ``dataframe_split`` and ``inputs`` of N x 28 x 28
+    (nor, for a colour model, both S*S*3 columns and N x S x S x 3, and gray images beside them)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
@@ -53,9 +54,9 @@ def _pyfunc_kwargs(model_dir: str | Path) -> dict[str, Any]:
     from .scoring import Scorer
 
     scorer = Scorer(load_model(model_dir))
-    image_size = scorer.image_size
-    example = np.zeros((2, image_size * image_size), dtype=np.float32)
-    example[1, : image_size * image_size // 2] = 1.0
+    dim = scorer.config.model.data_dim  # S*S, or S*S*3 for a colour model (H, W, C order)
+    example = np.zeros((2, dim), dtype=np.float32)
+    example[1, : dim // 2] = 1.0
     return dict(
         python_model=str(PYFUNC_CODE),
         artifacts={ARTIFACT_KEY: str(Path(model_dir).resolve())},

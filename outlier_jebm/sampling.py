@@ -25,7 +25,7 @@ def prior_samples(model: JointEBM, n: int, *, steps: int, step_size: float) -> n
 def hierarchical_samples(model: JointEBM, ncol: int, *, steps: int, step_size: float) -> np.ndarray:
     """Row k resamples layer k only (reference noise and Langevin on that layer), the others held fixed.
 
-    Returns images (L * ncol, H, W): what each layer controls, bottom layer first.
+    Returns images (L * ncol, H, W[, C]): what each layer controls, bottom layer first.
     """
     device = next(model.parameters()).device
     dims = model.cfg.z_dims
@@ -46,7 +46,7 @@ def hierarchical_samples(model: JointEBM, ncol: int, *, steps: int, step_size: f
 
 
 def sample_figures(model: JointEBM, *, steps: int, step_size: float, n: int = 64, long_factor: int = 10) -> dict[str, Image.Image]:
-    """PNG-ready grids: prior samples, hierarchical sampling, short-run vs long-run chains."""
+    """PNG-ready grids: prior samples, hierarchical sampling, short-run vs long-run chains (RGB for a colour model)."""
     was_training = model.training
     model.eval()
     ncol = 8
@@ -66,7 +66,8 @@ def sample_figures(model: JointEBM, *, steps: int, step_size: float, n: int = 64
 
 
 def reconstructions(model: JointEBM, images01: np.ndarray) -> Image.Image:
-    """Inputs (top row) over their reconstructions from the inference network's mean (bottom row)."""
+    """Inputs (N, H, W[, C]) in [0, 1] (top row) over their reconstructions from the inference network's mean
+    (bottom row)."""
     device = next(model.parameters()).device
     x = model.to_model_space(images01, device)
     with torch.no_grad():

@@ -462,6 +462,7 @@ class Scorer:
         if loaded.path is not None and (loaded.path / REFERENCE_FILE).is_file():
             self.reference = References(load_file(str(loaded.path / REFERENCE_FILE))["eps"].to(self.device))
         self.image_size = loaded.config.model.image_size
+        self.channels = loaded.config.model.channels  # 1: inputs (N, S, S); 3: (N, S, S, 3)
 
     @property
     def component_names(self) -> list[str]:

@@ -1,12 +1,13 @@
 """Batch scoring on Spark: the logged MLflow pyfunc model run by ``mlflow.pyfunc.spark_udf``.
 
 ``jebm-od score --engine spark INPUT OUTPUT --model ...`` reads a parquet dataset with a
-column ``pixels`` (arrays of S*S numbers, floats in [0, 1] or integers 0-255) or a column
-``path`` (image files readable where the Spark tasks run), scores every row with the same
-pyfunc model that ``mlflow models serve`` answers with, and writes a parquet dataset: the
-input columns plus the columns of ``jebm-od score --out`` (``score``, ``score_normalized``,
-``label``, ``top_component``, ``error``, one column per component). A bad row gets its
-``error`` and label -1; it never fails the job.
+column ``pixels`` (arrays of S*S numbers, or S*S*3 in H, W, C order for a colour model;
+floats in [0, 1] or integers 0-255) or a column ``path`` (image files readable where the
+Spark tasks run, read in the model's channels like ``jebm-od score`` reads them), scores
+every row with the same pyfunc model that ``mlflow models serve`` answers with, and writes
+a parquet dataset: the input columns plus the columns of ``jebm-od score --out``
+(``score``, ``score_normalized``, ``label``, ``top_component``, ``error``, one column per
+component). A bad row gets its ``error`` and label -1; it never fails the job.
 
 Spark does the scheduling: locally (``local[*]``, the default) or on a cluster
 (``--spark-master spark://...``, or launched with ``spark-submit``). Each Python worker loads
@@ -99,7 +100,7 @@ def score_parquet(spark, model_uri: str, input_path: str, output_path: str, *, o
     columns = frame.columns
     present = [c for c in INPUT_COLUMNS if c in columns]
     if not present:
-        raise DataError(f"{input_path}: needs a column 'pixels' (arrays of pixel values) or 'path' "
+        raise DataError(f"{input_path}: needs a column 'pixels' (flat arrays of pixel values, H, W, C order) or 'path' "
                         f"(image files); it has {columns}")
     source = present[0]
     dtype = frame.schema[source].dataType

@@ -107,11 +107,12 @@ def load_vector_dataset(source: str, data_dir: str | Path | None = None) -> Vect
     return VectorDataset(features, None, Path(source).name, columns)
 
 
-def load_table(path: str | Path) -> tuple[np.ndarray, list[str]]:
+def load_table(path: str | Path, *, allow_nonfinite: bool = False) -> tuple[np.ndarray, list[str]]:
     """Read a table of numbers: ``.csv`` (a header row), ``.parquet``, or a 2-d ``.npy`` / ``.npz``.
 
-    Every column must be numeric and every value finite; the error names the file and the
-    column (or row) at fault.
+    Every column must be numeric and (unless ``allow_nonfinite``, for scoring, where a bad row
+    is reported on its own) every value finite; the error names the file and the column (or
+    row) at fault.
 
     Returns
     -------
@@ -142,11 +143,11 @@ def load_table(path: str | Path) -> tuple[np.ndarray, list[str]]:
         columns = []
     else:
         raise DataError(f"{path}: unsupported table type {suffix or '(none)'}; expected {', '.join(TABLE_SUFFIXES)}")
-    features = check_vectors(features, str(path))
+    features = check_vectors(features, str(path), allow_nonfinite=allow_nonfinite)
     return features, columns or [f"x{i}" for i in range(features.shape[1])]
 
 
-def check_vectors(X, name: str = "X", dim: int | None = None) -> np.ndarray:
+def check_vectors(X, name: str = "X", dim: int | None = None, *, allow_nonfinite: bool = False) -> np.ndarray:
     """Validate vectors handed in by a user: ``(N, d)`` (or one ``(d,)``) of finite numbers.
 
     Parameters
@@ -175,7 +176,7 @@ def check_vectors(X, name: str = "X", dim: int | None = None) -> np.ndarray:
         raise DataError(f"{name}: features must be numbers, got dtype {array.dtype}")
     array = array.astype(np.float32)
     bad = ~np.isfinite(array)
-    if bad.any():
+    if bad.any() and not allow_nonfinite:
         row, col = map(int, np.argwhere(bad)[0])
         raise DataError(f"{name}: {int(bad.any(1).sum())} row(s) hold NaN or infinite values (first: row {row}, "
                         f"feature {col})")

@@ -4,10 +4,13 @@ Routes
 ------
 ``POST /v1/score``   a batch, answered item by item in order:
     - ``application/json``: ``{"instances": [...]}``, an instance being a pixel array
-      (S x S or S*S; floats in [0, 1] or integers 0-255) or ``{"b64": "<PNG/JPEG bytes>"}``;
+      (S x S or S*S gray, S x S x 3 or S*S*3 RGB in H, W, C order; floats in [0, 1] or
+      integers 0-255) or ``{"b64": "<PNG/JPEG bytes>"}``;
     - ``multipart/form-data``: image files (any field name), in upload order;
-    - ``application/x-npy``: one ``.npy`` array (N, S*S) or (N, S, S), the fast path for
-      large batches (parsed with ``allow_pickle=False``).
+    - ``application/x-npy``: one ``.npy`` array (N, S*S) or (N, S, S), or (N, S*S*3) or
+      (N, S, S, 3), the fast path for large batches (parsed with ``allow_pickle=False``).
+    Every input becomes the model's kind: a grayscale model (``model.channels: 1``) takes
+    colour as luminance, a colour model (3) repeats a gray image's channel.
     Answer: ``{"predictions": [{"score", "score_normalized", "label", "top_component",
     "components"} | {"error": "..."}], "model": ..., "n_scored": ..., "n_errors": ...}``.
 ``GET /health``      ``{"status": "ok"}`` once the model is loaded.
@@ -38,9 +41,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from outlier_jebm.checkpoint import LoadedModel
-from outlier_jebm.data import DataError
+from outlier_jebm.data import DataError, one_image_shapes
 
-from .payload import Item, item_from_bytes, item_from_json, items_from_array, score_items, table_to_predictions
+from .payload import (Item, item_from_bytes, item_from_json, items_from_array, items_from_vectors, score_items,
+                      table_to_predictions)
 
 
 @dataclass
@@ -134,6 +138,8 @@ class ServerState:
         self.scorer = Scorer(loaded, steps=steps)
         self.components = self.scorer.component_names
         self.size = self.scorer.image_size
+        self.channels = self.scorer.channels
+        self.vector_dim = loaded.config.model.vector_dim if loaded.config.model.is_vector else None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jebm-score")
         self.waiting = 0
         self.metrics = Metrics()
@@ -175,7 +181,10 @@ def create_app(loaded: LoadedModel, *, model_ref: str = "", load_seconds: float 
             "model": state.model_ref,
             "path": str(loaded.path) if loaded.path else None,
             "jebm_od_version": state.version,
+            "data_kind": loaded.config.model.data_kind,
+            "input_shape": list(loaded.config.model.data_shape),
             "image_size": state.size,
+            "channels": state.channels,
             "score_steps": state.scorer.score_cfg.steps,
             "components": state.components,
             "knn_search": state.knn_search,
@@ -197,6 +206,9 @@ def create_app(loaded: LoadedModel, *, model_ref: str = "", load_seconds: float 
         if ctype == "application/json":
             items = _items_from_json(body, state)
         elif ctype == "multipart/form-data":
+            if state.vector_dim is not None:
+                raise RequestError(415, "this is a vector model: send application/json {\"instances\": [[...numbers...]]} "
+                                        "or an application/x-npy (N, d) array")
             items = await _items_from_multipart(request, state)
         elif ctype in ("application/x-npy", "application/octet-stream"):
             items = _items_from_npy(body, state)
@@ -254,15 +266,17 @@ def _items_from_json(body: bytes, state: ServerState) -> list[Item]:
     if not isinstance(instances, list):
         raise RequestError(422, '"instances" must be a list')
     _check_count(len(instances), state)
+    if state.vector_dim is not None:
+        return items_from_vectors(instances, state.vector_dim)
     try:  # the common case, a well-formed numeric batch, is checked in one go
         array = np.asarray(instances)
-        if array.dtype.kind in "iuf" and array.ndim in (2, 3):
-            items = items_from_array(array, state.size, "instances")
-            if all(it.error is None for it in items):
+        if array.dtype.kind in "iuf" and array.ndim in (2, 3, 4):
+            items = items_from_array(array, state.size, "instances", state.channels)
+            if len(items) == len(instances) and all(it.error is None for it in items):
                 return items
     except (ValueError, DataError):
         pass
-    return [item_from_json(obj, state.size, i) for i, obj in enumerate(instances)]
+    return [item_from_json(obj, state.size, i, channels=state.channels) for i, obj in enumerate(instances)]
 
 
 async def _items_from_multipart(request: Request, state: ServerState) -> list[Item]:
@@ -275,7 +289,7 @@ async def _items_from_multipart(request: Request, state: ServerState) -> list[It
     items = []
     for key, upload in uploads:
         data = await upload.read()
-        items.append(item_from_bytes(data, state.size, upload.filename or key))
+        items.append(item_from_bytes(data, state.size, upload.filename or key, state.channels))
     await form.close()
     return items
 
@@ -287,9 +301,15 @@ def _items_from_npy(body: bytes, state: ServerState) -> list[Item]:
         raise RequestError(400, f"body is not a .npy array ({exc})") from None
     if not isinstance(array, np.ndarray):
         raise RequestError(400, "body is not a single .npy array")
-    _check_count(len(array) if array.ndim in (2, 3) else 1, state)
+    if state.vector_dim is not None:
+        _check_count(len(array) if array.ndim == 2 else 1, state)
+        try:
+            return items_from_vectors(array if array.ndim == 2 else array.reshape(1, -1), state.vector_dim, "array")
+        except DataError as exc:
+            raise RequestError(422, str(exc)) from None
+    _check_count(len(array) if array.ndim >= 2 and array.shape not in one_image_shapes(state.size) else 1, state)
     try:
-        return items_from_array(array, state.size, "array")
+        return items_from_array(array, state.size, "array", state.channels)
     except DataError as exc:
         raise RequestError(422, str(exc)) from None
 

@@ -15,19 +15,33 @@ from typing import Any
 
 import numpy as np
 
-from outlier_jebm.data import DataError, decode_image, read_image, to_unit_range
+from outlier_jebm.data import (
+    DataError,
+    decode_image,
+    describe_shapes,
+    image_stack,
+    match_channels,
+    one_image_shapes,
+    read_image,
+    to_unit_range,
+)
 
 
 @dataclass
 class Item:
-    """One input: its pixels in [0, 1] as (S, S) float32, or why it cannot be scored."""
+    """One input: its pixels in [0, 1] as (S, S) or (S, S, 3) float32 (the model's kind), a feature
+    vector (d,) for a vector model, or why it cannot be scored."""
 
     pixels: np.ndarray | None = None
     error: str | None = None
 
 
-def item_from_json(obj: Any, image_size: int, index: int, max_image_bytes: int = 8 << 20) -> Item:
-    """An instance of ``{"instances": [...]}``: a pixel array or ``{"b64": "<PNG/JPEG bytes>"}``."""
+def item_from_json(obj: Any, image_size: int, index: int, max_image_bytes: int = 8 << 20, channels: int = 1) -> Item:
+    """An instance of ``{"instances": [...]}``: a pixel array or ``{"b64": "<PNG/JPEG bytes>"}``.
+
+    A pixel array is one image, gray (S*S or S x S) or RGB (S*S*3 or S x S x 3, channel last);
+    it is converted to the model's ``channels`` (gray repeated, RGB to luminance).
+    """
     name = f"instances[{index}]"
     if isinstance(obj, dict):
         if set(obj) != {"b64"} or not isinstance(obj["b64"], str):
@@ -38,7 +52,7 @@ def item_from_json(obj: Any, image_size: int, index: int, max_image_bytes: int =
             data = base64.b64decode(obj["b64"], validate=True)
         except (binascii.Error, ValueError):
             return Item(error=f"{name}: b64 is not valid base64")
-        return item_from_bytes(data, image_size, name)
+        return item_from_bytes(data, image_size, name, channels)
     if not isinstance(obj, list):
         return Item(error=f"{name}: expected a pixel array (list) or {{\"b64\": ...}}, got {type(obj).__name__}")
     try:
@@ -47,75 +61,71 @@ def item_from_json(obj: Any, image_size: int, index: int, max_image_bytes: int =
         return Item(error=f"{name}: ragged pixel array (rows of different lengths)")
     if array.dtype == object or array.dtype.kind not in "iuf":
         return Item(error=f"{name}: pixels must be numbers")
+    return _one_image(array, image_size, name, channels, per="instance")
+
+
+def item_from_bytes(data: bytes, image_size: int, name: str, channels: int = 1) -> Item:
     try:
-        return Item(pixels=to_unit_range(array, image_size, name)[0]) if array.ndim in (1, 2) else Item(
-            error=f"{name}: shape {array.shape} is not ({image_size * image_size},) or ({image_size}, {image_size})")
+        return Item(pixels=decode_image(data, image_size, name, channels))
     except DataError as exc:
         return Item(error=str(exc))
 
 
-def item_from_bytes(data: bytes, image_size: int, name: str) -> Item:
-    try:
-        return Item(pixels=decode_image(data, image_size, name))
-    except DataError as exc:
-        return Item(error=str(exc))
-
-
-def items_from_array(array: np.ndarray, image_size: int, name: str = "input") -> list[Item]:
-    """A batch array (N, S*S) or (N, S, S): the batch's shape must be right; values are checked per row."""
-    array = np.asarray(array)
-    s, flat = image_size, image_size * image_size
-    if array.ndim == 2 and array.shape[1] == flat or array.ndim == 3 and array.shape[1:] == (s, s):
-        rows = array.reshape(len(array), s, s)
-    elif array.shape in ((flat,), (s, s)):
-        rows = array.reshape(1, s, s)
-    else:
-        raise DataError(f"{name}: shape {array.shape} is not (N, {flat}) or (N, {s}, {s})")
+def items_from_array(array: np.ndarray, image_size: int, name: str = "input", channels: int = 1) -> list[Item]:
+    """A batch array, (N, S*S) or (N, S, S) gray or (N, S*S*3) or (N, S, S, 3) RGB (or one such
+    image): the batch's shape must be right; values are checked per row, then converted to the
+    model's ``channels``."""
+    rows = image_stack(array, image_size, name, channels)  # (N, S, S) or (N, S, S, 3), as given
     if rows.dtype.kind not in "iuf":
         raise DataError(f"{name}: pixels must be numbers, got dtype {rows.dtype}")
     items = []
+    axes = tuple(range(1, rows.ndim))
     integer = rows.dtype.kind in "iu"
     if integer:
-        ok = (rows.min(axis=(1, 2)) >= 0) & (rows.max(axis=(1, 2)) <= 255)
+        ok = (rows.min(axis=axes) >= 0) & (rows.max(axis=axes) <= 255)
         unit = rows.astype(np.float32) / np.float32(255.0)
     else:
-        finite = np.isfinite(rows).all(axis=(1, 2))
+        finite = np.isfinite(rows).all(axis=axes)
         safe = np.where(np.isfinite(rows), rows, 0.0)
-        ok = finite & (safe.min(axis=(1, 2)) >= 0.0) & (safe.max(axis=(1, 2)) <= 1.0)
+        ok = finite & (safe.min(axis=axes) >= 0.0) & (safe.max(axis=axes) <= 1.0)
         unit = rows.astype(np.float32, copy=False)
+    unit = match_channels(unit, channels)
     for i in range(len(rows)):
         if ok[i]:
             items.append(Item(pixels=unit[i]))
         else:
             try:  # the per-row validator words the reason
-                to_unit_range(rows[i], image_size, f"{name}[{i}]")
+                to_unit_range(rows[i], image_size, f"{name}[{i}]", channels)
                 items.append(Item(error=f"{name}[{i}]: invalid pixels"))
             except DataError as exc:
                 items.append(Item(error=str(exc)))
     return items
 
 
-def items_from_frame(frame, image_size: int) -> list[Item]:
-    """A pandas DataFrame: S*S numeric pixel columns, or one column ``pixels`` of arrays,
-    or one column ``path`` of image files (a single unnamed column of strings is read as paths)."""
+def items_from_frame(frame, image_size: int, channels: int = 1) -> list[Item]:
+    """A pandas DataFrame: S*S (gray) or S*S*3 (RGB, in H, W, C order) numeric pixel columns, or
+    one column ``pixels`` of arrays, or one column ``path`` of image files (a single unnamed
+    column of strings is read as paths)."""
     cols = list(frame.columns)
     if "path" in cols or len(cols) == 1 and frame[cols[0]].map(lambda v: isinstance(v, str)).any():
-        return [_item_from_path(p, image_size) for p in frame["path" if "path" in cols else cols[0]].tolist()]
+        return [_item_from_path(p, image_size, channels) for p in frame["path" if "path" in cols else cols[0]].tolist()]
     if "pixels" in cols or len(cols) == 1:
-        return items_from_cells(frame["pixels" if "pixels" in cols else cols[0]].tolist(), image_size)
+        cells = frame["pixels" if "pixels" in cols else cols[0]].tolist()
+        return items_from_cells(cells, image_size, channels=channels)
     numeric = frame.select_dtypes(include="number")
     if numeric.shape[1] != len(cols):
         bad = [c for c in cols if c not in numeric.columns][:5]
         raise DataError(f"input columns must all be numeric pixel columns; not numeric: {bad}")
-    return items_from_array(frame.to_numpy(), image_size, "input")
+    return items_from_array(frame.to_numpy(), image_size, "input", channels)
 
 
-def items_from_cells(cells: list, image_size: int, name: str = "pixels") -> list[Item]:
+def items_from_cells(cells: list, image_size: int, name: str = "pixels", channels: int = 1) -> list[Item]:
     """One item per cell (so rows stay aligned with the input): each cell one image, as an array
-    of S*S or S x S numbers. Well-formed cells are checked together, in one array per dtype."""
-    s, flat = image_size, image_size * image_size
+    of S*S or S x S numbers (gray) or S*S*3 or S x S x 3 (RGB, channel last). Well-formed cells
+    are checked together, in one array per dtype and size."""
+    shapes = one_image_shapes(image_size, channels)
     out: list[Item | None] = [None] * len(cells)
-    groups: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+    groups: dict[tuple[str, int], tuple[list[int], list[np.ndarray]]] = {}
     for i, value in enumerate(cells):
         if value is None:
             out[i] = Item(error=f"{name}[{i}]: missing")
@@ -125,36 +135,73 @@ def items_from_cells(cells: list, image_size: int, name: str = "pixels") -> list
         except ValueError:
             out[i] = Item(error=f"{name}[{i}]: ragged pixel array")
             continue
-        if array.shape in ((flat,), (s, s)) and array.dtype.kind in "iuf":
-            idx, arrays = groups.setdefault(array.dtype.kind, ([], []))
+        if array.shape in shapes and array.dtype.kind in "iuf":
+            idx, arrays = groups.setdefault((array.dtype.kind, array.size), ([], []))
             idx.append(i)
-            arrays.append(array.reshape(flat))
+            arrays.append(array.reshape(-1))
         else:
-            out[i] = _one_image(array, image_size, f"{name}[{i}]")
+            out[i] = _one_image(array, image_size, f"{name}[{i}]", channels)
     for idx, arrays in groups.values():
-        for i, item in zip(idx, items_from_array(np.stack(arrays), image_size, name)):
+        for i, item in zip(idx, items_from_array(np.stack(arrays), image_size, name, channels)):
             # a bad cell is re-checked alone so that its message names its own row
-            out[i] = item if item.error is None else _one_image(arrays[idx.index(i)], image_size, f"{name}[{i}]")
+            if item.error is not None:
+                item = _one_image(arrays[idx.index(i)], image_size, f"{name}[{i}]", channels)
+            out[i] = item
     return out
 
 
-def _one_image(array: np.ndarray, image_size: int, name: str) -> Item:
-    s, flat = image_size, image_size * image_size
-    if array.shape not in ((flat,), (s, s), (1, flat), (1, s, s)):
-        return Item(error=f"{name}: shape {array.shape} is not ({flat},) or ({s}, {s}): one image per row")
+def _one_image(array: np.ndarray, image_size: int, name: str, channels: int = 1, per: str = "row") -> Item:
+    shapes = one_image_shapes(image_size, channels)
+    shape = array.shape[1:] if array.ndim > 1 and array.shape[0] == 1 and array.shape[1:] in shapes else array.shape
+    if shape not in shapes:
+        return Item(error=f"{name}: shape {array.shape} is not {describe_shapes(image_size, channels, batch=False)}: "
+                          f"one image per {per}")
     try:
-        return Item(pixels=to_unit_range(array.reshape(s, s), image_size, name)[0])
+        return Item(pixels=to_unit_range(array.reshape(shape), image_size, name, channels)[0])
     except DataError as exc:
         return Item(error=str(exc))
 
 
-def _item_from_path(path: Any, image_size: int) -> Item:
+def _item_from_path(path: Any, image_size: int, channels: int = 1) -> Item:
     if not isinstance(path, str) or not path:
         return Item(error=f"path {path!r}: not a file path")
     try:
-        return Item(pixels=read_image(Path(path), image_size))
+        return Item(pixels=read_image(Path(path), image_size, channels))
     except DataError as exc:
         return Item(error=str(exc))
+
+
+def items_from_vectors(rows: Any, dim: int, name: str = "instances") -> list[Item]:
+    """Vector models: one item per row, each a list (or array row) of ``dim`` numbers.
+
+    A batch that is a well-formed (N, dim) numeric array is checked in one go; otherwise every
+    row is checked alone, so a row of the wrong length or holding NaN costs only its own item.
+    """
+    try:
+        array = np.asarray(rows, dtype=np.float64)
+    except (ValueError, TypeError):
+        array = None
+    if array is not None and array.ndim == 2 and array.shape[1] == dim:
+        finite = np.isfinite(array).all(1)
+        return [Item(pixels=array[i].astype(np.float32)) if finite[i]
+                else Item(error=f"{name}[{i}]: NaN or infinite value") for i in range(len(array))]
+    if array is not None and array.ndim != 2 and not isinstance(rows, list):
+        raise DataError(f"{name}: shape {array.shape} is not (N, {dim}) vectors")
+    items = []
+    for i, row in enumerate(rows):
+        try:
+            vec = np.asarray(row, dtype=np.float64)
+        except (ValueError, TypeError):
+            items.append(Item(error=f"{name}[{i}]: expected a list of {dim} numbers"))
+            continue
+        if vec.shape != (dim,):
+            items.append(Item(error=f"{name}[{i}]: {vec.size} values in shape {vec.shape}, expected a list of "
+                                    f"{dim} numbers"))
+        elif not np.isfinite(vec).all():
+            items.append(Item(error=f"{name}[{i}]: NaN or infinite value"))
+        else:
+            items.append(Item(pixels=vec.astype(np.float32)))
+    return items
 
 
 def score_items(scorer, items: list[Item]) -> dict[str, np.ndarray]:

@@ -4,10 +4,15 @@
 ``mlflow.pyfunc.spark_udf`` runs it on Spark. Inputs (see ``serving.payload``):
 
 - a DataFrame of S*S numeric pixel columns (``dataframe_split`` with 784 columns for MNIST),
-- a DataFrame with a column ``pixels`` of arrays, or a column ``path`` of image files,
-- an array (``inputs``) of shape (N, S*S) or (N, S, S);
+  or S*S*3 for a colour model (``model.channels: 3``; pixels in H, W, C order),
+- a DataFrame with a column ``pixels`` of arrays (S*S or S*S*3 values), or a column ``path``
+  of image files,
+- an array (``inputs``) of shape (N, S*S) or (N, S, S), or (N, S*S*3) or (N, S, S, 3);
+- for a vector model (``model.data_kind: vector``): d numeric columns, or an (N, d) array;
 
-floats in [0, 1] or integers 0-255, white strokes on black as in the MNIST files. The
+floats in [0, 1] or integers 0-255, white strokes on black as in the MNIST files. Inputs
+become the model's kind: a grayscale model takes colour as luminance, a colour model
+repeats a gray image's channel. The
 output is a DataFrame, one row per input in order: ``score``, ``score_normalized``,
 ``label`` (1 = anomaly, -1 = not scored), ``top_component``, ``error`` (empty when scored),
 then one column per score component - the columns of ``jebm-od score --out``.
@@ -39,15 +44,21 @@ class JEBMPyfuncModel(mlflow.pyfunc.PythonModel):
         import numpy as np
 
         from outlier_jebm.registry import output_columns
-        from serving.payload import items_from_array, items_from_frame, score_items
+        from serving.payload import items_from_array, items_from_frame, items_from_vectors, score_items
 
-        size = self.scorer.image_size
-        if isinstance(model_input, pd.DataFrame):
-            items = items_from_frame(model_input, size)
+        size, channels = self.scorer.image_size, self.scorer.channels
+        model_cfg = self.scorer.config.model
+        if model_cfg.is_vector:  # d numeric columns, or an (N, d) array
+            if isinstance(model_input, dict) and len(model_input) == 1:
+                model_input = next(iter(model_input.values()))
+            rows = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
+            items = items_from_vectors(rows, model_cfg.vector_dim, "input")
+        elif isinstance(model_input, pd.DataFrame):
+            items = items_from_frame(model_input, size, channels)
         elif isinstance(model_input, dict) and len(model_input) == 1:
-            items = items_from_array(np.asarray(next(iter(model_input.values()))), size)
+            items = items_from_array(np.asarray(next(iter(model_input.values()))), size, channels=channels)
         else:
-            items = items_from_array(np.asarray(model_input), size)
+            items = items_from_array(np.asarray(model_input), size, channels=channels)
         table = score_items(self.scorer, items)
         return pd.DataFrame({k: table[k] for k in output_columns(self.components)})
 

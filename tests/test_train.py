@@ -126,3 +126,31 @@ def test_resume_continues_from_the_last_epoch(digits01, tmp_path):
     result = fit(load_model(out).model, cfg2, images[:256], None, out, resume=True)
     assert len(result.history) == 2
     assert load_model(out).meta["epochs_done"] == 3
+
+
+def test_train_threads_apply_while_training_and_are_restored_after(digits01, tmp_path, monkeypatch):
+    import outlier_jebm.train as train_module
+
+    images, _ = digits01
+    seen = []
+    real = train_module._fit
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_fit", spy)
+    before = torch.get_num_threads()
+    cfg = tiny_config(threads=1)
+    fit(JointEBM(cfg.model), cfg, images[:128], images[128:160], tmp_path / "m")
+    assert seen == [1] and torch.get_num_threads() == before
+    with pytest.raises(ConfigError, match="train.threads"):
+        tiny_config(threads=-1)
+
+
+def test_min_steps_raise_the_epochs_of_a_small_data_set_only():
+    from outlier_jebm.train import planned_epochs
+
+    cfg = tiny_config(epochs=2, min_steps=100, batch_size=50)
+    assert planned_epochs(cfg, 500) == 10  # 10 steps an epoch
+    assert planned_epochs(cfg, 50_000) == 2  # 1 000 steps an epoch: the epochs stand
