@@ -386,8 +386,9 @@ def run_bench(spec: BenchSpec, *, on_row: RowHook | None = None, on_message: Mes
                                       image_size=spec.base_config.model.image_size, data_dir=spec.data_dir,
                                       channels=spec.base_config.model.channels,
                                       data_kind=spec.base_config.model.data_kind)
-                    say(f"holdout {holdout} seed {seed}: {len(td.train) + len(td.val)} training images "
-                        f"({len(td.val)} of them held in for jebm's calibration), {len(td.test)} test images, "
+                    unit = "vectors" if is_vector_split(td) else "images"
+                    say(f"holdout {holdout} seed {seed}: {len(td.train) + len(td.val)} training {unit} "
+                        f"({len(td.val)} of them held in for jebm's calibration), {len(td.test)} test {unit}, "
                         f"{100 * float(np.mean(td.test_is_anomaly)):.1f} % anomalies")
                 try:
                     if isinstance(det, JEBMVariant):
@@ -453,13 +454,13 @@ def _jebm_cell(variant: JEBMVariant, td, holdout: int, seed: int, spec: BenchSpe
     from .checkpoint import load_model
     from .pipeline import run_fit
     from .scoring import Scorer
-    from .train import resolve_device
+    from .train import planned_epochs, resolve_device
 
     cfg = variant.config.with_overrides(train={"seed": seed, "max_train": spec.max_train})
     if is_vector_split(td):
         cfg = for_vectors(cfg, td.train.shape[1])
     model_dir = Path(spec.out_dir) / "models" / f"{_slug(variant.name)}-holdout{holdout}-seed{seed}"
-    n_epochs = cfg.train.epochs
+    n_epochs = planned_epochs(cfg, len(td.train))  # run_fit raises the epochs of a small set to train.min_steps
 
     def on_epoch_end(epoch: int, m: dict[str, float]) -> None:
         say(f"  {variant.name} holdout {holdout} seed {seed}: epoch {epoch + 1}/{n_epochs}  loss {m['loss']:.1f}  "

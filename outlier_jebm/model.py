@@ -108,7 +108,7 @@ class ConvTrunk(nn.Module):
         self.down = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(x.view(-1, *self.image_shape).permute(0, 3, 1, 2))  # (B, C, H, W), channels_last
+        return self.down(x.view(x.shape[0], *self.image_shape).permute(0, 3, 1, 2))  # (B, C, H, W), channels_last
 
 
 def fast_tanh(y: torch.Tensor) -> torch.Tensor:
@@ -347,6 +347,10 @@ class JointEBM(nn.Module):
     def to_model_space(self, data: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """Inputs as users hand them in -> (N, D) float32 on ``device``: images (N, H, W[, C]) in [0, 1]
         to [-1, 1]; vectors (N, d) standardised (or as they are)."""
+        n = len(data)
+        if n and math.prod(data.shape[1:]) != self.cfg.data_dim:
+            raise ValueError(f"inputs of shape {tuple(data.shape[1:])} do not fit this model, which takes "
+                             f"{self.cfg.data_shape} ({self.cfg.data_dim} values each)")
         if not self.cfg.is_vector:
             return to_model_space(data, device)
         x = torch.as_tensor(np.array(data, dtype=np.float32) if not torch.is_tensor(data) else data)  # a copy: may be read-only
