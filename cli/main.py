@@ -195,6 +195,7 @@ def score(
                                                           "or what spark-submit set up)."),
     batch_rows: int = typer.Option(2048, help="--engine spark: rows per Arrow batch handed to the model."),
     overwrite: bool = typer.Option(False, help="--engine spark: replace OUTPUT if it exists."),
+    verbose: bool = typer.Option(False, "--verbose", help="List the files in the folders that were skipped as not images."),
 ) -> None:
     """Score images: a label, a score in [0, 1] and the component that contributed most.
 
@@ -208,6 +209,7 @@ def score(
     if engine != "local":
         _fail(f"--engine {engine!r}: expected local or spark")
     from outlier_jebm.batch import ResultWriter, score_files, score_tables
+    from outlier_jebm.data import non_image_files
     from outlier_jebm.scoring import Scorer
 
     loaded = _load_model_or_fail(model)
@@ -247,7 +249,9 @@ def score(
             top_rows = sorted(top_rows, reverse=True)[:top]
     if writer is not None:
         writer.close()
-    _print_score_summary(rows_scored, n_flagged, errors, top_rows, loaded, out, maps)
+    skipped = [] if vectors else non_image_files(paths)
+    _print_score_summary(rows_scored, n_flagged, errors, top_rows, loaded, out, maps, inputs=paths, skipped=skipped,
+                         verbose=verbose)
     raise typer.Exit(0 if rows_scored else 1)
 
 
@@ -312,29 +316,51 @@ def _score_spark(paths, model, out, steps, top, spark_master, batch_rows, overwr
     raise typer.Exit(0 if summary.scored else 1)
 
 
-def _print_score_summary(n_scored, n_flagged, errors, top_rows, loaded, out, maps) -> None:
+def _shown_path(path: str, inputs: list[Path], width: int) -> str:
+    """``path`` as a person finds it: from the input argument that holds it (a folder given as
+    /long/run/images_eval shows images_eval/a/1.png), then cut from the left to ``width``."""
+    for root in inputs:
+        base = str(root)
+        if root.is_dir() and path.startswith(base.rstrip("/") + "/"):
+            path = str(Path(root.resolve().name or base) / path[len(base.rstrip("/")) + 1:])
+            break
+    return path if len(path) <= width else "…" + path[-(width - 1):]
+
+
+def _print_score_summary(n_scored, n_flagged, errors, top_rows, loaded, out, maps, inputs=(), skipped=(),
+                         verbose=False) -> None:
     from rich.table import Table
 
     out_console = Console()
     cal = loaded.calibration
     out_console.print(f"model {loaded.path}  (threshold at {100 * cal['false_alarm_rate']:.1f} % false alarms on held-in data)")
-    out_console.print(f"scored [bold]{n_scored}[/] inputs: [bold red]{n_flagged}[/] flagged as anomalies; {len(errors)} unusable")
+    out_console.print(f"scored [bold]{n_scored}[/] inputs: [bold red]{n_flagged}[/] flagged as anomalies; {len(errors)} unusable"
+                      + (f"; {len(skipped)} other files in the folders skipped (not images"
+                         + (": listed below)" if verbose else "; --verbose lists them)") if skipped else ""),
+                      soft_wrap=True)
+    inputs = [Path(p) for p in inputs]
+    width = max(24, out_console.width - 48)  # the other columns take about 48
     if top_rows:
         table = Table(title=f"most anomalous (top {len(top_rows)}{'' if n_flagged else ', none above the threshold'})")
-        for col in ("path", "score [0-1]", "label", "top component"):
+        table.add_column("path", no_wrap=True)
+        for col in ("score [0-1]", "label", "top component"):
             table.add_column(col)
         for norm, path, label, comp, _ in top_rows:
-            table.add_row(path, f"{norm:.3f}", "[red]anomaly[/]" if label else "normal", comp)
+            table.add_row(escape(_shown_path(str(path), inputs, width)), f"{norm:.3f}",
+                          "[red]anomaly[/]" if label else "normal", comp)
         out_console.print(table)
     if errors:
         table = Table(title="not scored")
         table.add_column("path")
         table.add_column("reason")
         for path, reason in errors[:50]:
-            table.add_row(path, reason)
+            table.add_row(escape(_shown_path(str(path), inputs, width)), escape(str(reason)))
         out_console.print(table)
         if len(errors) > 50:
             out_console.print(f"... and {len(errors) - 50} more (see --out)")
+    if skipped and verbose:
+        for path in skipped:
+            out_console.print(f"skipped (not an image): {escape(str(path))}", soft_wrap=True)
     if out is not None:
         out_console.print(f"results: {out}")
     if maps is not None:

@@ -617,6 +617,16 @@ def holdout_split(
     )
 
 
+def non_image_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Files inside the given folders that ``image_files`` passes over (not images by suffix), sorted."""
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            out.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES))
+    return out
+
+
 def image_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Expand files and folders into image files.
 

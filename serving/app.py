@@ -155,7 +155,9 @@ def create_app(loaded: LoadedModel, *, model_ref: str = "", load_seconds: float 
     """An app serving one loaded model (load it once, before, with ``load_for_serving``)."""
     if loaded.calibration is None:
         raise ValueError(f"{loaded.path}: the model has no calibration.json; refit or `jebm-od calibrate` it")
-    state = ServerState(loaded, model_ref or str(loaded.path), load_seconds, limits or Limits(), steps)
+    # answers name the model, never a path on this server's disk
+    state = ServerState(loaded, model_ref or (loaded.path.name if loaded.path else "model"), load_seconds,
+                        limits or Limits(), steps)
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
@@ -179,7 +181,6 @@ def create_app(loaded: LoadedModel, *, model_ref: str = "", load_seconds: float 
         loaded = state.loaded
         return {
             "model": state.model_ref,
-            "path": str(loaded.path) if loaded.path else None,
             "jebm_od_version": state.version,
             "data_kind": loaded.config.model.data_kind,
             "input_shape": list(loaded.config.model.data_shape),
@@ -336,10 +337,16 @@ async def _score_in_worker(state: ServerState, items: list[Item]) -> dict[str, n
 
 
 def load_for_serving(model: str | Path | None) -> tuple[LoadedModel, str, float]:
-    """Resolve ``model`` (directory, MLflow URI or the last fitted model) and load it once."""
+    """Resolve ``model`` (directory, MLflow URI or the last fitted model) and load it once.
+
+    Returns the model, the name the server answers with (the MLflow URI as given, else the model
+    directory's own name: never a path on the server's disk) and the load time.
+    """
     from outlier_jebm.checkpoint import load_model
     from outlier_jebm.pipeline import resolve_model_dir
+    from outlier_jebm.registry import is_model_uri
 
     t0 = time.perf_counter()
     loaded = load_model(resolve_model_dir(model))
-    return loaded, str(model) if model else str(loaded.path), time.perf_counter() - t0
+    name = str(model) if is_model_uri(model) else Path(loaded.path).name
+    return loaded, name, time.perf_counter() - t0

@@ -105,3 +105,26 @@ def test_fit_resume_trains_on_to_the_epochs_asked_for(tmp_path, monkeypatch):
     res = runner.invoke(app, base + ["--epochs", "2", "--resume"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "m" / "config.json").read_text())["meta"]["epochs_done"] == 2
+
+
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_score_shows_paths_from_the_input_folder_and_counts_skipped_files(tmp_path, monkeypatch, digits01, columns):
+    monkeypatch.chdir(tmp_path)
+    cfg = _write_config(tmp_path / "tiny.yaml")
+    assert runner.invoke(app, ["fit", "--data", "digits", "--config", str(cfg), "--epochs", "1", "--out", "m",
+                               "--max-train", "300", "--tracking-uri", f"sqlite:///{tmp_path / 'db.sqlite'}"]).exit_code == 0
+    folder = tmp_path / ("a-long-parent-folder-name-" * 3) / "images_eval"
+    images, _ = digits01
+    for i, sub in enumerate(["first", "second", "third"]):
+        (folder / sub).mkdir(parents=True)
+        Image.fromarray((images[i] * 255).astype(np.uint8)).save(folder / sub / f"digit{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    monkeypatch.setenv("COLUMNS", columns)
+    res = runner.invoke(app, ["score", str(folder), "--model", "m"])
+    assert res.exit_code == 0, res.output
+    assert "1 other files in the folders skipped" in res.output and "notes.txt" not in res.output
+    for i, sub in enumerate(["first", "second", "third"]):  # each row tells its file apart, whole
+        assert f"images_eval/{sub}/digit{i}.png" in res.output
+    assert str(folder.parent) not in res.output
+    res = runner.invoke(app, ["score", str(folder), "--model", "m", "--verbose"])
+    assert f"skipped (not an image): {folder / 'notes.txt'}" in res.output

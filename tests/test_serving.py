@@ -202,6 +202,12 @@ def test_serve_concurrent_clients_and_metrics(server, fitted):
         load_model(fitted["dir"]).calibration["threshold"])
     assert info["training"]["holdout"] == 3
     assert info["knn_search"] == native.status()  # the fused kernel where it builds, else why not
+    # the server names its model; no answer reveals where the model lies on the server's disk
+    assert info["model"] == fitted["dir"].name
+    where = str(fitted["dir"].parent)
+    for answer in (httpx.get(f"{server}/v1/model").text, httpx.get(f"{server}/health").text,
+                   httpx.post(f"{server}/v1/score", json={"instances": [fitted["data"].test[0].tolist()]}).text):
+        assert where not in answer
 
 
 def test_mlflow_models_serve_matches_the_cli(fitted, tmp_path):
