@@ -41,6 +41,8 @@ def bench(
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."),
     track: bool = typer.Option(True, help="Log one MLflow run per cell."),
     data_dir: Optional[Path] = typer.Option(None, help="Where MNIST files are looked for and cached."),
+    split: str = typer.Option("clean", help="clean (one permutation per seed, no overlap) or published (MNIST: the "
+                                            "papers' loaders' split, whose test normals are mostly training images)."),
     list_detectors: bool = typer.Option(False, "--list-detectors", help="List the PyOD detectors and their settings, then exit."),
 ) -> None:
     """Every detector on the same hold-out splits: AUPRC, AUROC, fit time, scoring speed; CSV, markdown, MLflow."""
@@ -89,6 +91,7 @@ def bench(
             device=device,
             tracking_uri=tracking_uri,
             track=track,
+            split=split,
             command="jebm-od " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "",
         )
     except (BenchError, ValueError) as exc:

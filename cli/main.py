@@ -378,6 +378,8 @@ def evaluate(
     data_dir: Optional[Path] = typer.Option(None),
     tracking_uri: Optional[str] = typer.Option(None),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    split: str = typer.Option("clean", help="clean (one permutation, no overlap) or published (the papers' "
+                                            "loaders' MNIST split, whose test normals are mostly training images)."),
 ) -> None:
     """AUPRC, AUROC, F1 and false-alarm rate on the hold-out protocol's test part."""
     import json
@@ -397,7 +399,7 @@ def evaluate(
     try:
         with console.status("scoring the test part ..."):
             run = run_evaluate(loaded, data, holdout, seed=seed, steps=steps, device=device, data_dir=data_dir,
-                               tracking_uri=tracking_uri)
+                               tracking_uri=tracking_uri, split=split)
     except DataError as exc:
         _fail(str(exc))
     m = run.evaluation.metrics
@@ -407,7 +409,10 @@ def evaluate(
     from rich.table import Table
 
     out_console = Console()
-    out_console.print(f"holdout {holdout}, seed {run.seed}: {m['n_test']} test images, {100 * m['anomaly_rate']:.1f} % anomalies")
+    where = (f"published split ({100 * m['test_normals_in_training']:.1f} % of its test normals are training images)"
+             if split == "published" else f"seed {run.seed}")
+    out_console.print(f"holdout {holdout}, {where}: {m['n_test']} test images, {100 * m['anomaly_rate']:.1f} % anomalies",
+                      soft_wrap=True)
     out_console.print(f"AUPRC [bold]{m['auprc']:.3f}[/]  AUROC {m['auroc']:.3f}  F1 {m['f1']:.3f}  "
                       f"false alarms {100 * m['false_alarm_rate']:.1f} %  ({m['score_images_per_second']:.0f} images/s)")
     table = Table(title="each component alone")

@@ -53,7 +53,7 @@ VECTOR_INPUT = ("feature vectors standardised with the mean and std of the train
                 "validation), the same input for every PyOD detector; jebm standardises its own training part")
 
 COLUMNS = [
-    "detector", "holdout", "seed", "status", "auprc", "auroc", "fit_seconds", "score_images_per_second",
+    "detector", "holdout", "seed", "split", "test_in_train", "status", "auprc", "auroc", "fit_seconds", "score_images_per_second",
     "n_train", "n_test", "anomaly_rate", "nonfinite_scores", "family", "model", "score", "mlflow_run_id", "note",
 ]
 
@@ -326,6 +326,7 @@ class BenchSpec:
     tracking_uri: str | None = None
     track: bool = True
     command: str = ""
+    split: str = "clean"  # or "published" (splits.py): the papers' loaders' MNIST split
 
 
 @dataclass
@@ -359,6 +360,8 @@ def run_bench(spec: BenchSpec, *, on_row: RowHook | None = None, on_message: Mes
     budget_start = time.perf_counter()  # the budget is for the cells (data loading included), not the set-up
 
     def emit(row: dict[str, Any]) -> None:
+        row["split"] = spec.split
+        row["test_in_train"] = td.test_in_train if td is not None else ""
         rows.append(row)
         write_csv(out / "results.csv", rows)
         (out / "results.md").write_text(render_markdown(rows, spec, settings))
@@ -385,7 +388,7 @@ def run_bench(spec: BenchSpec, *, on_row: RowHook | None = None, on_message: Mes
                                       val_fraction=spec.base_config.train.val_fraction, max_train=spec.max_train,
                                       image_size=spec.base_config.model.image_size, data_dir=spec.data_dir,
                                       channels=spec.base_config.model.channels,
-                                      data_kind=spec.base_config.model.data_kind)
+                                      data_kind=spec.base_config.model.data_kind, split=spec.split)
                     unit = "vectors" if is_vector_split(td) else "images"
                     say(f"holdout {holdout} seed {seed}: {len(td.train) + len(td.val)} training {unit} "
                         f"({len(td.val)} of them held in for jebm's calibration), {len(td.test)} test {unit}, "
@@ -632,7 +635,7 @@ def render_markdown(rows: list[dict[str, Any]], spec: BenchSpec, settings: dict[
     machine = settings["machine"]
     lines = [
         f"# jebm-od bench: {spec.data}, holdout {', '.join(map(str, spec.holdouts))}, "
-        f"seed {', '.join(map(str, spec.seeds))}",
+        f"seed {', '.join(map(str, spec.seeds))}, {spec.split} split",
         "",
         f"Started {settings['started']}; {machine['cpu_count']} CPUs, torch {machine['torch']} with "
         f"{machine['torch_threads']} threads, {machine['platform']}; commit {machine['git_commit'] or 'unknown'}"
@@ -721,7 +724,10 @@ def bench_settings(spec: BenchSpec) -> dict[str, Any]:
         "max_train": spec.max_train,
         "time_budget_seconds": spec.time_budget,
         "device": spec.device,
-        "split": "prepare_data(data, holdout=D, seed=s): train on 80 % of the normal classes (jebm carves "
+        "split_kind": spec.split,
+        "split": ("the published loaders' split (splits.py: RandomState(42), a second permutation for the test "
+                  "part; the seeds only seed the models)" if spec.split == "published" else "")
+                 + "prepare_data(data, holdout=D, seed=s): train on 80 % of the normal classes (jebm carves "
                  "train.val_fraction of it for calibration; PyOD fits on all of it), test = the other 20 % + "
                  "every image of D",
         "jebm_base_config": spec.base_config.to_dict(),

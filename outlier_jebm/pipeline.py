@@ -14,7 +14,7 @@ import torch
 from .checkpoint import LoadedModel, load_model, read_config
 from .evaluate import Evaluation
 from .config import Config
-from .data import holdout_split, load_dataset
+from .data import DataError, holdout_split, load_dataset
 from .distributed import ProcessGroup
 from .model import JointEBM
 from .sampling import reconstructions, sample_figures
@@ -33,6 +33,8 @@ class TrainingData:
     holdout: int | None
     test: np.ndarray | None = None
     test_is_anomaly: np.ndarray | None = None
+    split: str = "clean"  # clean | published (splits.py)
+    test_in_train: float = 0.0  # share of the test part's normals that are training images
 
 
 def prepare_data(
@@ -46,13 +48,23 @@ def prepare_data(
     data_dir: str | Path | None = None,
     channels: int = 1,
     data_kind: str = "image",
+    split: str = "clean",
 ) -> TrainingData:
     """Load a dataset and apply the hold-out protocol (or a plain train/validation split).
 
     ``channels`` is the model's (``model.channels``): 1 reads grayscale, 3 reads RGB.
     Vectors (``data_kind`` "vector", a named vector set or a .csv/.parquet table; see
     ``tables``) come out as (n, d) arrays, images as (n, H, W[, C]).
+    ``split`` "published" replays the published loaders' MNIST split (``splits``; its test
+    normals are mostly training images, ``test_in_train`` says how many); "clean" (default) is
+    ``data.holdout_split``, one permutation, no overlap.
     """
+    from .splits import SPLITS, published_holdout_split
+
+    if split not in SPLITS:
+        raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    if split == "published" and (holdout is None or str(source).strip().lower() != "mnist"):
+        raise DataError("the published split is MNIST's hold-out protocol: it needs --data mnist and --holdout")
     from .tables import is_vector_source, load_vector_dataset, vector_holdout_split
 
     vectors = data_kind == "vector" or is_vector_source(source)
@@ -60,10 +72,14 @@ def prepare_data(
         ds = load_vector_dataset(source, data_dir=data_dir)
     else:
         ds = load_dataset(source, data_dir=data_dir, image_size=image_size, channels=channels)
-    if holdout is not None:
+    leaked = 0.0
+    if holdout is not None and split == "published":
+        parts, leaked = published_holdout_split(ds, holdout, val_fraction=val_fraction)
+        train, val, test, flags = parts.train, parts.val, parts.test, parts.test_is_anomaly
+    elif holdout is not None:
         split_fn = vector_holdout_split if vectors else holdout_split
-        split = split_fn(ds, holdout, seed=seed, val_fraction=val_fraction)
-        train, val, test, flags = split.train, split.val, split.test, split.test_is_anomaly
+        parts = split_fn(ds, holdout, seed=seed, val_fraction=val_fraction)
+        train, val, test, flags = parts.train, parts.val, parts.test, parts.test_is_anomaly
     else:
         order = np.random.default_rng(seed).permutation(len(ds.images))
         n_val = max(1, int(round(val_fraction * len(order))))
@@ -72,7 +88,8 @@ def prepare_data(
     if max_train is not None and max_train < len(train):
         keep = np.random.default_rng(seed + 1).choice(len(train), size=max_train, replace=False)
         train = train[np.sort(keep)]
-    return TrainingData(train=train, val=val, name=ds.name, holdout=holdout, test=test, test_is_anomaly=flags)
+    return TrainingData(train=train, val=val, name=ds.name, holdout=holdout, test=test, test_is_anomaly=flags,
+                        split=split, test_in_train=leaked)
 
 
 def default_out_dir(data_name: str, holdout: int | None) -> Path:
@@ -243,6 +260,7 @@ def run_evaluate(
     data_dir: str | Path | None = None,
     tracking_uri: str | None = None,
     track: bool = True,
+    split: str = "clean",
 ) -> EvaluationRun:
     """Score the protocol's test part and log metrics, curves and histograms to MLflow."""
     from .evaluate import curve_figures, evaluate_scores
@@ -251,7 +269,8 @@ def run_evaluate(
     cfg = loaded.config
     seed = cfg.train.seed if seed is None else seed
     data = prepare_data(source, holdout=holdout, seed=seed, val_fraction=cfg.train.val_fraction,
-                        image_size=cfg.model.image_size, data_dir=data_dir, channels=cfg.model.channels)
+                        image_size=cfg.model.image_size, data_dir=data_dir, channels=cfg.model.channels,
+                        data_kind=cfg.model.data_kind, split=split)
     scorer = Scorer(loaded, steps=steps, device=resolve_device(device))
     t0 = time.perf_counter()
     table = scorer.score(data.test)
@@ -259,12 +278,13 @@ def run_evaluate(
     names = scorer.component_names
     ev = evaluate_scores(data.test_is_anomaly, table, names)
     ev.metrics.update({"holdout": holdout, "seed": seed, "score_steps": scorer.score_cfg.steps,
-                       "score_images_per_second": len(data.test) / seconds})
+                       "score_images_per_second": len(data.test) / seconds, "split": split,
+                       "test_normals_in_training": data.test_in_train})
     run_id = None
     if track:
         with Tracker(tracking_uri, run_name=f"evaluate-{data.name}-holdout{holdout}") as tracker:
             run_id = tracker.run_id
-            tracker.set_tags({"job": "evaluate", "model_dir": str(loaded.path), "data": data.name})
+            tracker.set_tags({"job": "evaluate", "model_dir": str(loaded.path), "data": data.name, "split": split})
             tracker.log_metrics({k: v for k, v in ev.metrics.items() if isinstance(v, (int, float))})
             tracker.log_metrics({f"auprc.{k}": v for k, v in ev.component_auprc.items()})
             tracker.log_metrics({f"auroc.{k}": v for k, v in ev.component_auroc.items()})
