@@ -218,7 +218,12 @@ def score(
     vectors = loaded.config.model.is_vector
     if vectors and maps is not None:
         _fail("--maps draws images: a vector model has none (each row's per-component scores are in --out)")
-    scorer = Scorer(loaded, steps=steps)
+    from outlier_jebm.config import ConfigError
+
+    try:
+        scorer = Scorer(loaded, steps=steps)
+    except ConfigError as exc:
+        _fail(f"--steps: {exc}")
     columns = scorer.component_names
     writer = None
     if out is not None:
@@ -384,6 +389,7 @@ def evaluate(
     """AUPRC, AUROC, F1 and false-alarm rate on the hold-out protocol's test part."""
     import json
 
+    from outlier_jebm.config import ConfigError
     from outlier_jebm.data import DataError
     from outlier_jebm.pipeline import run_evaluate
 
@@ -400,7 +406,7 @@ def evaluate(
         with console.status("scoring the test part ..."):
             run = run_evaluate(loaded, data, holdout, seed=seed, steps=steps, device=device, data_dir=data_dir,
                                tracking_uri=tracking_uri, split=split)
-    except DataError as exc:
+    except (DataError, ConfigError) as exc:
         _fail(str(exc))
     m = run.evaluation.metrics
     if json_out:

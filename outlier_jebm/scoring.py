@@ -457,6 +457,7 @@ class Scorer:
         self.device = torch.device(device)
         cfg = loaded.config.score
         self.score_cfg = ScoreConfig(**{**asdict(cfg), **({"steps": steps} if steps is not None else {})})
+        self.score_cfg.validate()  # e.g. steps=-3 from a command line is a ConfigError, not a silent K = 0
         self.calibration = Calibration.from_dict(loaded.calibration) if loaded.calibration else None
         self.reference = None
         if loaded.path is not None and (loaded.path / REFERENCE_FILE).is_file():

@@ -128,3 +128,5 @@ def test_score_shows_paths_from_the_input_folder_and_counts_skipped_files(tmp_pa
     assert str(folder.parent) not in res.output
     res = runner.invoke(app, ["score", str(folder), "--model", "m", "--verbose"])
     assert f"skipped (not an image): {folder / 'notes.txt'}" in res.output
+    res = runner.invoke(app, ["score", str(folder), "--model", "m", "--steps", "-3"])
+    assert res.exit_code == 2 and "score.steps must be >= 0, got -3" in res.output
