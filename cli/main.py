@@ -338,7 +338,8 @@ def _print_score_summary(n_scored, n_flagged, errors, top_rows, loaded, out, map
 
     out_console = Console()
     cal = loaded.calibration
-    out_console.print(f"model {loaded.path}  (threshold at {100 * cal['false_alarm_rate']:.1f} % false alarms on held-in data)")
+    out_console.print(f"model {loaded.path}  (threshold at {100 * cal['false_alarm_rate']:.1f} % false alarms on held-in data)",
+                      soft_wrap=True)
     out_console.print(f"scored [bold]{n_scored}[/] inputs: [bold red]{n_flagged}[/] flagged as anomalies; {len(errors)} unusable"
                       + (f"; {len(skipped)} other files in the folders skipped (not images"
                          + (": listed below)" if verbose else "; --verbose lists them)") if skipped else ""),

@@ -605,7 +605,13 @@ def holdout_split(
     if len(train_idx) == 0:
         raise DataError(f"dataset {ds.name!r} leaves no training images for holdout {holdout}")
 
-    test_idx = np.concatenate([test_normal, anomalous])
+    return split_by_index(ds, holdout, seed, train_idx, val_idx, np.concatenate([test_normal, anomalous]))
+
+
+def split_by_index(ds: Dataset, holdout: int, seed: int, train_idx: np.ndarray, val_idx: np.ndarray,
+                   test_idx: np.ndarray) -> Split:
+    """The ``Split`` of ``ds`` that these indices (into ``ds``) choose; anomalies are the ``holdout`` class."""
+    labels = np.asarray(ds.labels)
     return Split(
         train=ds.images[train_idx],
         val=ds.images[val_idx],

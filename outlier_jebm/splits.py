@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import DataError, Dataset, Split
+from .data import DataError, Dataset, Split, split_by_index
 
 SPLITS = ("clean", "published")
 PUBLISHED_SEED = 42
@@ -52,14 +52,5 @@ def published_holdout_split(ds: Dataset, holdout: int, val_fraction: float = 0.0
     n_val = int(round(val_fraction * n_train))
     train_idx, val_idx = train_part[: n_train - n_val], train_part[n_train - n_val:]
     leaked = float(np.isin(test_normal, train_part).mean())
-    all_labels = np.asarray(ds.labels)
-    split = Split(
-        train=ds.images[train_idx],
-        val=ds.images[val_idx],
-        test=ds.images[test_idx],
-        test_is_anomaly=(all_labels[test_idx] == holdout).astype(np.int64),
-        test_labels=all_labels[test_idx].astype(np.int64),
-        holdout=int(holdout),
-        seed=PUBLISHED_SEED,
-    )
+    split = split_by_index(ds, holdout, PUBLISHED_SEED, train_idx, val_idx, test_idx)
     return split, leaked
