@@ -41,8 +41,9 @@ def bench(
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."),
     track: bool = typer.Option(True, help="Log one MLflow run per cell."),
     data_dir: Optional[Path] = typer.Option(None, help="Where MNIST files are looked for and cached."),
-    split: str = typer.Option("clean", help="clean (one permutation per seed, no overlap) or published (MNIST: the "
-                                            "papers' loaders' split, whose test normals are mostly training images)."),
+    split: str = typer.Option("clean", help="clean (one permutation per seed, no overlap), published (MNIST: the "
+                                            "papers' loaders' split, whose test normals are mostly training images), "
+                                            "or clean,published: both, side by side in one report."),
     list_detectors: bool = typer.Option(False, "--list-detectors", help="List the PyOD detectors and their settings, then exit."),
 ) -> None:
     """Every detector on the same hold-out splits: AUPRC, AUROC, fit time, scoring speed; CSV, markdown, MLflow."""
@@ -94,11 +95,13 @@ def bench(
             split=split,
             command="jebm-od " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "",
         )
+        splits = spec.splits  # an unknown split name is an error before anything runs
     except (BenchError, ValueError) as exc:
         _fail(str(exc))
 
     console.print(f"bench: {len(spec.detectors)} detectors x holdout {', '.join(map(str, spec.holdouts))} x "
-                  f"seed {', '.join(map(str, spec.seeds))} on {data} -> {spec.out_dir}"
+                  f"seed {', '.join(map(str, spec.seeds))} on {data}"
+                  + (f" ({' and '.join(splits)} splits)" if len(splits) > 1 else "") + f" -> {spec.out_dir}"
                   + (f" (time budget {spec.time_budget:.0f} s)" if spec.time_budget is not None else ""))
     progress = Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                         TimeElapsedColumn(), console=console, transient=True)

@@ -144,8 +144,16 @@ def sample(
     n: int = typer.Option(64, help="Number of prior samples."),
     steps: Optional[int] = typer.Option(None, help="Prior Langevin steps (default: the training value)."),
     seed: int = typer.Option(0),
+    metrics: bool = typer.Option(False, "--metrics", help="Also measure sample quality: FID in the features of a "
+                                 "LeNet trained in the project on the model's training part (not comparable with "
+                                 "Inception FID) and the LeNet's mean confidence on the samples."),
+    metrics_n: Optional[int] = typer.Option(None, help="--metrics: prior samples compared with as many training "
+                                            "images (default: the model's train.sample_metrics, 10 000)."),
+    data: Optional[str] = typer.Option(None, help="--metrics: the training data, where the model's record of it "
+                                       "cannot be loaded from here (e.g. a .npz with labels)."),
+    data_dir: Optional[Path] = typer.Option(None, help="--metrics: where MNIST files are looked for."),
 ) -> None:
-    """Draw samples from the learned prior and write them as an image grid."""
+    """Draw samples from the learned prior and write them as an image grid (--metrics: measure their quality)."""
     import torch
 
     from outlier_jebm.sampling import hierarchical_samples, prior_samples, sample_figures
@@ -166,6 +174,18 @@ def sample(
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     console.print(f"wrote {out}")
+    if metrics:
+        from outlier_jebm.data import DataError
+        from outlier_jebm.pipeline import model_sample_quality
+
+        try:
+            quality = model_sample_quality(loaded, n=metrics_n, data=data, data_dir=data_dir)
+        except DataError as exc:
+            _fail(str(exc))
+        console.print(f"FID (in-project LeNet features, not Inception FID): {quality['fid_lenet']:.3f}")
+        console.print(f"LeNet mean confidence: samples {quality['lenet_confidence']:.3f}, "
+                      f"training images {quality['lenet_confidence_held_in']:.3f} "
+                      f"(LeNet accuracy {quality['lenet_accuracy']:.3f})")
 
 
 

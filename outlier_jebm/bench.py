@@ -54,6 +54,7 @@ VECTOR_INPUT = ("feature vectors standardised with the mean and std of the train
 
 COLUMNS = [
     "detector", "holdout", "seed", "split", "test_in_train", "status", "auprc", "auroc", "fit_seconds", "score_images_per_second",
+    "sample_fid_lenet", "sample_confidence",
     "n_train", "n_test", "anomaly_rate", "nonfinite_scores", "family", "model", "score", "mlflow_run_id", "note",
 ]
 
@@ -326,7 +327,18 @@ class BenchSpec:
     tracking_uri: str | None = None
     track: bool = True
     command: str = ""
-    split: str = "clean"  # or "published" (splits.py): the papers' loaders' MNIST split
+    split: str = "clean"  # or "published" (splits.py): the papers' loaders' MNIST split; "clean,published": both
+
+    @property
+    def splits(self) -> list[str]:
+        """The splits to run, in order (``split`` is one name or a comma-separated list)."""
+        from .splits import SPLITS
+
+        names = [t.strip() for t in self.split.split(",") if t.strip()] or ["clean"]
+        for name in names:
+            if name not in SPLITS:
+                raise BenchError(f"split {name!r}: expected {' or '.join(SPLITS)} (or a comma-separated list)")
+        return list(dict.fromkeys(names))
 
 
 @dataclass
@@ -355,12 +367,13 @@ def run_bench(spec: BenchSpec, *, on_row: RowHook | None = None, on_message: Mes
     _write_json(out / "settings.json", settings)
     rows: list[dict[str, Any]] = []
     figures: list[Path] = []
-    total = len(spec.holdouts) * len(spec.seeds) * len(spec.detectors)
+    splits = spec.splits
+    total = len(splits) * len(spec.holdouts) * len(spec.seeds) * len(spec.detectors)
     done = 0
     budget_start = time.perf_counter()  # the budget is for the cells (data loading included), not the set-up
 
     def emit(row: dict[str, Any]) -> None:
-        row["split"] = spec.split
+        row["split"] = split
         row["test_in_train"] = td.test_in_train if td is not None else ""
         rows.append(row)
         write_csv(out / "results.csv", rows)
@@ -371,13 +384,14 @@ def run_bench(spec: BenchSpec, *, on_row: RowHook | None = None, on_message: Mes
     def over_budget() -> bool:
         return spec.time_budget is not None and time.perf_counter() - budget_start >= spec.time_budget
 
-    for holdout in spec.holdouts:
+    for split, holdout in ((sp, h) for sp in splits for h in spec.holdouts):
         curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for seed in spec.seeds:
             td = None
             for det in spec.detectors:
                 if on_cell is not None:
-                    on_cell(done, total, f"holdout {holdout} seed {seed} {det.name}")
+                    on_cell(done, total, f"holdout {holdout} seed {seed} {det.name}"
+                            + (f" ({split} split)" if len(splits) > 1 else ""))
                 if over_budget():
                     for row in _skipped_rows(det, holdout, seed):
                         emit(row)
@@ -388,14 +402,14 @@ def run_bench(spec: BenchSpec, *, on_row: RowHook | None = None, on_message: Mes
                                       val_fraction=spec.base_config.train.val_fraction, max_train=spec.max_train,
                                       image_size=spec.base_config.model.image_size, data_dir=spec.data_dir,
                                       channels=spec.base_config.model.channels,
-                                      data_kind=spec.base_config.model.data_kind, split=spec.split)
+                                      data_kind=spec.base_config.model.data_kind, split=split)
                     unit = "vectors" if is_vector_split(td) else "images"
                     say(f"holdout {holdout} seed {seed}: {len(td.train) + len(td.val)} training {unit} "
                         f"({len(td.val)} of them held in for jebm's calibration), {len(td.test)} test {unit}, "
                         f"{100 * float(np.mean(td.test_is_anomaly)):.1f} % anomalies")
                 try:
                     if isinstance(det, JEBMVariant):
-                        cell = _jebm_cell(det, td, holdout, seed, spec, say)
+                        cell = _jebm_cell(det, td, holdout, seed, spec, say, split)
                     else:
                         cell = _pyod_cell(det, td, seed)
                 except Exception as exc:  # one broken detector must not lose the others' rows
@@ -415,8 +429,9 @@ def run_bench(spec: BenchSpec, *, on_row: RowHook | None = None, on_message: Mes
         if curves:
             import matplotlib.pyplot as plt
 
-            path = out / f"pr_holdout{holdout}.png"
-            fig = pr_figure(curves, f"holdout {holdout}, seed {spec.seeds[0]}")
+            tag = "" if split == "clean" else f"-{split}"
+            path = out / f"pr_holdout{holdout}{tag}.png"
+            fig = pr_figure(curves, f"holdout {holdout}, seed {spec.seeds[0]}" + (f", {split} split" if tag else ""))
             fig.savefig(path, dpi=120)
             plt.close(fig)
             figures.append(path)
@@ -453,7 +468,8 @@ def _pyod_cell(det: PyODDetector, td, seed: int) -> CellRows:
     return [(row, scores, det.describe(seed, X.shape[1]), {})]
 
 
-def _jebm_cell(variant: JEBMVariant, td, holdout: int, seed: int, spec: BenchSpec, say: MessageHook) -> CellRows:
+def _jebm_cell(variant: JEBMVariant, td, holdout: int, seed: int, spec: BenchSpec, say: MessageHook,
+               split: str = "clean") -> CellRows:
     from .checkpoint import load_model
     from .pipeline import run_fit
     from .scoring import Scorer
@@ -462,7 +478,8 @@ def _jebm_cell(variant: JEBMVariant, td, holdout: int, seed: int, spec: BenchSpe
     cfg = variant.config.with_overrides(train={"seed": seed, "max_train": spec.max_train})
     if is_vector_split(td):
         cfg = for_vectors(cfg, td.train.shape[1])
-    model_dir = Path(spec.out_dir) / "models" / f"{_slug(variant.name)}-holdout{holdout}-seed{seed}"
+    tag = "" if split == "clean" else f"-{split}"
+    model_dir = Path(spec.out_dir) / "models" / f"{_slug(variant.name)}-holdout{holdout}-seed{seed}{tag}"
     n_epochs = planned_epochs(cfg, len(td.train))  # run_fit raises the epochs of a small set to train.min_steps
 
     def on_epoch_end(epoch: int, m: dict[str, float]) -> None:
@@ -485,6 +502,9 @@ def _jebm_cell(variant: JEBMVariant, td, holdout: int, seed: int, spec: BenchSpe
     extra = {"history": summary.history}
     row = _scored_row(variant.name, variant.name, "score", "jebm", td, seed, table["score"], fit_seconds,
                       score_seconds, note=note)
+    if summary.sample_quality is not None:
+        row["sample_fid_lenet"] = summary.sample_quality["fid_lenet"]
+        row["sample_confidence"] = summary.sample_quality["lenet_confidence"]
     out: CellRows = [(row, table["score"], params, extra)]
     names = scorer.component_names
     chosen = variant.components if variant.components is not None else [
@@ -610,18 +630,26 @@ def pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str):
     return fig
 
 
+def row_label(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The detector's name, with its split where the rows hold more than one ("jebm (published)")."""
+    several = len({r.get("split") or "clean" for r in rows}) > 1
+    return f"{row['detector']} ({row.get('split') or 'clean'})" if several else row["detector"]
+
+
 def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
-    """(detector, holdout) -> mean / std over the seeds that ran, and how many did."""
+    """(detector label, holdout) -> mean / std over the seeds that ran, and how many did (``row_label``)."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["detector"], int(row["holdout"])), []).append(row)
+        groups.setdefault((row_label(row, rows), int(row["holdout"])), []).append(row)
     out = {}
     for key, group in groups.items():
         ok = [r for r in group if r["status"] == "ok"]
         entry: dict[str, Any] = {"n": len(group), "n_ok": len(ok), "status": group[0]["status"] if not ok else "ok",
-                                 "family": group[0]["family"], "score": group[0]["score"]}
-        for col in ("auprc", "auroc", "fit_seconds", "score_images_per_second", "anomaly_rate", "n_test"):
-            values = np.array([float(r[col]) for r in ok], dtype=np.float64)
+                                 "family": group[0]["family"], "score": group[0]["score"],
+                                 "split": group[0].get("split") or "clean"}
+        for col in ("auprc", "auroc", "fit_seconds", "score_images_per_second", "anomaly_rate", "n_test",
+                    "sample_fid_lenet", "sample_confidence"):
+            values = np.array([float(r[col]) for r in ok if r.get(col, "") not in ("", None)], dtype=np.float64)
             entry[col] = float(values.mean()) if len(values) else None
             entry[col + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
         out[key] = entry
@@ -630,12 +658,13 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any
 
 def render_markdown(rows: list[dict[str, Any]], spec: BenchSpec, settings: dict[str, Any]) -> str:
     agg = aggregate(rows)
-    detectors = list(dict.fromkeys(r["detector"] for r in rows))
+    detectors = list(dict.fromkeys(row_label(r, rows) for r in rows))
     holdouts = [h for h in spec.holdouts if any(int(r["holdout"]) == h for r in rows)]
     machine = settings["machine"]
     lines = [
         f"# jebm-od bench: {spec.data}, holdout {', '.join(map(str, spec.holdouts))}, "
-        f"seed {', '.join(map(str, spec.seeds))}, {spec.split} split",
+        f"seed {', '.join(map(str, spec.seeds))}, {' and '.join(spec.splits)} split"
+        + ("s (side by side: each detector's rows are labelled by split)" if len(spec.splits) > 1 else ""),
         "",
         f"Started {settings['started']}; {machine['cpu_count']} CPUs, torch {machine['torch']} with "
         f"{machine['torch_threads']} threads, {machine['platform']}; commit {machine['git_commit'] or 'unknown'}"
@@ -657,6 +686,7 @@ def render_markdown(rows: list[dict[str, Any]], spec: BenchSpec, settings: dict[
     ]
     lines += _summary_table(agg, detectors, holdouts, spec)
     lines += [""] + _summary_table(agg, detectors, holdouts, spec, metric="auroc")
+    lines += _sample_quality_table(agg, detectors, holdouts)
     for h in holdouts:
         rates = [e["anomaly_rate"] for (d, hh), e in agg.items() if hh == h and e["anomaly_rate"] is not None]
         n_tests = [e["n_test"] for (d, hh), e in agg.items() if hh == h and e["n_test"] is not None]
@@ -679,6 +709,24 @@ def render_markdown(rows: list[dict[str, Any]], spec: BenchSpec, settings: dict[
     return "\n".join(lines) + "\n"
 
 
+def _sample_quality_table(agg, detectors: list[str], holdouts: list[int]) -> list[str]:
+    """FID (in-project LeNet features) and LeNet confidence of each jebm model's prior samples."""
+    rows = []
+    for d in detectors:
+        cells = [agg.get((d, h)) for h in holdouts]
+        if not any(e is not None and e.get("sample_fid_lenet") is not None for e in cells):
+            continue
+        rows.append(f"| {d} | " + " | ".join(
+            "-" if e is None or e.get("sample_fid_lenet") is None
+            else f"{_pm(e, 'sample_fid_lenet')} / {_num(e['sample_confidence'], 3)}" for e in cells) + " |")
+    if not rows:
+        return []
+    return ["", "## Sample quality: FID (in-project LeNet features) / LeNet confidence", "",
+            "10 000 prior samples against 10 000 training images, in the penultimate features of a LeNet trained on "
+            "the split's training part (sample_quality.py); lower FID is better. Not comparable with Inception FID.",
+            "", "| | " + " | ".join(str(h) for h in holdouts) + " |", "| --- |" + " --- |" * len(holdouts)] + rows
+
+
 def _summary_table(agg, detectors: list[str], holdouts: list[int], spec: BenchSpec,
                    metric: str = "auprc") -> list[str]:
     if not holdouts:
@@ -687,12 +735,15 @@ def _summary_table(agg, detectors: list[str], holdouts: list[int], spec: BenchSp
             "| --- |" + " --- |" * len(holdouts)]
     body = []
     pyod = [d for d in detectors if any(agg.get((d, h), {}).get("family") == "pyod" for h in holdouts)]
-    if pyod:
+    splits = list(dict.fromkeys(agg[(d, h)]["split"] for d in pyod for h in holdouts if (d, h) in agg))
+    for split in splits:
         cells = []
         for h in holdouts:
-            ran = [(agg[(d, h)][metric], d) for d in pyod if (d, h) in agg and agg[(d, h)][metric] is not None]
+            ran = [(agg[(d, h)][metric], d) for d in pyod if (d, h) in agg and agg[(d, h)][metric] is not None
+                   and agg[(d, h)]["split"] == split]
             cells.append(f"{max(ran)[0]:.3f} ({max(ran)[1]})" if ran else "-")
-        body.append("| best PyOD (picked per hold-out on test labels) | " + " | ".join(cells) + " |")
+        where = f", {split} split" if len(splits) > 1 else ""
+        body.append(f"| best PyOD (picked per hold-out on test labels{where}) | " + " | ".join(cells) + " |")
     for d in detectors:
         e0 = next((agg[(d, h)] for h in holdouts if (d, h) in agg), None)
         if e0 is None or e0["family"] != "jebm" or e0["score"] != "score":
@@ -725,8 +776,9 @@ def bench_settings(spec: BenchSpec) -> dict[str, Any]:
         "time_budget_seconds": spec.time_budget,
         "device": spec.device,
         "split_kind": spec.split,
-        "split": ("the published loaders' split (splits.py: RandomState(42), a second permutation for the test "
-                  "part; the seeds only seed the models)" if spec.split == "published" else "")
+        "split": ("published: the published loaders' split (splits.py: RandomState(42), a second permutation for "
+                  "the test part; the seeds only seed the models). " if "published" in spec.splits else "")
+                 + ("clean: " if "published" in spec.splits else "")
                  + "prepare_data(data, holdout=D, seed=s): train on 80 % of the normal classes (jebm carves "
                  "train.val_fraction of it for calibration; PyOD fits on all of it), test = the other 20 % + "
                  "every image of D",

@@ -130,6 +130,9 @@ class TrainConfig:
     # (seen with scheme mle) reaches 1e10 while staying finite.
     max_abs_loss: float = 1.0e8
     sample_every: int = 2  # epochs between sample grids logged to MLflow
+    # prior samples for the fit-end sample quality (FID in in-project LeNet features), logged to
+    # MLflow when the training images have class labels; 0 = off
+    sample_metrics: int = 10_000
     seed: int = 0
 
     def validate(self) -> None:
@@ -140,6 +143,8 @@ class TrainConfig:
             raise ConfigError(f"train.threads must be >= 0 (0: torch's own setting), got {self.threads}")
         if self.min_steps < 0:
             raise ConfigError(f"train.min_steps must be >= 0, got {self.min_steps}")
+        if self.sample_metrics < 0:
+            raise ConfigError(f"train.sample_metrics must be >= 0 (0: off), got {self.sample_metrics}")
         for name in ("lr_ebm", "lr_gen", "lr_enc", "grad_clip", "max_abs_loss"):
             _positive(f"train.{name}", getattr(self, name))
         if not 0.0 < self.val_fraction < 0.5:

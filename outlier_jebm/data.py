@@ -132,6 +132,8 @@ class Split:
         The held-out (anomalous) digit.
     seed : int
         The seed of the shuffle of the normal images.
+    train_labels : np.ndarray or None
+        int64 ``(n_train,)``, the digit labels of ``train`` (for the sample-quality classifier).
     """
 
     train: np.ndarray
@@ -141,6 +143,7 @@ class Split:
     test_labels: np.ndarray
     holdout: int
     seed: int
+    train_labels: np.ndarray | None = None
 
 
 def load_dataset(source: str, data_dir: str | Path | None = None, image_size: int = 28, channels: int = 1) -> Dataset:
@@ -620,6 +623,7 @@ def split_by_index(ds: Dataset, holdout: int, seed: int, train_idx: np.ndarray, 
         test_labels=labels[test_idx].astype(np.int64),
         holdout=int(holdout),
         seed=int(seed),
+        train_labels=labels[train_idx].astype(np.int64),
     )
 
 

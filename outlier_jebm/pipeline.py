@@ -35,6 +35,8 @@ class TrainingData:
     test_is_anomaly: np.ndarray | None = None
     split: str = "clean"  # clean | published (splits.py)
     test_in_train: float = 0.0  # share of the test part's normals that are training images
+    train_labels: np.ndarray | None = None  # class labels of ``train`` where the source has them
+    max_train: int | None = None
 
 
 def prepare_data(
@@ -73,23 +75,29 @@ def prepare_data(
     else:
         ds = load_dataset(source, data_dir=data_dir, image_size=image_size, channels=channels)
     leaked = 0.0
+    train_labels = None
     if holdout is not None and split == "published":
         parts, leaked = published_holdout_split(ds, holdout, val_fraction=val_fraction)
         train, val, test, flags = parts.train, parts.val, parts.test, parts.test_is_anomaly
+        train_labels = parts.train_labels
     elif holdout is not None:
         split_fn = vector_holdout_split if vectors else holdout_split
         parts = split_fn(ds, holdout, seed=seed, val_fraction=val_fraction)
         train, val, test, flags = parts.train, parts.val, parts.test, parts.test_is_anomaly
+        train_labels = getattr(parts, "train_labels", None)
     else:
         order = np.random.default_rng(seed).permutation(len(ds.images))
         n_val = max(1, int(round(val_fraction * len(order))))
         train, val = ds.images[order[n_val:]], ds.images[order[:n_val]]
         test = flags = None
+        if not vectors and ds.labels is not None:
+            train_labels = np.asarray(ds.labels)[order[n_val:]]
     if max_train is not None and max_train < len(train):
         keep = np.random.default_rng(seed + 1).choice(len(train), size=max_train, replace=False)
         train = train[np.sort(keep)]
+        train_labels = None if train_labels is None else train_labels[np.sort(keep)]
     return TrainingData(train=train, val=val, name=ds.name, holdout=holdout, test=test, test_is_anomaly=flags,
-                        split=split, test_in_train=leaked)
+                        split=split, test_in_train=leaked, train_labels=train_labels, max_train=max_train)
 
 
 def default_out_dir(data_name: str, holdout: int | None) -> Path:
@@ -118,6 +126,7 @@ class FitSummary:
     wall_seconds: float
     history: list[dict[str, float]]
     model_uri: str | None = None
+    sample_quality: dict[str, float] | None = None  # FID (in-project LeNet features) etc., where labels exist
 
 
 def run_fit(
@@ -160,6 +169,8 @@ def run_fit(
     meta = {
         "data": data.name,
         "holdout": data.holdout,
+        "split": data.split,
+        "max_train": data.max_train,
         "n_train": int(len(data.train)),
         "n_val": int(len(data.val)),
         "image_size": config.model.image_size,
@@ -206,9 +217,12 @@ def run_fit(
     train_seconds = time.perf_counter() - t0
     loaded = load_model(out_dir, device=dev)
     cal = calibrate(loaded, data.train, data.val, seed=config.train.seed, device=dev)
+    quality = fit_sample_quality(loaded.model, config, data)
     if tracker is not None:
         tracker.log_metrics({"wall_seconds": time.perf_counter() - t0, "train_wall_seconds": train_seconds,
                              "calibration_threshold": cal.threshold})
+        if quality is not None:
+            tracker.log_metrics({f"sample_{k}": v for k, v in quality.items()})
         tracker.log_dict(cal.to_dict(), "calibration.json")
         from .registry import log_pyfunc
 
@@ -224,7 +238,27 @@ def run_fit(
         wall_seconds=time.perf_counter() - t0,
         history=result.history,
         model_uri=model_uri,
+        sample_quality=quality,
     )
+
+
+def fit_sample_quality(model: JointEBM, config: Config, data: TrainingData, n: int | None = None) -> dict[str, float] | None:
+    """Sample quality of a fitted image model (``sample_quality``), or None where it does not apply.
+
+    Needs class labels for the training images (MNIST, sklearn digits, labelled arrays) and an
+    image model; ``n`` (default ``train.sample_metrics``, 0 = off) prior samples are compared with
+    as many training images in the features of a LeNet trained on the training part.
+    """
+    from .sample_quality import sample_quality, train_classifier
+
+    n = config.train.sample_metrics if n is None else n
+    labels = data.train_labels
+    if n <= 0 or config.model.is_vector or labels is None or len(np.unique(labels)) < 2:
+        return None
+    classifier = train_classifier(data.train, labels, seed=config.train.seed)
+    pr = config.train.prior_langevin
+    return sample_quality(model, classifier, data.train, n=n, steps=pr.steps, step_size=pr.step_size,
+                          seed=config.train.seed)
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:
@@ -295,3 +329,33 @@ def run_evaluate(
                 tracker.log_figure(fig, name)
                 plt.close(fig)
     return EvaluationRun(evaluation=ev, holdout=holdout, seed=seed, run_id=run_id)
+
+
+def model_sample_quality(loaded: LoadedModel, *, n: int | None = None, data: str | None = None,
+                         data_dir: str | Path | None = None) -> dict[str, float]:
+    """``fit_sample_quality`` for a saved model, on the training part it was fitted on.
+
+    The part is rebuilt from the model's record (data, hold-out digit, split, seed, cap);
+    ``data`` names the source where the record's is not loadable from here. Raises
+    ``DataError`` when the data has no class labels (folders, bare arrays) or the model
+    scores vectors.
+    """
+    meta, config = loaded.meta, loaded.config
+    source = data or meta.get("data")
+    if config.model.is_vector:
+        raise DataError("sample quality is measured for image models; this model scores vectors")
+    if not source:
+        raise DataError("the model does not record its training data: pass --data")
+    td = prepare_data(source, holdout=meta.get("holdout"), seed=config.train.seed,
+                      val_fraction=config.train.val_fraction, max_train=meta.get("max_train"),
+                      image_size=config.model.image_size, data_dir=data_dir, channels=config.model.channels,
+                      split=meta.get("split", "clean"))
+    if td.train_labels is None or len(np.unique(td.train_labels)) < 2:
+        raise DataError(f"{source}: no class labels, which the sample-quality classifier trains on "
+                        "(MNIST, sklearn digits or a .npz with labels)")
+    n = config.train.sample_metrics if n is None else n
+    if n <= 0:
+        raise DataError(f"--n must be positive, got {n}")
+    result = fit_sample_quality(loaded.model, config, td, n=n)
+    assert result is not None
+    return result

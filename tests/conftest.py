@@ -32,6 +32,7 @@ def tiny_config(generator="chain", prior="joint", scheme="variational", **train)
         "prior_langevin": {"steps": 10, "step_size": 0.2, "noise": True},
         "posterior_langevin": {"steps": 5, "step_size": 0.05, "noise": True},
         "sample_every": 1,
+        "sample_metrics": 300,  # the fit-end FID on a few hundred prior samples
     }
     t.update(train)
     return Config.from_dict({

@@ -103,6 +103,10 @@ def test_one_jebm_fit_gives_rows_for_the_score_and_each_component(bench_run):
     recon = detection_metrics(y, table["recon"])["auroc"]
     assert float(by_name["jebm[recon]"]["auroc"]) == pytest.approx(recon, abs=1e-5)
     assert not (tmp / "models" / "latest").exists()  # a bench does not change the user's last fitted model
+    # the fit's sample quality is on the model's own row, not on its components' rows or PyOD's
+    assert float(by_name["jebm"]["sample_fid_lenet"]) > 0 and 0 < float(by_name["jebm"]["sample_confidence"]) <= 1
+    assert by_name["jebm[recon]"]["sample_fid_lenet"] == ""
+    assert all(r["sample_fid_lenet"] == "" for r in rows if r["family"] == "pyod")
 
 
 def test_results_markdown_settings_figures_and_mlflow_runs(bench_run):
@@ -110,6 +114,7 @@ def test_results_markdown_settings_figures_and_mlflow_runs(bench_run):
     out = tmp / "out"
     md = (out / "results.md").read_text()
     assert "## Summary: AUPRC" in md and "## Holdout 1" in md and "| knn |" in md and " ± " in md
+    assert "## Sample quality: FID (in-project LeNet features) / LeNet confidence" in md and "| gauss |" in md
     assert (out / "pr_holdout1.png").stat().st_size > 1000
     settings = json.loads((out / "settings.json").read_text())
     assert settings["detectors"]["pca"]["changed_from_defaults"]["standardization"] is False
@@ -222,3 +227,23 @@ def test_cli_reports_a_bad_detector_list_as_a_usage_error(tmp_path, monkeypatch)
     res = runner.invoke(app, ["bench", "--data", "digits", "--detectors", "jebm,nope", "--out", "out"])
     assert res.exit_code == 2 and "unknown detector 'nope'" in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_both_splits_run_side_by_side_in_one_report(tmp_path):
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["bench", "--data", "mnist", "--holdout", "1", "--detectors", "pca", "--max-train", "2000",
+                              "--split", "clean,published", "--no-track", "--out", str(out)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    rows = _read_csv(out / "results.csv")
+    assert [(r["detector"], r["split"]) for r in rows] == [("pca", "clean"), ("pca", "published")]
+    leak = {r["split"]: float(r["test_in_train"]) for r in rows}
+    assert leak["clean"] == 0.0 and 0.75 < leak["published"] < 0.85
+    md = (out / "results.md").read_text()
+    assert "| pca (clean) |" in md and "| pca (published) |" in md
+    assert "best PyOD (picked per hold-out on test labels, clean split)" in md
+    assert "best PyOD (picked per hold-out on test labels, published split)" in md
+    assert (out / "pr_holdout1.png").is_file() and (out / "pr_holdout1-published.png").is_file()
+
+    res = runner.invoke(app, ["bench", "--data", "mnist", "--detectors", "pca", "--split", "clean,leaky",
+                              "--out", str(tmp_path / "x")], env={"COLUMNS": "200"})
+    assert res.exit_code == 2 and "split 'leaky'" in res.output and not (tmp_path / "x").exists()

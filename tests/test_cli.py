@@ -35,6 +35,8 @@ def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, d
     with sqlite3.connect(db) as con:
         keys = {k for (k,) in con.execute("select distinct key from metrics")}
     assert {"loss", "recon", "f_gap", "images_per_second", "seconds_per_epoch", "val_neg_elbo"} <= keys
+    # sample quality at the end of the fit: the digits have labels, so the in-project LeNet is trained
+    assert {"sample_fid_lenet", "sample_lenet_confidence", "sample_lenet_accuracy"} <= keys
 
     images, labels = digits01
     folder = tmp_path / "imgs"
@@ -58,6 +60,11 @@ def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, d
     res = runner.invoke(app, ["sample", "--out", "s.png", "--kind", "hierarchical"])
     assert res.exit_code == 0, res.output
     assert Image.open(tmp_path / "s.png").size[0] > 0
+
+    res = runner.invoke(app, ["sample", "--out", "s2.png", "--metrics", "--metrics-n", "200"])
+    assert res.exit_code == 0, res.output
+    assert "FID (in-project LeNet features, not Inception FID):" in res.output
+    assert "LeNet mean confidence: samples" in res.output
 
 
 def test_score_exits_non_zero_when_nothing_could_be_scored(tmp_path, monkeypatch):
