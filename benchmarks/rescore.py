@@ -54,7 +54,7 @@ def main() -> None:
     from outlier_jebm.checkpoint import load_model
     from outlier_jebm.evaluate import detection_metrics
     from outlier_jebm.pipeline import prepare_data
-    from outlier_jebm.scoring import References, Scorer, fit_calibration, reference_latents
+    from outlier_jebm.scoring import Scorer, reference_set, fit_calibration, reference_latents
 
     overrides = parse_set(args.set)
     settings = dict(overrides) | ({} if args.reference_size is None else {"reference_size": args.reference_size})
@@ -76,7 +76,7 @@ def main() -> None:
         scorer = Scorer(loaded)
         if args.reference_size is not None:  # drawn like calibrate() draws it; the model dir is not touched
             ref = reference_latents(scorer, td.train, args.reference_size, seed=cfg.train.seed)
-            scorer.reference = References(torch.from_numpy(ref))
+            scorer.reference = reference_set(scorer.model, torch.from_numpy(ref))
         test = scorer.components_of(td.test).components
         val = scorer.components_of(td.val).components
         y = td.test_is_anomaly

@@ -11,10 +11,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .data import ImageError, image_files, read_image
+from .schema import RESULT_COLUMNS, unscored_row
 from .scoring import Scorer
 from .viz import anomaly_overlay
 
-BASE_COLUMNS = ["path", "score", "score_normalized", "label", "top_component", "error"]
+BASE_COLUMNS = ["path", *RESULT_COLUMNS]
 OUTPUT_FORMATS = (".csv", ".json", ".parquet")
 
 
@@ -117,8 +118,7 @@ def _row(path: str, values: dict) -> dict:
 
 
 def _error_row(path: Path | str, reason: str) -> dict:
-    return {"path": str(path), "score": None, "score_normalized": None, "label": None, "top_component": None,
-            "error": reason}
+    return {"path": str(path), **unscored_row(reason)}
 
 
 class ResultWriter:

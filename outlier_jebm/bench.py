@@ -832,7 +832,7 @@ def _available_components(config: Config) -> set[str]:
 
     if config.model.is_vector:
         config = for_vectors(config, max(config.model.vector_dim, 1))
-    return set(component_names(JointEBM(config.model), True, llr_samples=1))
+    return set(component_names(JointEBM(config.model), True, llr_samples=1, posterior=True))
 
 
 def _split_components(token: str) -> tuple[str, list[str]]:

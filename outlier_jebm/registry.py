@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from .schema import output_columns  # noqa: F401  (models logged before schema.py import it from here)
 
 PYFUNC_CODE = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
 ARTIFACT_KEY = "model_dir"
@@ -31,8 +32,6 @@ def is_model_uri(ref: str | Path | None) -> bool:
     return isinstance(ref, str) and ref.startswith(URI_SCHEMES)
 
 
-def output_columns(component_names: list[str]) -> list[str]:
-    return ["score", "score_normalized", "label", "top_component", "error", *component_names]
 
 
 def model_signature(component_names: list[str]):
@@ -42,8 +41,10 @@ def model_signature(component_names: list[str]):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    cols = [ColSpec("double", "score"), ColSpec("double", "score_normalized"), ColSpec("long", "label"),
-            ColSpec("string", "top_component"), ColSpec("string", "error")]
+    from .schema import RESULT_TYPES
+
+    kinds = {"float64": "double", "int64": "long", "string": "string"}
+    cols = [ColSpec(kinds[RESULT_TYPES[c]], c) for c in RESULT_TYPES]
     cols += [ColSpec("double", name) for name in component_names]
     return ModelSignature(inputs=None, outputs=Schema(cols))
 

@@ -9,6 +9,9 @@ steps (noise off by default, so a score is a deterministic function of x), over
 - ``neg_log_p_z<i>``   -log p_gauss(z_i | z_{i+1}) per layer (the Gaussian hierarchy)
 - ``neg_log_prior``    -(f(z) + log p_gauss(z)), unnormalised
 - ``neg_log_joint``    -log p(x, z), unnormalised: the papers' decision function
+- ``neg_log_joint_post``, ``recon_post``  (K > 0 with noise or several chains) the posterior
+                       averages: -log p(x, z) and the reconstruction term averaged over the
+                       chains' final samples, rather than taken at their mean
 - ``energy_drop``      how much K steps raised log p(x, z) above the encoder's guess
 - ``chain_spread``     spread of z over chains (0 with one chain)
 - ``latent_knn``       mean distance, in reference coordinates eps, to the k nearest
@@ -18,6 +21,10 @@ steps (noise off by default, so a score is a deterministic function of x), over
                        vectors (sqrt(2 - 2 cos)) to the k nearest. The norm of eps says how
                        typical a code is under the Gaussian hierarchy; its direction says
                        what it depicts, and a held-out class differs in the latter.
+- ``latent_knn_top``, ``latent_knn_cos_top``  (two or more layers) the same two searches in
+                       the top layer's coordinates alone: the layer farthest from the pixels,
+                       which the hierarchy leaves what a digit *is*, while the full code also
+                       holds how it is drawn.
 - ``llr_gt<k>``        (with ``score.llr_samples`` > 0) the hierarchical likelihood ratio of
                        Havtorn et al. (ICML 2021): the bound with z_1..z_k inferred minus the
                        bound with them drawn from the prior given the inferred z_{k+1}..z_L.
@@ -68,7 +75,12 @@ TORCH_SEARCH_ROWS = 500  # queries per product in the torch search (the chunk si
 NATIVE_CHUNK = 1024  # reference columns per pass of the fused kernel (1024 x Z floats stay in L2)
 
 
-def component_names(model: JointEBM, with_reference: bool, llr_samples: int = 0) -> list[str]:
+def posterior_averaged(cfg: ScoreConfig) -> bool:
+    """Whether scoring draws several posterior samples per input (the ``*_post`` components)."""
+    return cfg.steps > 0 and (cfg.noise or cfg.chains > 1)
+
+
+def component_names(model: JointEBM, with_reference: bool, llr_samples: int = 0, posterior: bool = False) -> list[str]:
     L = model.cfg.n_layers
     names = ["recon"]
     if model.ebm.kind == "layerwise":
@@ -77,8 +89,12 @@ def component_names(model: JointEBM, with_reference: bool, llr_samples: int = 0)
         names.append("neg_f")
     names += [f"neg_log_p_z{i + 1}" for i in range(L)]
     names += ["neg_log_prior", "neg_log_joint", "energy_drop", "chain_spread"]
+    if posterior:
+        names += ["neg_log_joint_post", "recon_post"]
     if with_reference:
         names += ["latent_knn", "latent_knn_cos"]
+        if L > 1:
+            names += ["latent_knn_top", "latent_knn_cos_top"]
     if llr_samples > 0:
         names += [f"llr_gt{k}" for k in range(1, L)]
     return names
@@ -136,12 +152,17 @@ def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referen
                 e[x.shape[0]:] += 0.1 * torch.randn_like(e[x.shape[0]:])
                 init = model.generator.from_eps(e)
         zc, _ = posterior_langevin(model, xs, init, steps=cfg.steps, step_size=cfg.step_size, noise=cfg.noise)
+        if posterior_averaged(cfg):
+            per_sample = _terms(model, xs, zc)
+            post = {k: per_sample[k].view(chains, x.shape[0]).mean(0) for k in ("neg_log_joint", "recon")}
         zc = zc.view(chains, x.shape[0], -1)  # (C, B, Z)
         z = zc.mean(0)
         spread = zc.std(0).mean(-1) if chains > 1 else torch.zeros(x.shape[0])
     else:
         z, spread = z0, torch.zeros(x.shape[0])
     terms = _terms(model, x, z)
+    if cfg.steps > 0 and posterior_averaged(cfg):
+        terms["neg_log_joint_post"], terms["recon_post"] = post["neg_log_joint"], post["recon"]
     with torch.no_grad():
         if cfg.steps > 0:
             terms["energy_drop"] = (-terms["neg_log_joint"]) - model.log_joint(x, z0)
@@ -151,6 +172,9 @@ def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referen
         eps = model.generator.to_eps(z)
         if reference is not None:
             terms["latent_knn"], terms["latent_knn_cos"] = knn_points_and_directions(eps, reference)
+            if reference.top is not None:
+                top = eps[:, -reference.top_dim:].contiguous()
+                terms["latent_knn_top"], terms["latent_knn_cos_top"] = knn_points_and_directions(top, reference.top)
         if cfg.llr_samples > 0:
             terms.update(likelihood_ratios(model, x, z, cfg.llr_samples))
     sq = terms.pop("_sq")
@@ -209,8 +233,11 @@ class References:
     holding one is searched twice instead (``shared_product`` False).
     """
 
-    def __init__(self, eps: torch.Tensor):
+    def __init__(self, eps: torch.Tensor, top_dim: int = 0):
         self.eps = eps
+        # the top layer's own searches (``latent_knn_top``): its columns are the last top_dim of eps
+        self.top_dim = top_dim
+        self.top = References(eps[:, -top_dim:].contiguous()) if 0 < top_dim < eps.shape[1] else None
         self.points = Reference(eps)
         self.unit = unit_rows(eps)  # for the exact distances of the directions' candidates
         self.shared_product = bool((eps.norm(dim=1) > 1e-12).all())
@@ -461,14 +488,15 @@ class Scorer:
         self.calibration = Calibration.from_dict(loaded.calibration) if loaded.calibration else None
         self.reference = None
         if loaded.path is not None and (loaded.path / REFERENCE_FILE).is_file():
-            self.reference = References(load_file(str(loaded.path / REFERENCE_FILE))["eps"].to(self.device))
+            self.reference = reference_set(self.model, load_file(str(loaded.path / REFERENCE_FILE))["eps"].to(self.device))
         self.image_size = loaded.config.model.image_size
         self.channels = loaded.config.model.channels  # 1: inputs (N, S, S); 3: (N, S, S, 3)
 
     @property
     def component_names(self) -> list[str]:
         """The components this scorer computes, in output order."""
-        return component_names(self.model, self.reference is not None, self.score_cfg.llr_samples)
+        return component_names(self.model, self.reference is not None, self.score_cfg.llr_samples,
+                               posterior_averaged(self.score_cfg))
 
     def components_of(self, images01: np.ndarray) -> BatchScores:
         """Score components of images (N, H, W) in [0, 1], in batches of ``score.batch_size``."""
@@ -501,6 +529,12 @@ class Scorer:
         return out
 
 
+def reference_set(model: JointEBM, eps: torch.Tensor) -> References:
+    """The reference latents prepared for the model's searches (the top layer's too, with two or more layers)."""
+    dims = model.cfg.z_dims
+    return References(eps, top_dim=dims[-1] if len(dims) > 1 else 0)
+
+
 def reference_latents(scorer: "Scorer", train_images: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
     """Posterior means (reference coordinates) of ``size`` training images drawn with ``seed`` (0 = all)."""
     n = len(train_images) if size <= 0 else min(size, len(train_images))
@@ -526,7 +560,7 @@ def calibrate(loaded: LoadedModel, train_images: np.ndarray, val_images: np.ndar
     scorer = Scorer(loaded, device=device)
     ref = reference_latents(scorer, train_images, size, seed)
     save_file({"eps": torch.from_numpy(ref)}, str(loaded.path / REFERENCE_FILE))
-    scorer.reference = References(torch.from_numpy(ref).to(scorer.device))
+    scorer.reference = reference_set(scorer.model, torch.from_numpy(ref).to(scorer.device))
     comps = scorer.components_of(val_images).components
     cal = fit_calibration(comps, combine=combine, false_alarm_rate=loaded.config.score.false_alarm_rate,
                           score_steps=scorer.score_cfg.steps)

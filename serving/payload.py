@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from outlier_jebm.schema import UNSCORED_LABEL, unscored_table
 from outlier_jebm.data import (
     DataError,
     decode_image,
@@ -207,17 +208,11 @@ def items_from_vectors(rows: Any, dim: int, name: str = "instances") -> list[Ite
 def score_items(scorer, items: list[Item]) -> dict[str, np.ndarray]:
     """Score the good items in one batch; a column table in item order with an ``error`` column.
 
-    Rows that could not be scored have NaN scores, label -1 and top_component "".
+    Rows that could not be scored read as ``schema`` says: NaN scores, label -1, top_component "".
     """
     names = scorer.component_names
-    n = len(items)
     good = [i for i, it in enumerate(items) if it.error is None]
-    table: dict[str, np.ndarray] = {
-        "score": np.full(n, np.nan), "score_normalized": np.full(n, np.nan),
-        "label": np.full(n, -1, dtype=np.int64), "top_component": np.full(n, "", dtype=object),
-        "error": np.array([it.error or "" for it in items], dtype=object),
-    }
-    table.update({k: np.full(n, np.nan) for k in names})
+    table = unscored_table([it.error or "" for it in items], names)
     if good:
         scored = scorer.score(np.stack([items[i].pixels for i in good]))
         for key, values in scored.items():
@@ -236,7 +231,7 @@ def table_to_predictions(table: dict[str, np.ndarray], component_names: list[str
     out = []
     for i, err in enumerate(errors):
         if err:
-            out.append({"error": str(err)})
+            out.append({"label": UNSCORED_LABEL, "error": str(err)})
             continue
         out.append({
             "score": score[i],

@@ -43,7 +43,7 @@ class JEBMPyfuncModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         import numpy as np
 
-        from outlier_jebm.registry import output_columns
+        from outlier_jebm.schema import output_columns
         from serving.payload import items_from_array, items_from_frame, items_from_vectors, score_items
 
         size, channels = self.scorer.image_size, self.scorer.channels

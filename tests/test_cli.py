@@ -49,6 +49,9 @@ def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, d
     assert res.exit_code == 0, res.output
     rows = json.loads((tmp_path / "res.json").read_text())
     assert len(rows) == 5 and sum(r["error"] != "" for r in rows) == 1
+    # an unscored row reads as everywhere else (outlier_jebm/schema.py): label -1, no score, no top component
+    (bad,) = [r for r in rows if r["error"]]
+    assert bad["label"] == -1 and bad["score"] is None and bad["top_component"] == "" and bad["recon"] is None
     assert len(list((tmp_path / "maps").glob("*.png"))) == 4
     assert "broken.png" in res.output
 

@@ -315,6 +315,24 @@ def test_latent_knn_cos_is_the_mean_chordal_distance_to_the_nearest_directions_a
                                bs.components["latent_knn_cos"], rtol=1e-5, atol=1e-6)
 
 
+def test_latent_knn_top_searches_the_top_layer_alone_by_brute_force(trained):
+    loaded, split = trained
+    scorer = Scorer(loaded)
+    top = loaded.config.model.z_dims[-1]
+    assert {"latent_knn_top", "latent_knn_cos_top"} <= set(scorer.component_names)
+    bs = scorer.components_of(split.test[:40])
+    ref = scorer.reference.eps.double().numpy()[:, -top:]  # the top layer's coordinates: the last of eps
+    e = bs.eps.astype(np.float64)[:, -top:]
+    dist = np.sqrt(((e[:, None, :] - ref[None, :, :]) ** 2).sum(-1))
+    np.testing.assert_allclose(bs.components["latent_knn_top"], np.sort(dist, axis=1)[:, :5].mean(1), rtol=1e-4, atol=1e-4)
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    chord = np.sqrt(np.clip(2.0 - 2.0 * unit(e) @ unit(ref).T, 0.0, None))
+    np.testing.assert_allclose(bs.components["latent_knn_cos_top"], np.sort(chord, axis=1)[:, :5].mean(1),
+                               rtol=1e-4, atol=1e-4)
+    # not the full code's search: the lower layer changes latent_knn but not latent_knn_top
+    assert not np.allclose(bs.components["latent_knn_top"], bs.components["latent_knn"])
+
+
 def test_reference_size_sets_how_many_training_images_latent_knn_searches(trained, tmp_path):
     import shutil
 
@@ -332,3 +350,31 @@ def test_reference_size_sets_how_many_training_images_latent_knn_searches(traine
         assert len(Scorer(load_model(copy)).reference) == rows
     with pytest.raises(ConfigError, match="reference_size"):
         ScoreConfig(reference_size=-1).validate()
+
+
+def test_posterior_averages_are_the_mean_over_the_chains_final_samples(trained, monkeypatch):
+    from outlier_jebm import scoring
+    from outlier_jebm.config import ScoreConfig
+
+    loaded, split = trained
+    model = loaded.model
+    x = model.to_model_space(split.test[:12], "cpu")
+    cfg = ScoreConfig(steps=3, step_size=0.05, noise=True, chains=4)
+    seen = {}
+    real = scoring.posterior_langevin
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen["z"] = out[0].clone()
+        return out
+
+    monkeypatch.setattr(scoring, "posterior_langevin", spy)
+    bs = scoring.infer_and_score(model, x, cfg)
+    zc = seen["z"].view(4, 12, -1)
+    want = torch.stack([model.log_joint(x, zc[c]) for c in range(4)]).mean(0)
+    np.testing.assert_allclose(bs.components["neg_log_joint_post"], -want.detach().numpy(), rtol=1e-4, atol=1e-3)
+    # the average over the samples, not the value at their mean
+    assert not np.allclose(bs.components["neg_log_joint_post"], bs.components["neg_log_joint"])
+    assert "neg_log_joint_post" in scoring.component_names(model, False, posterior=scoring.posterior_averaged(cfg))
+    assert "neg_log_joint_post" not in scoring.component_names(model, False, posterior=scoring.posterior_averaged(
+        ScoreConfig(steps=3, noise=False, chains=1)))

@@ -143,7 +143,7 @@ def test_serve_multipart_uploads_in_order(server, fitted):
     assert r.status_code == 200, r.text
     preds = r.json()["predictions"]
     assert [("error" in p) for p in preds] == [False, True, False, False]
-    assert "broken.png" in preds[1]["error"]
+    assert "broken.png" in preds[1]["error"] and preds[1]["label"] == -1  # schema.UNSCORED_LABEL, as in every output
     from outlier_jebm.data import decode_image
 
     want = _expected(fitted, np.stack([decode_image(_png(im), 8) for im in images]))
