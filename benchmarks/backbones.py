@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from speed import bench_score, bench_train
 
 from outlier_jebm.checkpoint import load_model, save_model
 from outlier_jebm.config import Config
 from outlier_jebm.data import load_dataset
 from outlier_jebm.model import JointEBM
 from outlier_jebm.scoring import calibrate
-from speed import bench_score, bench_train
 
 
 def images_for(cfg: Config, mnist: np.ndarray) -> np.ndarray:
@@ -67,22 +67,32 @@ def main() -> None:
         torch.manual_seed(0)
         model_dir = work / Path(path).stem
         save_model(JointEBM(cfg.model), cfg, model_dir)
-        calibrate(load_model(model_dir), images[: args.reference], images[args.reference: args.reference + 1000],
-                  reference_size=0)
-        prepared[path] = (cfg, model_dir, images[-args.score_n:])
+        calibrate(
+            load_model(model_dir),
+            images[: args.reference],
+            images[args.reference : args.reference + 1000],
+            reference_size=0,
+        )
+        prepared[path] = (cfg, model_dir, images[-args.score_n :])
     runs: dict[str, list[dict]] = {p: [] for p in paths}
     for _ in range(args.repeats):
         for path in paths:  # interleaved: each config sees the machine in the same states
             cfg, model_dir, images = prepared[path]
             train = bench_train(cfg, images[:5000], args.train_steps)
             score = bench_score(str(model_dir), images, 0)
-            runs[path].append({"train_images_per_second": train["train_images_per_second"],
-                               "step_seconds": train["step_seconds"],
-                               "prior_langevin_share": train["prior_langevin_share"],
-                               "score_images_per_second": score["images_per_second"]})
+            runs[path].append(
+                {
+                    "train_images_per_second": train["train_images_per_second"],
+                    "step_seconds": train["step_seconds"],
+                    "prior_langevin_share": train["prior_langevin_share"],
+                    "score_images_per_second": score["images_per_second"],
+                }
+            )
     out = {
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "date": time.strftime("%Y-%m-%d"),
         "reference_latents": args.reference,
         "runs": runs,

@@ -48,8 +48,14 @@ def components(model_dir: Path, cache: Path) -> dict[str, np.ndarray]:
         return dict(np.load(out))
     loaded = load_model(model_dir)
     cfg = loaded.config
-    td = prepare_data("mnist", holdout=int(m.group(2)), seed=int(m.group(3)), val_fraction=cfg.train.val_fraction,
-                      max_train=cfg.train.max_train, image_size=cfg.model.image_size)
+    td = prepare_data(
+        "mnist",
+        holdout=int(m.group(2)),
+        seed=int(m.group(3)),
+        val_fraction=cfg.train.val_fraction,
+        max_train=cfg.train.max_train,
+        image_size=cfg.model.image_size,
+    )
     scorer = Scorer(loaded)
     scorer.reference = References(torch.from_numpy(reference_latents(scorer, td.train, 0, seed=cfg.train.seed)))
     arrays = {f"test_{k}": v for k, v in scorer.components_of(td.test).components.items()}

@@ -46,8 +46,14 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     cfg = Config.from_yaml(args.config).with_overrides(train={"epochs": args.epochs, "batch_size": args.batch})
-    data = prepare_data("mnist", holdout=3, seed=cfg.train.seed, val_fraction=cfg.train.val_fraction,
-                        max_train=args.max_train, image_size=cfg.model.image_size)
+    data = prepare_data(
+        "mnist",
+        holdout=3,
+        seed=cfg.train.seed,
+        val_fraction=cfg.train.val_fraction,
+        max_train=args.max_train,
+        image_size=cfg.model.image_size,
+    )
     group = ProcessGroup.join(torch.device("cpu"))
     seed_everything(cfg.train.seed)
     model = JointEBM(cfg.model)
@@ -57,29 +63,53 @@ def worker(args: argparse.Namespace) -> None:
     group.close()
     if group.is_main:
         last = result.history[-1]
-        Path(args.json_out).write_text(json.dumps({
-            "procs": group.world_size,
-            "threads_per_proc": torch.get_num_threads(),
-            "batch_per_rank": args.batch,
-            "global_batch": args.batch * group.world_size,
-            "images": len(data.train),
-            "epochs": args.epochs,
-            "images_per_second": last["images_per_second"],
-            "seconds_per_epoch": last["seconds_per_epoch"],
-            "fit_wall_seconds": wall,
-            "final_loss": last["loss"],
-        }))
+        Path(args.json_out).write_text(
+            json.dumps(
+                {
+                    "procs": group.world_size,
+                    "threads_per_proc": torch.get_num_threads(),
+                    "batch_per_rank": args.batch,
+                    "global_batch": args.batch * group.world_size,
+                    "images": len(data.train),
+                    "epochs": args.epochs,
+                    "images_per_second": last["images_per_second"],
+                    "seconds_per_epoch": last["seconds_per_epoch"],
+                    "fit_wall_seconds": wall,
+                    "final_loss": last["loss"],
+                }
+            )
+        )
 
 
 def launch(procs: int, batch: int, args: argparse.Namespace, tmp: Path) -> dict:
     threads = max(1, args.cores // procs)
     out = tmp / f"{procs}x{batch}.json"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(Path(__file__).resolve()), "--worker", "--config", args.config, "--max-train", str(args.max_train),
-           "--epochs", str(args.epochs), "--batch", str(batch), "--out-dir", str(tmp / f"model-{procs}x{batch}"),
-           "--json-out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(procs),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--config",
+        args.config,
+        "--max-train",
+        str(args.max_train),
+        "--epochs",
+        str(args.epochs),
+        "--batch",
+        str(batch),
+        "--out-dir",
+        str(tmp / f"model-{procs}x{batch}"),
+        "--json-out",
+        str(out),
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True)
     result = json.loads(out.read_text())
@@ -119,16 +149,22 @@ def main() -> None:
     base = results[0]["images_per_second"]
     for r in results:
         r["speedup_vs_first"] = r["images_per_second"] / base
-    print(json.dumps({
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, gloo on loopback",
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                 text=True).stdout.strip(),
-        "date": time.strftime("%Y-%m-%d"),
-        "config": args.config,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-        "runs": results,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, gloo on loopback",
+                "commit": subprocess.run(
+                    ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+                ).stdout.strip(),
+                "date": time.strftime("%Y-%m-%d"),
+                "config": args.config,
+                "load_average_before": load_before,
+                "load_average_after": os.getloadavg(),
+                "runs": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -84,14 +84,21 @@ def main() -> None:
                 native._state.update(state)
 
         cases = {
-            **{f"fused, both searches, chunk {c}": (lambda c=c: native.candidates(queries, packed, scale, shift, 6, c))
-               for c in (512, 1024, 2048, 4096)},
+            **{
+                f"fused, both searches, chunk {c}": (lambda c=c: native.candidates(queries, packed, scale, shift, 6, c))
+                for c in (512, 1024, 2048, 4096)
+            },
             "fused, points search only, chunk 1024": lambda: native.candidates(
-                queries, packed, scale[:1].contiguous(), shift[:1].contiguous(), 6, 1024),
+                queries, packed, scale[:1].contiguous(), shift[:1].contiguous(), 6, 1024
+            ),
             "torch search, both searches": lambda: nearest_columns(
-                queries, refs.weights, refs.points.chunk, 6, [refs.point_keys, refs.direction_keys]),
+                queries, refs.weights, refs.points.chunk, 6, [refs.point_keys, refs.direction_keys]
+            ),
             "torch matmul alone (batch x 784 x 512)": lambda: x @ w,
-            "matmul then fused (OpenMP build)": lambda: (x @ w, native.candidates(queries, packed, scale, shift, 6, 1024)),
+            "matmul then fused (OpenMP build)": lambda: (
+                x @ w,
+                native.candidates(queries, packed, scale, shift, 6, 1024),
+            ),
             "matmul then fused (build without OpenMP, Python threads)": with_python_threads,
             "torch.tanh (batch x 784)": lambda: torch.tanh(decoded),
             "fast_tanh (batch x 784)": lambda: fast_tanh(decoded.clone()),
@@ -103,10 +110,15 @@ def main() -> None:
                 times[name].append(timed(fn))
     flops = 2 * packed.shape[0] * 16 * args.dim * args.batch
     out = {
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "knn_search": native.status(), "refs": args.refs, "dim": args.dim, "batch": args.batch,
+        "knn_search": native.status(),
+        "refs": args.refs,
+        "dim": args.dim,
+        "batch": args.batch,
         "ms_median": {name: round(statistics.median(v), 3) for name, v in times.items()},
         "fused_gflops_chunk_1024": round(flops / statistics.median(times["fused, both searches, chunk 1024"]) / 1e6, 1),
     }

@@ -56,7 +56,9 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--repeats", type=int, default=6)
-    ap.add_argument("--batch-size", type=int, default=None, help="scoring batch (default: the model's score.batch_size)")
+    ap.add_argument(
+        "--batch-size", type=int, default=None, help="scoring batch (default: the model's score.batch_size)"
+    )
     args = ap.parse_args()
     images = load_dataset("mnist").images[-args.n :]
     scorer = scoring.Scorer(load_model(args.model), steps=0)
@@ -85,9 +87,14 @@ def main() -> None:
     diff = np.abs(results["plain"] - results["fused"])[:, ~in_ref]
     diff_torch = np.abs(results["torch"] - results["fused"])
     out = {
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "threads": torch.get_num_threads(), "n": len(images), "reference": len(scorer.reference),
-        "batch_size": scorer.score_cfg.batch_size, "knn_search": native.status(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+        "threads": torch.get_num_threads(),
+        "n": len(images),
+        "reference": len(scorer.reference),
+        "batch_size": scorer.score_cfg.batch_size,
+        "knn_search": native.status(),
         **{f"{name}_images_per_second": {"median": float(np.median(v)), "best": max(v)} for name, v in rates.items()},
         "fused_over_plain": float(np.median(rates["fused"]) / np.median(rates["plain"])),
         "fused_over_torch": float(np.median(rates["fused"]) / np.median(rates["torch"])),

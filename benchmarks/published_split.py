@@ -14,8 +14,10 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for digit in range(10):
         split, leaked = published_holdout_split(ds, digit)
-        print(f"| {digit} | {len(split.train) + len(split.val)} | {len(split.test)} | "
-              f"{split.test_is_anomaly.mean():.3f} | {100 * leaked:.1f} % |")
+        print(
+            f"| {digit} | {len(split.train) + len(split.val)} | {len(split.test)} | "
+            f"{split.test_is_anomaly.mean():.3f} | {100 * leaked:.1f} % |"
+        )
 
 
 if __name__ == "__main__":

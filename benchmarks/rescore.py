@@ -46,15 +46,19 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="score.KEY=VALUE override (repeatable)")
     ap.add_argument("--combine", default="", help="comma-separated combinations, components joined by +")
     ap.add_argument("--holdout", default="", help="only these held-out digits (default: every model found)")
-    ap.add_argument("--reference-size", type=int, default=None,
-                    help="rebuild the kNN reference from this many training images (0 = all) instead of the stored one")
+    ap.add_argument(
+        "--reference-size",
+        type=int,
+        default=None,
+        help="rebuild the kNN reference from this many training images (0 = all) instead of the stored one",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     from outlier_jebm.checkpoint import load_model
     from outlier_jebm.evaluate import detection_metrics
     from outlier_jebm.pipeline import prepare_data
-    from outlier_jebm.scoring import Scorer, reference_set, fit_calibration, reference_latents
+    from outlier_jebm.scoring import Scorer, fit_calibration, reference_latents, reference_set
 
     overrides = parse_set(args.set)
     settings = dict(overrides) | ({} if args.reference_size is None else {"reference_size": args.reference_size})
@@ -71,8 +75,14 @@ def main() -> None:
         loaded = load_model(model_dir)
         cfg = loaded.config.with_overrides(score=overrides) if overrides else loaded.config
         loaded.config = cfg
-        td = prepare_data("mnist", holdout=holdout, seed=seed, val_fraction=cfg.train.val_fraction,
-                          max_train=cfg.train.max_train, image_size=cfg.model.image_size)
+        td = prepare_data(
+            "mnist",
+            holdout=holdout,
+            seed=seed,
+            val_fraction=cfg.train.val_fraction,
+            max_train=cfg.train.max_train,
+            image_size=cfg.model.image_size,
+        )
         scorer = Scorer(loaded)
         if args.reference_size is not None:  # drawn like calibrate() draws it; the model dir is not touched
             ref = reference_latents(scorer, td.train, args.reference_size, seed=cfg.train.seed)
@@ -83,15 +93,27 @@ def main() -> None:
         scores = {f"[{k}]": v for k, v in test.items() if np.ptp(v) > 0}
         scores["default (" + "+".join(scorer.calibration.combine) + ")"] = scorer.calibration.score(test)
         for combo in combos:
-            cal = fit_calibration(val, combine=combo, false_alarm_rate=cfg.score.false_alarm_rate,
-                                  score_steps=cfg.score.steps)
+            cal = fit_calibration(
+                val, combine=combo, false_alarm_rate=cfg.score.false_alarm_rate, score_steps=cfg.score.steps
+            )
             scores["+".join(combo)] = cal.score(test)
         for name, values in scores.items():
             met = detection_metrics(y, values)
-            rows.append({"model": variant, "holdout": holdout, "seed": seed, "score": name, "auprc": met["auprc"],
-                         "auroc": met["auroc"], "settings": str(settings or "")})
-            print(f"{variant} holdout {holdout} seed {seed}  {name:45s} AUPRC {met['auprc']:.3f}  AUROC {met['auroc']:.3f}",
-                  flush=True)
+            rows.append(
+                {
+                    "model": variant,
+                    "holdout": holdout,
+                    "seed": seed,
+                    "score": name,
+                    "auprc": met["auprc"],
+                    "auroc": met["auroc"],
+                    "settings": str(settings or ""),
+                }
+            )
+            print(
+                f"{variant} holdout {holdout} seed {seed}  {name:45s} AUPRC {met['auprc']:.3f}  AUROC {met['auroc']:.3f}",
+                flush=True,
+            )
     if args.out and rows:
         with args.out.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -38,8 +38,22 @@ def free_port() -> int:
 
 
 def start_server(model: str, port: int, steps: int | None, threads: int | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cli.main", "serve", "--model", model, "--port", str(port), "--log-level", "warning",
-           "--max-body-mb", "64", "--max-items", "4096"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "serve",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--max-body-mb",
+        "64",
+        "--max-items",
+        "4096",
+    ]
     if threads is not None:
         cmd += ["--threads", str(threads)]
     if steps is not None:
@@ -64,8 +78,9 @@ def encode(images: np.ndarray, fmt: str) -> tuple[bytes, str]:
     return buf.getvalue(), "application/x-npy"
 
 
-def run_load(url: str, bodies: list[tuple[bytes, str]], batch: int, max_requests: int, max_seconds: float,
-             clients: int) -> dict:
+def run_load(
+    url: str, bodies: list[tuple[bytes, str]], batch: int, max_requests: int, max_seconds: float, clients: int
+) -> dict:
     latencies: list[float] = []
 
     def worker(k: int) -> int:
@@ -93,8 +108,15 @@ def run_load(url: str, bodies: list[tuple[bytes, str]], batch: int, max_requests
         n_requests = sum(pool.map(worker, range(clients)))
     wall = time.perf_counter() - t0
     lat = np.array(latencies) * 1000
-    return {"batch": batch, "clients": clients, "requests": n_requests, "images_per_second": n_requests * batch / wall,
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)), "seconds": wall}
+    return {
+        "batch": batch,
+        "clients": clients,
+        "requests": n_requests,
+        "images_per_second": n_requests * batch / wall,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "seconds": wall,
+    }
 
 
 def in_process(model: str, images: np.ndarray, batch: int, steps: int | None, seconds: float) -> float:
@@ -147,22 +169,31 @@ def main() -> None:
                 bodies = [encode(images[i : i + b], fmt) for i in range(0, min(len(images), 16 * b), b)]
                 for c in clients:
                     row = run_load(url, bodies, b, args.requests, args.seconds, c)
-                    row.update(format=fmt, in_process_images_per_second=ref[b],
-                               ratio=row["images_per_second"] / ref[b])
+                    row.update(format=fmt, in_process_images_per_second=ref[b], ratio=row["images_per_second"] / ref[b])
                     rows.append(row)
-                    print(f"{fmt:5s} batch {b:4d} clients {c}: {row['images_per_second']:8.0f} img/s "
-                          f"(in-process {ref[b]:8.0f}, ratio {row['ratio']:.2f})  p50 {row['p50_ms']:.1f} ms  "
-                          f"p99 {row['p99_ms']:.1f} ms  ({row['requests']} requests)", flush=True)
+                    print(
+                        f"{fmt:5s} batch {b:4d} clients {c}: {row['images_per_second']:8.0f} img/s "
+                        f"(in-process {ref[b]:8.0f}, ratio {row['ratio']:.2f})  p50 {row['p50_ms']:.1f} ms  "
+                        f"p99 {row['p99_ms']:.1f} ms  ({row['requests']} requests)",
+                        flush=True,
+                    )
     finally:
         proc.terminate()
         proc.wait(timeout=10)
     print("\n| format | batch | clients | server img/s | in-process img/s | ratio | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['format']} | {r['batch']} | {r['clients']} | {r['images_per_second']:.0f} | "
-              f"{r['in_process_images_per_second']:.0f} | {r['ratio']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
-    meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-            "model": args.model, "steps": args.steps}
+        print(
+            f"| {r['format']} | {r['batch']} | {r['clients']} | {r['images_per_second']:.0f} | "
+            f"{r['in_process_images_per_second']:.0f} | {r['ratio']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+        )
+    meta = {
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "model": args.model,
+        "steps": args.steps,
+    }
     if args.out:
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 

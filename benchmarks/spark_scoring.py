@@ -87,19 +87,33 @@ def main() -> None:
         spark.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     result = {
-        "n": len(images), "master": args.master, "threads": args.threads, "batch_rows": args.batch_rows,
-        "in_process_img_s": local, "spark_img_s": runs, "spark_session_start_s": session_s,
-        "ratio_best": max(runs) / max(local), "max_abs_score_diff": max_diff,
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus", "commit": commit,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": args.model,
+        "n": len(images),
+        "master": args.master,
+        "threads": args.threads,
+        "batch_rows": args.batch_rows,
+        "in_process_img_s": local,
+        "spark_img_s": runs,
+        "spark_session_start_s": session_s,
+        "ratio_best": max(runs) / max(local),
+        "max_abs_score_diff": max_diff,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "commit": commit,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": args.model,
     }
-    print(f"| engine | images/s (per repeat) |\n|---|---|\n"
-          f"| in-process, {args.threads} thread(s) | {', '.join(f'{v:.0f}' for v in local)} |\n"
-          f"| Spark {args.master}, {args.threads} thread(s)/worker | {', '.join(f'{v:.0f}' for v in runs)} |\n")
-    print(f"Spark session start {session_s:.1f} s; best Spark / best in-process = {result['ratio_best']:.2f}; "
-          f"max |score difference| = {max_diff:.2e}")
+    print(
+        f"| engine | images/s (per repeat) |\n|---|---|\n"
+        f"| in-process, {args.threads} thread(s) | {', '.join(f'{v:.0f}' for v in local)} |\n"
+        f"| Spark {args.master}, {args.threads} thread(s)/worker | {', '.join(f'{v:.0f}' for v in runs)} |\n"
+    )
+    print(
+        f"Spark session start {session_s:.1f} s; best Spark / best in-process = {result['ratio_best']:.2f}; "
+        f"max |score difference| = {max_diff:.2e}"
+    )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 

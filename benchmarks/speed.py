@@ -57,7 +57,7 @@ def bench_train(cfg: Config, images: np.ndarray, steps: int) -> dict:
     params = list(model.parameters())
 
     def step(i):
-        xb = x[(i * bs) % (len(x) - bs):][:bs]
+        xb = x[(i * bs) % (len(x) - bs) :][:bs]
         loss, _ = loss_terms(model, xb, cfg)
         opt.zero_grad()
         loss.backward()
@@ -82,7 +82,7 @@ def bench_score(model_dir: str, images: np.ndarray, k: int, batch_size: int | No
     scorer = Scorer(load_model(model_dir), steps=k)
     if batch_size:
         scorer.score_cfg.batch_size = batch_size
-    scorer.components_of(images[:scorer.score_cfg.batch_size])
+    scorer.components_of(images[: scorer.score_cfg.batch_size])
     t = time.perf_counter()
     scorer.components_of(images)
     sec = time.perf_counter() - t
@@ -96,8 +96,12 @@ def bench_score(model_dir: str, images: np.ndarray, k: int, batch_size: int | No
     # each Langevin step: a forward and a backward for the input gradient only (no weight
     # gradients), about 2x a forward, through generator (with T and T^-1) and EBM
     per_image = fwd + knn + k * 2 * (linear_flops(m.generator) + linear_flops(m.ebm))
-    return {"k": k, "batch_size": scorer.score_cfg.batch_size, "images_per_second": len(images) / sec,
-            "flops_per_image": per_image}
+    return {
+        "k": k,
+        "batch_size": scorer.score_cfg.batch_size,
+        "images_per_second": len(images) / sec,
+        "flops_per_image": per_image,
+    }
 
 
 def main() -> None:
@@ -107,14 +111,18 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=100)
     ap.add_argument("--score-n", type=int, default=10000)
     ap.add_argument("--steps", default="0,10")
-    ap.add_argument("--batch-size", type=int, default=None, help="scoring batch (default: the model's score.batch_size)")
+    ap.add_argument(
+        "--batch-size", type=int, default=None, help="scoring batch (default: the model's score.batch_size)"
+    )
     args = ap.parse_args()
     images = load_dataset("mnist").images[-args.score_n - 10000 :]
     cfg = Config.from_yaml(args.config)
     gflops = matmul_gflops()
     out = {
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "date": time.strftime("%Y-%m-%d"),
         "matmul_gflops": gflops,
         "knn_search": native.status(),

@@ -73,8 +73,12 @@ def main() -> None:
         if busy:
             stop.set()
             busy.join()
-    out = {"config": args.config, "busy": args.busy, "step_ms": {k: [1000 * v for v in vs] for k, vs in times.items()},
-           "median_ms": {k: 1000 * statistics.median(vs) for k, vs in times.items()}}
+    out = {
+        "config": args.config,
+        "busy": args.busy,
+        "step_ms": {k: [1000 * v for v in vs] for k, vs in times.items()},
+        "median_ms": {k: 1000 * statistics.median(vs) for k, vs in times.items()},
+    }
     print(json.dumps(out, indent=2))
 
 

@@ -12,39 +12,62 @@ import typer
 
 
 def bench(
-    data: str = typer.Option("mnist", help="Labelled dataset: mnist or digits (images); breast_cancer, wine, "
-                                           "digits64 or mnist784 (vectors)."),
+    data: str = typer.Option(
+        "mnist", help="Labelled dataset: mnist or digits (images); breast_cancer, wine, digits64 or mnist784 (vectors)."
+    ),
     holdout: str = typer.Option("1,4,5,7,9", help="Held-out digits, comma-separated (one split per digit and seed)."),
     detectors: str = typer.Option(
         "jebm,iforest,ecod,hbos,knn,pca,autoencoder,vae,deepsvdd",
         help="Comma-separated: jebm, jebm:KEY=VALUE:KEY=VALUE (a variant of the base config, e.g. "
-             "jebm:prior=gaussian), a --jebm-variant name, any of them with [COMPONENT+COMPONENT], or a PyOD "
-             "detector (see --list-detectors)."),
+        "jebm:prior=gaussian), a --jebm-variant name, any of them with [COMPONENT+COMPONENT], or a PyOD "
+        "detector (see --list-detectors).",
+    ),
     jebm_variant: Optional[list[str]] = typer.Option(
-        None, "--jebm-variant",
+        None,
+        "--jebm-variant",
         help="NAME=KEY=VALUE,KEY=VALUE: a named jebm variant (repeatable), e.g. "
-             "long=train.prior_langevin.steps=100,epochs=20. Runs even when --detectors does not list it."),
+        "long=train.prior_langevin.steps=100,epochs=20. Runs even when --detectors does not list it.",
+    ),
     components: str = typer.Option(
-        "all", help="Score components reported as their own rows for every jebm model: all (those not constant), "
-                    "none, or a comma list (e.g. latent_knn,neg_log_prior)."),
+        "all",
+        help="Score components reported as their own rows for every jebm model: all (those not constant), "
+        "none, or a comma list (e.g. latent_knn,neg_log_prior).",
+    ),
     seeds: str = typer.Option("0", help="Split seeds, comma-separated (also each jebm model's train.seed)."),
-    config: Optional[Path] = typer.Option(None, help="Base jebm config (default: configs/mnist.yaml for images, "
-                                                     "configs/vectors.yaml for vectors)."),
-    epochs: Optional[int] = typer.Option(None, help="Override train.epochs of the base config (variants may override it)."),
-    max_train: Optional[int] = typer.Option(None, help="Cap the training part (as fit --max-train; the held-in validation share is not capped)."),
+    config: Optional[Path] = typer.Option(
+        None, help="Base jebm config (default: configs/mnist.yaml for images, configs/vectors.yaml for vectors)."
+    ),
+    epochs: Optional[int] = typer.Option(
+        None, help="Override train.epochs of the base config (variants may override it)."
+    ),
+    max_train: Optional[int] = typer.Option(
+        None, help="Cap the training part (as fit --max-train; the held-in validation share is not capped)."
+    ),
     time_budget: Optional[str] = typer.Option(
-        None, help="Wall-time budget for the whole run (seconds, or 30m, 2h): cells not started in time are "
-                   "written as 'skipped: time budget' rows."),
-    out: Optional[Path] = typer.Option(None, help="Results folder (default: bench-<time>): results.csv, results.md, "
-                                                  "settings.json, pr_holdout<D>.png, models/."),
+        None,
+        help="Wall-time budget for the whole run (seconds, or 30m, 2h): cells not started in time are "
+        "written as 'skipped: time budget' rows.",
+    ),
+    out: Optional[Path] = typer.Option(
+        None,
+        help="Results folder (default: bench-<time>): results.csv, results.md, "
+        "settings.json, pr_holdout<D>.png, models/.",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda (jebm models)."),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."),
+    tracking_uri: Optional[str] = typer.Option(
+        None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."
+    ),
     track: bool = typer.Option(True, help="Log one MLflow run per cell."),
     data_dir: Optional[Path] = typer.Option(None, help="Where MNIST files are looked for and cached."),
-    split: str = typer.Option("clean", help="clean (one permutation per seed, no overlap), published (MNIST: the "
-                                            "papers' loaders' split, whose test normals are mostly training images), "
-                                            "or clean,published: both, side by side in one report."),
-    list_detectors: bool = typer.Option(False, "--list-detectors", help="List the PyOD detectors and their settings, then exit."),
+    split: str = typer.Option(
+        "clean",
+        help="clean (one permutation per seed, no overlap), published (MNIST: the "
+        "papers' loaders' split, whose test normals are mostly training images), "
+        "or clean,published: both, side by side in one report.",
+    ),
+    list_detectors: bool = typer.Option(
+        False, "--list-detectors", help="List the PyOD detectors and their settings, then exit."
+    ),
 ) -> None:
     """Every detector on the same hold-out splits: AUPRC, AUROC, fit time, scoring speed; CSV, markdown, MLflow."""
     from rich.console import Console
@@ -53,8 +76,15 @@ def bench(
     from rich.table import Table
 
     from cli.main import _fail, _load_config, console
-    from outlier_jebm.bench import (PYOD_DETECTORS, BenchError, BenchSpec, parse_detectors, parse_int_list,
-                                    parse_seconds, run_bench)
+    from outlier_jebm.bench import (
+        PYOD_DETECTORS,
+        BenchError,
+        BenchSpec,
+        parse_detectors,
+        parse_int_list,
+        parse_seconds,
+        run_bench,
+    )
     from outlier_jebm.data import DataError
 
     if list_detectors:
@@ -99,12 +129,22 @@ def bench(
     except (BenchError, ValueError) as exc:
         _fail(str(exc))
 
-    console.print(f"bench: {len(spec.detectors)} detectors x holdout {', '.join(map(str, spec.holdouts))} x "
-                  f"seed {', '.join(map(str, spec.seeds))} on {data}"
-                  + (f" ({' and '.join(splits)} splits)" if len(splits) > 1 else "") + f" -> {spec.out_dir}"
-                  + (f" (time budget {spec.time_budget:.0f} s)" if spec.time_budget is not None else ""))
-    progress = Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                        TimeElapsedColumn(), console=console, transient=True)
+    console.print(
+        f"bench: {len(spec.detectors)} detectors x holdout {', '.join(map(str, spec.holdouts))} x "
+        f"seed {', '.join(map(str, spec.seeds))} on {data}"
+        + (f" ({' and '.join(splits)} splits)" if len(splits) > 1 else "")
+        + f" -> {spec.out_dir}"
+        + (f" (time budget {spec.time_budget:.0f} s)" if spec.time_budget is not None else "")
+    )
+    progress = Progress(
+        TextColumn("[bold]bench"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
     state: dict = {}
 
     def on_cell(done: int, total: int, label: str) -> None:
@@ -115,10 +155,11 @@ def bench(
     def on_row(row: dict) -> None:
         where = escape(f"holdout {row['holdout']} seed {row['seed']}  {row['detector']:<26}")
         if row["status"] == "ok":
-            progress.console.print(f"{where} AUPRC {row['auprc']:.3f}  AUROC {row['auroc']:.3f}  "
-                                   f"fit {row['fit_seconds']:.1f} s  {row['score_images_per_second']:,.0f} img/s"
-                                   + (f"  [yellow]{row['nonfinite_scores']} non-finite scores[/]"
-                                      if row["nonfinite_scores"] else ""))
+            progress.console.print(
+                f"{where} AUPRC {row['auprc']:.3f}  AUROC {row['auroc']:.3f}  "
+                f"fit {row['fit_seconds']:.1f} s  {row['score_images_per_second']:,.0f} img/s"
+                + (f"  [yellow]{row['nonfinite_scores']} non-finite scores[/]" if row["nonfinite_scores"] else "")
+            )
         elif row["status"].startswith("failed"):
             progress.console.print(f"{where} [red]{escape(row['status'])}[/]")
         else:
@@ -126,8 +167,9 @@ def bench(
 
     try:
         with progress:
-            result = run_bench(spec, on_row=on_row, on_message=lambda m: progress.console.print(escape(m)),
-                               on_cell=on_cell)
+            result = run_bench(
+                spec, on_row=on_row, on_message=lambda m: progress.console.print(escape(m)), on_cell=on_cell
+            )
     except DataError as exc:
         _fail(str(exc))
     _print_summary(result)
@@ -146,8 +188,10 @@ def _print_summary(result) -> None:
     summary = md.split("## Summary: AUPRC", 1)
     if len(summary) == 2:
         out.print("Summary (AUPRC):" + summary[1].split("\n## ", 1)[0].rstrip())
-    out.print(f"results: {result.out_dir / 'results.csv'}, {result.out_dir / 'results.md'}, "
-              f"{result.out_dir / 'settings.json'}")
+    out.print(
+        f"results: {result.out_dir / 'results.csv'}, {result.out_dir / 'results.md'}, "
+        f"{result.out_dir / 'settings.json'}"
+    )
     for path in result.figures:
         out.print(f"figure:  {path}")
     if failed:

@@ -39,18 +39,24 @@ def _load_config(path: Optional[Path]):
 
 @app.command()
 def fit(
-    data: str = typer.Option("mnist", help="mnist, digits, a folder of images, a .npy/.npz file of images; or "
-                                           "vectors: a .csv/.parquet table (or .npy/.npz with a vector config), "
-                                           "breast_cancer, wine, digits64, mnist784."),
+    data: str = typer.Option(
+        "mnist",
+        help="mnist, digits, a folder of images, a .npy/.npz file of images; or "
+        "vectors: a .csv/.parquet table (or .npy/.npz with a vector config), "
+        "breast_cancer, wine, digits64, mnist784.",
+    ),
     holdout: Optional[int] = typer.Option(None, help="Class held out as the anomaly class (hold-out protocol)."),
-    config: Optional[Path] = typer.Option(None, help="YAML config (default: configs/mnist.yaml for images, "
-                                                     "configs/vectors.yaml for vectors)."),
+    config: Optional[Path] = typer.Option(
+        None, help="YAML config (default: configs/mnist.yaml for images, configs/vectors.yaml for vectors)."
+    ),
     epochs: Optional[int] = typer.Option(None, help="Override train.epochs."),
     max_train: Optional[int] = typer.Option(None, help="Use at most this many training images."),
     seed: Optional[int] = typer.Option(None, help="Override train.seed (split, init, shuffling)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     out: Optional[Path] = typer.Option(None, help="Model directory (default: models/<data>-holdout<D>-<time>)."),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."),
+    tracking_uri: Optional[str] = typer.Option(
+        None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."
+    ),
     data_dir: Optional[Path] = typer.Option(None, help="Where MNIST files are looked for and cached."),
     resume: bool = typer.Option(False, help="Continue training the model in --out from its last epoch."),
     register: Optional[str] = typer.Option(None, help="Also register the logged MLflow model under this name."),
@@ -75,38 +81,61 @@ def fit(
     try:
         cfg = cfg.with_overrides(train={"epochs": epochs, "seed": seed, "max_train": max_train})
         with console.status(f"loading {data} ...") if main else nullcontext():
-            td = prepare_data(data, holdout=holdout, seed=cfg.train.seed, val_fraction=cfg.train.val_fraction,
-                              max_train=cfg.train.max_train, image_size=cfg.model.image_size, data_dir=data_dir,
-                              channels=cfg.model.channels, data_kind=cfg.model.data_kind)
+            td = prepare_data(
+                data,
+                holdout=holdout,
+                seed=cfg.train.seed,
+                val_fraction=cfg.train.val_fraction,
+                max_train=cfg.train.max_train,
+                image_size=cfg.model.image_size,
+                data_dir=data_dir,
+                channels=cfg.model.channels,
+                data_kind=cfg.model.data_kind,
+            )
         if td.train.ndim == 2:  # vectors: the data says how many features
             cfg = for_vectors(cfg, td.train.shape[1])
     except (DataError, ConfigError) as exc:
         _fail(str(exc))
     out_dir = out or default_out_dir(td.name, holdout)
-    say(f"training on [bold]{len(td.train)}[/] {'vectors' if cfg.model.is_vector else 'images'} of {td.name}"
+    say(
+        f"training on [bold]{len(td.train)}[/] {'vectors' if cfg.model.is_vector else 'images'} of {td.name}"
         + (f" (digit {holdout} held out)" if holdout is not None else "")
-        + f", {len(td.val)} held-in for validation; model -> {out_dir}")
+        + f", {len(td.val)} held-in for validation; model -> {out_dir}"
+    )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         say(f"data parallel on {world} processes: global batch {world} x {cfg.train.batch_size}")
     progress = Progress(
-        TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("[bold]epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.1f}  recon {task.fields[recon]:.1f}  f-gap {task.fields[gap]:+.2f}"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
         disable=not main,
     )
     state: dict = {}
 
     def on_start(n_epochs: int, steps: int) -> None:
         state["steps"] = steps
-        state["task"] = progress.add_task("fit", total=n_epochs * steps, epoch=f"1/{n_epochs}", loss=0.0, recon=0.0, gap=0.0)
+        state["task"] = progress.add_task(
+            "fit", total=n_epochs * steps, epoch=f"1/{n_epochs}", loss=0.0, recon=0.0, gap=0.0
+        )
         state["epochs"] = n_epochs
 
     def on_step(epoch: int, step: int, stats: dict) -> None:
         if step % 10 == 0 or step == state["steps"] - 1:
-            progress.update(state["task"], completed=epoch * state["steps"] + step + 1,
-                            epoch=f"{epoch + 1}/{state['epochs']}", loss=stats["loss"], recon=stats["recon"],
-                            gap=stats.get("f_gap", 0.0))
+            progress.update(
+                state["task"],
+                completed=epoch * state["steps"] + step + 1,
+                epoch=f"{epoch + 1}/{state['epochs']}",
+                loss=stats["loss"],
+                recon=stats["recon"],
+                gap=stats.get("f_gap", 0.0),
+            )
 
     def on_epoch_end(epoch: int, m: dict) -> None:
         progress.console.print(
@@ -116,8 +145,18 @@ def fit(
 
     try:
         with progress:
-            summary = run_fit(cfg, td, out_dir=out_dir, device=device, tracking_uri=tracking_uri, resume=resume,
-                              register=register, on_step=on_step, on_start=on_start, on_epoch_end=on_epoch_end)
+            summary = run_fit(
+                cfg,
+                td,
+                out_dir=out_dir,
+                device=device,
+                tracking_uri=tracking_uri,
+                resume=resume,
+                register=register,
+                on_step=on_step,
+                on_start=on_start,
+                on_epoch_end=on_epoch_end,
+            )
     except TrainingDiverged as exc:
         _fail(f"training stopped: {exc}", code=3)
     except (CheckpointError, ValueError) as exc:
@@ -125,32 +164,48 @@ def fit(
     if not main:
         return
     last = summary.history[-1] if summary.history else {}
-    console.print(f"[green]done[/] in {summary.wall_seconds:.0f} s "
-                  f"({last.get('images_per_second', 0):.0f} images/s in training, "
-                  f"val -ELBO {last.get('val_neg_elbo', float('nan')):.1f})")
+    console.print(
+        f"[green]done[/] in {summary.wall_seconds:.0f} s "
+        f"({last.get('images_per_second', 0):.0f} images/s in training, "
+        f"val -ELBO {last.get('val_neg_elbo', float('nan')):.1f})"
+    )
     console.print(f"model:      [bold]{summary.out_dir}[/]")
     if summary.run_id:
         console.print(f"MLflow run: [bold]{summary.run_id}[/] at {summary.tracking_uri}")
     if summary.model_uri:
-        console.print(f"MLflow model: [bold]{summary.model_uri}[/]"
-                      + (f" (registered as [bold]{register}[/])" if register else ""))
+        console.print(
+            f"MLflow model: [bold]{summary.model_uri}[/]"
+            + (f" (registered as [bold]{register}[/])" if register else "")
+        )
 
 
 @app.command()
 def sample(
-    model: Optional[str] = typer.Option(None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."),
+    model: Optional[str] = typer.Option(
+        None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."
+    ),
     out: Path = typer.Option(Path("samples.png"), help="Where to write the grid (PNG)."),
     kind: str = typer.Option("prior", help="prior, hierarchical, or chains (short-run vs long-run)."),
     n: int = typer.Option(64, help="Number of prior samples."),
     steps: Optional[int] = typer.Option(None, help="Prior Langevin steps (default: the training value)."),
     seed: int = typer.Option(0),
-    metrics: bool = typer.Option(False, "--metrics", help="Also measure sample quality: FID in the features of a "
-                                 "LeNet trained in the project on the model's training part (not comparable with "
-                                 "Inception FID) and the LeNet's mean confidence on the samples."),
-    metrics_n: Optional[int] = typer.Option(None, help="--metrics: prior samples compared with as many training "
-                                            "images (default: the model's train.sample_metrics, 10 000)."),
-    data: Optional[str] = typer.Option(None, help="--metrics: the training data, where the model's record of it "
-                                       "cannot be loaded from here (e.g. a .npz with labels)."),
+    metrics: bool = typer.Option(
+        False,
+        "--metrics",
+        help="Also measure sample quality: FID in the features of a "
+        "LeNet trained in the project on the model's training part (not comparable with "
+        "Inception FID) and the LeNet's mean confidence on the samples.",
+    ),
+    metrics_n: Optional[int] = typer.Option(
+        None,
+        help="--metrics: prior samples compared with as many training "
+        "images (default: the model's train.sample_metrics, 10 000).",
+    ),
+    data: Optional[str] = typer.Option(
+        None,
+        help="--metrics: the training data, where the model's record of it "
+        "cannot be loaded from here (e.g. a .npz with labels).",
+    ),
     data_dir: Optional[Path] = typer.Option(None, help="--metrics: where MNIST files are looked for."),
 ) -> None:
     """Draw samples from the learned prior and write them as an image grid (--metrics: measure their quality)."""
@@ -183,10 +238,11 @@ def sample(
         except DataError as exc:
             _fail(str(exc))
         console.print(f"FID (in-project LeNet features, not Inception FID): {quality['fid_lenet']:.3f}")
-        console.print(f"LeNet mean confidence: samples {quality['lenet_confidence']:.3f}, "
-                      f"training images {quality['lenet_confidence_held_in']:.3f} "
-                      f"(LeNet accuracy {quality['lenet_accuracy']:.3f})")
-
+        console.print(
+            f"LeNet mean confidence: samples {quality['lenet_confidence']:.3f}, "
+            f"training images {quality['lenet_confidence_held_in']:.3f} "
+            f"(LeNet accuracy {quality['lenet_accuracy']:.3f})"
+        )
 
 
 def _load_model_or_fail(model: Optional[str], device: str = "cpu"):
@@ -201,21 +257,32 @@ def _load_model_or_fail(model: Optional[str], device: str = "cpu"):
 
 @app.command()
 def score(
-    paths: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively); for a vector "
-                                                  "model, tables (.csv, .parquet, .npy, .npz), one row per input."),
-    model: Optional[str] = typer.Option(None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."),
+    paths: list[Path] = typer.Argument(
+        ...,
+        help="Image files and/or folders (searched recursively); for a vector "
+        "model, tables (.csv, .parquet, .npy, .npz), one row per input.",
+    ),
+    model: Optional[str] = typer.Option(
+        None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."
+    ),
     out: Optional[Path] = typer.Option(None, help="Write one row per input to .csv, .json or .parquet."),
     maps: Optional[Path] = typer.Option(None, help="Write per-pixel anomaly-map overlays (PNG) into this folder."),
     steps: Optional[int] = typer.Option(None, help="Posterior Langevin steps K (default: the model's score.steps)."),
     top: int = typer.Option(10, help="How many of the most anomalous inputs to show."),
-    engine: str = typer.Option("local", help="local (this process) or spark: `score --engine spark INPUT.parquet "
-                                              "OUTPUT.parquet` scores a parquet dataset (column pixels or path) with "
-                                              "the MLflow pyfunc model through mlflow.pyfunc.spark_udf."),
-    spark_master: Optional[str] = typer.Option(None, help="Spark master URL for --engine spark (default: local[*], "
-                                                          "or what spark-submit set up)."),
+    engine: str = typer.Option(
+        "local",
+        help="local (this process) or spark: `score --engine spark INPUT.parquet "
+        "OUTPUT.parquet` scores a parquet dataset (column pixels or path) with "
+        "the MLflow pyfunc model through mlflow.pyfunc.spark_udf.",
+    ),
+    spark_master: Optional[str] = typer.Option(
+        None, help="Spark master URL for --engine spark (default: local[*], or what spark-submit set up)."
+    ),
     batch_rows: int = typer.Option(2048, help="--engine spark: rows per Arrow batch handed to the model."),
     overwrite: bool = typer.Option(False, help="--engine spark: replace OUTPUT if it exists."),
-    verbose: bool = typer.Option(False, "--verbose", help="List the files in the folders that were skipped as not images."),
+    verbose: bool = typer.Option(
+        False, "--verbose", help="List the files in the folders that were skipped as not images."
+    ),
 ) -> None:
     """Score images: a label, a score in [0, 1] and the component that contributed most.
 
@@ -252,16 +319,26 @@ def score(
         except ValueError as exc:
             _fail(str(exc))
     rows_scored, n_flagged, errors, top_rows = 0, 0, [], []
-    progress = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(), console=console, transient=True)
+    progress = Progress(
+        TextColumn("scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
     with progress:
         task = progress.add_task("score", total=None)
 
         def on_progress(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        rows = (score_tables(scorer, paths, on_progress=on_progress) if vectors
-                else score_files(scorer, paths, maps_dir=maps, on_progress=on_progress))
+        rows = (
+            score_tables(scorer, paths, on_progress=on_progress)
+            if vectors
+            else score_files(scorer, paths, maps_dir=maps, on_progress=on_progress)
+        )
         for row in rows:
             if writer is not None:
                 writer.write(row)
@@ -275,8 +352,9 @@ def score(
     if writer is not None:
         writer.close()
     skipped = [] if vectors else non_image_files(paths)
-    _print_score_summary(rows_scored, n_flagged, errors, top_rows, loaded, out, maps, inputs=paths, skipped=skipped,
-                         verbose=verbose)
+    _print_score_summary(
+        rows_scored, n_flagged, errors, top_rows, loaded, out, maps, inputs=paths, skipped=skipped, verbose=verbose
+    )
     raise typer.Exit(0 if rows_scored else 1)
 
 
@@ -320,15 +398,21 @@ def _score_spark(paths, model, out, steps, top, spark_master, batch_rows, overwr
             spark.stop()
     out_console = Console()
     out_console.print(f"model {summary.model_uri}")
-    out_console.print(f"scored [bold]{summary.scored}[/] of {summary.rows} rows in {summary.seconds:.1f} s: "
-                      f"[bold red]{summary.flagged}[/] flagged as anomalies; {summary.n_errors} unusable")
+    out_console.print(
+        f"scored [bold]{summary.scored}[/] of {summary.rows} rows in {summary.seconds:.1f} s: "
+        f"[bold red]{summary.flagged}[/] flagged as anomalies; {summary.n_errors} unusable"
+    )
     if summary.top:
         table = Table(title=f"most anomalous (top {len(summary.top)})")
         for col in ("row", "score [0-1]", "label", "top component"):
             table.add_column(col)
         for r in summary.top:
-            table.add_row(r["_row"] or "-", f"{r['score_normalized']:.3f}",
-                          "[red]anomaly[/]" if r["label"] == 1 else "normal", r["top_component"])
+            table.add_row(
+                r["_row"] or "-",
+                f"{r['score_normalized']:.3f}",
+                "[red]anomaly[/]" if r["label"] == 1 else "normal",
+                r["top_component"],
+            )
         out_console.print(table)
     if summary.errors:
         table = Table(title="not scored (the first 10; every row has its reason in the error column)")
@@ -347,23 +431,32 @@ def _shown_path(path: str, inputs: list[Path], width: int) -> str:
     for root in inputs:
         base = str(root)
         if root.is_dir() and path.startswith(base.rstrip("/") + "/"):
-            path = str(Path(root.resolve().name or base) / path[len(base.rstrip("/")) + 1:])
+            path = str(Path(root.resolve().name or base) / path[len(base.rstrip("/")) + 1 :])
             break
-    return path if len(path) <= width else "…" + path[-(width - 1):]
+    return path if len(path) <= width else "…" + path[-(width - 1) :]
 
 
-def _print_score_summary(n_scored, n_flagged, errors, top_rows, loaded, out, maps, inputs=(), skipped=(),
-                         verbose=False) -> None:
+def _print_score_summary(
+    n_scored, n_flagged, errors, top_rows, loaded, out, maps, inputs=(), skipped=(), verbose=False
+) -> None:
     from rich.table import Table
 
     out_console = Console()
     cal = loaded.calibration
-    out_console.print(f"model {loaded.path}  (threshold at {100 * cal['false_alarm_rate']:.1f} % false alarms on held-in data)",
-                      soft_wrap=True)
-    out_console.print(f"scored [bold]{n_scored}[/] inputs: [bold red]{n_flagged}[/] flagged as anomalies; {len(errors)} unusable"
-                      + (f"; {len(skipped)} other files in the folders skipped (not images"
-                         + (": listed below)" if verbose else "; --verbose lists them)") if skipped else ""),
-                      soft_wrap=True)
+    out_console.print(
+        f"model {loaded.path}  (threshold at {100 * cal['false_alarm_rate']:.1f} % false alarms on held-in data)",
+        soft_wrap=True,
+    )
+    out_console.print(
+        f"scored [bold]{n_scored}[/] inputs: [bold red]{n_flagged}[/] flagged as anomalies; {len(errors)} unusable"
+        + (
+            f"; {len(skipped)} other files in the folders skipped (not images"
+            + (": listed below)" if verbose else "; --verbose lists them)")
+            if skipped
+            else ""
+        ),
+        soft_wrap=True,
+    )
     inputs = [Path(p) for p in inputs]
     width = max(24, out_console.width - 48)  # the other columns take about 48
     if top_rows:
@@ -372,8 +465,12 @@ def _print_score_summary(n_scored, n_flagged, errors, top_rows, loaded, out, map
         for col in ("score [0-1]", "label", "top component"):
             table.add_column(col)
         for norm, path, label, comp, _ in top_rows:
-            table.add_row(escape(_shown_path(str(path), inputs, width)), f"{norm:.3f}",
-                          "[red]anomaly[/]" if label else "normal", comp)
+            table.add_row(
+                escape(_shown_path(str(path), inputs, width)),
+                f"{norm:.3f}",
+                "[red]anomaly[/]" if label else "normal",
+                comp,
+            )
         out_console.print(table)
     if errors:
         table = Table(title="not scored")
@@ -395,17 +492,26 @@ def _print_score_summary(n_scored, n_flagged, errors, top_rows, loaded, out, map
 
 @app.command()
 def evaluate(
-    model: Optional[str] = typer.Option(None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."),
+    model: Optional[str] = typer.Option(
+        None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."
+    ),
     data: str = typer.Option("mnist", help="Dataset with labels: mnist or digits."),
-    holdout: Optional[int] = typer.Option(None, help="Held-out digit (default: the one the model was trained without)."),
-    seed: Optional[int] = typer.Option(None, help="Split seed (default: the model's training seed, so test stays unseen)."),
+    holdout: Optional[int] = typer.Option(
+        None, help="Held-out digit (default: the one the model was trained without)."
+    ),
+    seed: Optional[int] = typer.Option(
+        None, help="Split seed (default: the model's training seed, so test stays unseen)."
+    ),
     steps: Optional[int] = typer.Option(None, help="Posterior Langevin steps K (default: the model's score.steps)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     data_dir: Optional[Path] = typer.Option(None),
     tracking_uri: Optional[str] = typer.Option(None),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
-    split: str = typer.Option("clean", help="clean (one permutation, no overlap) or published (the papers' "
-                                            "loaders' MNIST split, whose test normals are mostly training images)."),
+    split: str = typer.Option(
+        "clean",
+        help="clean (one permutation, no overlap) or published (the papers' "
+        "loaders' MNIST split, whose test normals are mostly training images).",
+    ),
 ) -> None:
     """AUPRC, AUROC, F1 and false-alarm rate on the hold-out protocol's test part."""
     import json
@@ -421,12 +527,23 @@ def evaluate(
     if holdout is None:
         _fail("--holdout is needed: the model was not trained with a held-out digit")
     if loaded.meta.get("holdout") not in (None, holdout):
-        console.print(f"[yellow]warning:[/] the model was trained with digit {loaded.meta['holdout']} held out, not {holdout}",
-                      soft_wrap=True)
+        console.print(
+            f"[yellow]warning:[/] the model was trained with digit {loaded.meta['holdout']} held out, not {holdout}",
+            soft_wrap=True,
+        )
     try:
         with console.status("scoring the test part ..."):
-            run = run_evaluate(loaded, data, holdout, seed=seed, steps=steps, device=device, data_dir=data_dir,
-                               tracking_uri=tracking_uri, split=split)
+            run = run_evaluate(
+                loaded,
+                data,
+                holdout,
+                seed=seed,
+                steps=steps,
+                device=device,
+                data_dir=data_dir,
+                tracking_uri=tracking_uri,
+                split=split,
+            )
     except (DataError, ConfigError) as exc:
         _fail(str(exc))
     m = run.evaluation.metrics
@@ -436,12 +553,19 @@ def evaluate(
     from rich.table import Table
 
     out_console = Console()
-    where = (f"published split ({100 * m['test_normals_in_training']:.1f} % of its test normals are training images)"
-             if split == "published" else f"seed {run.seed}")
-    out_console.print(f"holdout {holdout}, {where}: {m['n_test']} test images, {100 * m['anomaly_rate']:.1f} % anomalies",
-                      soft_wrap=True)
-    out_console.print(f"AUPRC [bold]{m['auprc']:.3f}[/]  AUROC {m['auroc']:.3f}  F1 {m['f1']:.3f}  "
-                      f"false alarms {100 * m['false_alarm_rate']:.1f} %  ({m['score_images_per_second']:.0f} images/s)")
+    where = (
+        f"published split ({100 * m['test_normals_in_training']:.1f} % of its test normals are training images)"
+        if split == "published"
+        else f"seed {run.seed}"
+    )
+    out_console.print(
+        f"holdout {holdout}, {where}: {m['n_test']} test images, {100 * m['anomaly_rate']:.1f} % anomalies",
+        soft_wrap=True,
+    )
+    out_console.print(
+        f"AUPRC [bold]{m['auprc']:.3f}[/]  AUROC {m['auroc']:.3f}  F1 {m['f1']:.3f}  "
+        f"false alarms {100 * m['false_alarm_rate']:.1f} %  ({m['score_images_per_second']:.0f} images/s)"
+    )
     table = Table(title="each component alone")
     table.add_column("component")
     table.add_column("AUPRC")
@@ -455,16 +579,23 @@ def evaluate(
 
 @app.command()
 def serve(
-    model: Optional[str] = typer.Option(None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."),
-    host: str = typer.Option("127.0.0.1", help="Interface to bind; loopback only unless told otherwise (0.0.0.0 = all)."),
+    model: Optional[str] = typer.Option(
+        None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", help="Interface to bind; loopback only unless told otherwise (0.0.0.0 = all)."
+    ),
     port: int = typer.Option(8000, help="TCP port."),
     steps: Optional[int] = typer.Option(None, help="Posterior Langevin steps K (default: the model's score.steps)."),
     max_items: int = typer.Option(1024, help="Most items in one request (more: 413)."),
     max_body_mb: float = typer.Option(32.0, help="Largest request body in MiB (more: 413)."),
     timeout: float = typer.Option(30.0, help="Seconds a batch may take to score (more: 503)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
-    threads: Optional[int] = typer.Option(None, help="Torch threads for scoring (default: torch's, one per core). "
-                                                     "Fewer leaves cores to the HTTP side and to other processes."),
+    threads: Optional[int] = typer.Option(
+        None,
+        help="Torch threads for scoring (default: torch's, one per core). "
+        "Fewer leaves cores to the HTTP side and to other processes.",
+    ),
 ) -> None:
     """Serve the model over HTTP: POST /v1/score, GET /health, /v1/model, /metrics (Prometheus)."""
     import torch
@@ -479,21 +610,32 @@ def serve(
 
     try:
         loaded, ref, seconds = load_for_serving(model)
-        api = create_app(loaded, model_ref=ref, load_seconds=seconds, steps=steps,
-                         limits=Limits(max_items=max_items, max_body_bytes=int(max_body_mb * (1 << 20)), timeout_s=timeout))
+        api = create_app(
+            loaded,
+            model_ref=ref,
+            load_seconds=seconds,
+            steps=steps,
+            limits=Limits(max_items=max_items, max_body_bytes=int(max_body_mb * (1 << 20)), timeout_s=timeout),
+        )
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    console.print(f"serving [bold]{ref}[/] (loaded in {seconds:.2f} s) on http://{host}:{port}  "
-                  "- POST /v1/score, GET /health /v1/model /metrics")
+    console.print(
+        f"serving [bold]{ref}[/] (loaded in {seconds:.2f} s) on http://{host}:{port}  "
+        "- POST /v1/score, GET /health /v1/model /metrics"
+    )
     uvicorn.run(api, host=host, port=port, log_level=log_level)
 
 
 @app.command()
 def calibrate(
-    model: Optional[str] = typer.Option(None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."),
+    model: Optional[str] = typer.Option(
+        None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."
+    ),
     data: Optional[str] = typer.Option(None, help="Training data (default: the one recorded in the model)."),
     false_alarm_rate: Optional[float] = typer.Option(None, help="Override score.false_alarm_rate."),
-    reference_size: Optional[int] = typer.Option(None, min=0, help="Override score.reference_size: training images the latent kNN searches (0 = all)."),
+    reference_size: Optional[int] = typer.Option(
+        None, min=0, help="Override score.reference_size: training images the latent kNN searches (0 = all)."
+    ),
     data_dir: Optional[Path] = typer.Option(None),
 ) -> None:
     """Recompute calibration.json from the model's held-in validation data (never from anomaly labels)."""
@@ -504,7 +646,9 @@ def calibrate(
 
     loaded = _load_model_or_fail(model)
     cfg = loaded.config
-    overrides = {k: v for k, v in (("false_alarm_rate", false_alarm_rate), ("reference_size", reference_size)) if v is not None}
+    overrides = {
+        k: v for k, v in (("false_alarm_rate", false_alarm_rate), ("reference_size", reference_size)) if v is not None
+    }
     if overrides:
         cfg = cfg.with_overrides(score=overrides)
         save_model(loaded.model, cfg, loaded.path, loaded.meta)
@@ -514,17 +658,27 @@ def calibrate(
         _fail("--data is needed: the model does not record its training data")
     try:
         # the split fit made: same seed, validation share and training cap
-        td = prepare_data(source, holdout=loaded.meta.get("holdout"), seed=cfg.train.seed,
-                          val_fraction=cfg.train.val_fraction, max_train=cfg.train.max_train,
-                          image_size=cfg.model.image_size, data_dir=data_dir, channels=cfg.model.channels)
+        td = prepare_data(
+            source,
+            holdout=loaded.meta.get("holdout"),
+            seed=cfg.train.seed,
+            val_fraction=cfg.train.val_fraction,
+            max_train=cfg.train.max_train,
+            image_size=cfg.model.image_size,
+            data_dir=data_dir,
+            channels=cfg.model.channels,
+        )
     except DataError as exc:
         _fail(str(exc))
     cal = calibrate_model(loaded, td.train, td.val, seed=cfg.train.seed)
-    console.print(f"calibrated on {len(td.val)} held-in images: threshold {cal.threshold:.3f} at "
-                  f"{100 * cal.false_alarm_rate:.1f} % false alarms -> {loaded.path / 'calibration.json'}")
+    console.print(
+        f"calibrated on {len(td.val)} held-in images: threshold {cal.threshold:.3f} at "
+        f"{100 * cal.false_alarm_rate:.1f} % false alarms -> {loaded.path / 'calibration.json'}"
+    )
 
 
 from cli.bench import bench as _bench  # noqa: E402
+
 app.command("bench")(_bench)
 
 

@@ -161,9 +161,15 @@ class ResultWriter:
 
         if not self._rows:
             return
-        fields = [pa.field("path", pa.string()), pa.field("score", pa.float64()), pa.field("score_normalized", pa.float64()),
-                  pa.field("label", pa.int64()), pa.field("top_component", pa.string()), pa.field("error", pa.string())]
-        fields += [pa.field(c, pa.float64()) for c in self.columns[len(BASE_COLUMNS):]]
+        fields = [
+            pa.field("path", pa.string()),
+            pa.field("score", pa.float64()),
+            pa.field("score_normalized", pa.float64()),
+            pa.field("label", pa.int64()),
+            pa.field("top_component", pa.string()),
+            pa.field("error", pa.string()),
+        ]
+        fields += [pa.field(c, pa.float64()) for c in self.columns[len(BASE_COLUMNS) :]]
         schema = pa.schema(fields)
         table = pa.Table.from_pylist(self._rows, schema=schema)
         if self._parquet is None:

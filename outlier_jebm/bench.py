@@ -49,13 +49,33 @@ PUBLISHED_AUPRC: dict[str, dict[int, float]] = {
 }
 
 PIXEL_INPUT = "image pixels in [0, 1], flattened to H*W features, no further scaling"
-VECTOR_INPUT = ("feature vectors standardised with the mean and std of the training part (train + held-in "
-                "validation), the same input for every PyOD detector; jebm standardises its own training part")
+VECTOR_INPUT = (
+    "feature vectors standardised with the mean and std of the training part (train + held-in "
+    "validation), the same input for every PyOD detector; jebm standardises its own training part"
+)
 
 COLUMNS = [
-    "detector", "holdout", "seed", "split", "test_in_train", "status", "auprc", "auroc", "fit_seconds", "score_images_per_second",
-    "sample_fid_lenet", "sample_confidence",
-    "n_train", "n_test", "anomaly_rate", "nonfinite_scores", "family", "model", "score", "mlflow_run_id", "note",
+    "detector",
+    "holdout",
+    "seed",
+    "split",
+    "test_in_train",
+    "status",
+    "auprc",
+    "auroc",
+    "fit_seconds",
+    "score_images_per_second",
+    "sample_fid_lenet",
+    "sample_confidence",
+    "n_train",
+    "n_test",
+    "anomaly_rate",
+    "nonfinite_scores",
+    "family",
+    "model",
+    "score",
+    "mlflow_run_id",
+    "note",
 ]
 
 SKIPPED_BUDGET = "skipped: time budget"
@@ -100,39 +120,68 @@ class PyODDetector:
     def describe(self, seed: int = 0, n_features: int = 784) -> dict[str, Any]:
         """Every constructor argument (defaults included), the input scaling and the reasons."""
         params = {k: _plain(v) for k, v in self.build(seed, n_features).get_params().items()}
-        return {"family": "pyod", "class": self.cls_path, "changed_from_defaults": dict(self.settings),
-                "params": params, "input": PIXEL_INPUT, "why": self.why}
+        return {
+            "family": "pyod",
+            "class": self.cls_path,
+            "changed_from_defaults": dict(self.settings),
+            "params": params,
+            "input": PIXEL_INPUT,
+            "why": self.why,
+        }
 
 
 _DEFAULTS = "PyOD's defaults (contamination only sets PyOD's own threshold, which is not used here)."
-_DEEP = ("10 epochs for every deep detector (AutoEncoder's default; VAE's is 30 and DeepSVDD's 100), an equal "
-         "and bounded CPU budget; preprocessing off: PyOD's StandardScaler divides near-constant border "
-         "pixels by a near-zero spread and blows their noise up, while [0, 1] pixels are already well "
-         "scaled for a network; verbose off (no progress bars in the log).")
+_DEEP = (
+    "10 epochs for every deep detector (AutoEncoder's default; VAE's is 30 and DeepSVDD's 100), an equal "
+    "and bounded CPU budget; preprocessing off: PyOD's StandardScaler divides near-constant border "
+    "pixels by a near-zero spread and blows their noise up, while [0, 1] pixels are already well "
+    "scaled for a network; verbose off (no progress bars in the log)."
+)
 
-PYOD_DETECTORS: dict[str, PyODDetector] = {d.name: d for d in [
-    PyODDetector("knn", "pyod.models.knn.KNN", {}, _DEFAULTS + " Score: distance to the 5th nearest training image."),
-    PyODDetector("lof", "pyod.models.lof.LOF", {}, _DEFAULTS),
-    PyODDetector("iforest", "pyod.models.iforest.IForest", {}, _DEFAULTS + " random_state = the split's seed.",
-                 seeded=True),
-    PyODDetector("ecod", "pyod.models.ecod.ECOD", {}, _DEFAULTS),
-    PyODDetector("copod", "pyod.models.copod.COPOD", {}, _DEFAULTS),
-    PyODDetector("hbos", "pyod.models.hbos.HBOS", {}, _DEFAULTS),
-    PyODDetector("loda", "pyod.models.loda.LODA", {}, _DEFAULTS + " random_state = the split's seed.", seeded=True),
-    PyODDetector(
-        "pca", "pyod.models.pca.PCA", {"n_components": 0.95, "svd_solver": "full", "standardization": False},
-        "PyOD's defaults keep every component and divide by each one's explained variance; on pixels the "
-        "last components have (near) zero variance and every score is infinite (PROTOCOL.md; the tests "
-        "reproduce it on 8x8 digits). Kept: the components that explain 95 % of the training variance "
-        "(svd_solver 'full' is what a variance fraction needs). Standardisation off: all pixels share one "
-        "unit, and standardising near-constant border pixels amplifies their noise."),
-    PyODDetector("autoencoder", "pyod.models.auto_encoder.AutoEncoder",
-                 {"epoch_num": 10, "preprocessing": False, "verbose": 0}, _DEEP, seeded=True),
-    PyODDetector("vae", "pyod.models.vae.VAE", {"epoch_num": 10, "preprocessing": False, "verbose": 0}, _DEEP,
-                 seeded=True),
-    PyODDetector("deepsvdd", "pyod.models.deep_svdd.DeepSVDD", {"epochs": 10, "preprocessing": False, "verbose": 0},
-                 _DEEP, seeded=True, needs_n_features=True),
-]}
+PYOD_DETECTORS: dict[str, PyODDetector] = {
+    d.name: d
+    for d in [
+        PyODDetector(
+            "knn", "pyod.models.knn.KNN", {}, _DEFAULTS + " Score: distance to the 5th nearest training image."
+        ),
+        PyODDetector("lof", "pyod.models.lof.LOF", {}, _DEFAULTS),
+        PyODDetector(
+            "iforest", "pyod.models.iforest.IForest", {}, _DEFAULTS + " random_state = the split's seed.", seeded=True
+        ),
+        PyODDetector("ecod", "pyod.models.ecod.ECOD", {}, _DEFAULTS),
+        PyODDetector("copod", "pyod.models.copod.COPOD", {}, _DEFAULTS),
+        PyODDetector("hbos", "pyod.models.hbos.HBOS", {}, _DEFAULTS),
+        PyODDetector("loda", "pyod.models.loda.LODA", {}, _DEFAULTS + " random_state = the split's seed.", seeded=True),
+        PyODDetector(
+            "pca",
+            "pyod.models.pca.PCA",
+            {"n_components": 0.95, "svd_solver": "full", "standardization": False},
+            "PyOD's defaults keep every component and divide by each one's explained variance; on pixels the "
+            "last components have (near) zero variance and every score is infinite (PROTOCOL.md; the tests "
+            "reproduce it on 8x8 digits). Kept: the components that explain 95 % of the training variance "
+            "(svd_solver 'full' is what a variance fraction needs). Standardisation off: all pixels share one "
+            "unit, and standardising near-constant border pixels amplifies their noise.",
+        ),
+        PyODDetector(
+            "autoencoder",
+            "pyod.models.auto_encoder.AutoEncoder",
+            {"epoch_num": 10, "preprocessing": False, "verbose": 0},
+            _DEEP,
+            seeded=True,
+        ),
+        PyODDetector(
+            "vae", "pyod.models.vae.VAE", {"epoch_num": 10, "preprocessing": False, "verbose": 0}, _DEEP, seeded=True
+        ),
+        PyODDetector(
+            "deepsvdd",
+            "pyod.models.deep_svdd.DeepSVDD",
+            {"epochs": 10, "preprocessing": False, "verbose": 0},
+            _DEEP,
+            seeded=True,
+            needs_n_features=True,
+        ),
+    ]
+}
 
 
 def pixel_features(images01: np.ndarray) -> np.ndarray:
@@ -166,10 +215,17 @@ class JEBMVariant:
     components: list[str] | None = None  # None: every component that is not constant on the test set
 
     def describe(self) -> dict[str, Any]:
-        return {"family": "jebm", "overrides": self.overrides, "config": self.config.to_dict(),
-                "components": self.components or "all (constant ones left out)",
-                "input": ("feature vectors, standardised inside the model (model.standardize)"
-                          if self.config.model.is_vector else "image pixels in [0, 1], scaled to [-1, 1] inside the model")}
+        return {
+            "family": "jebm",
+            "overrides": self.overrides,
+            "config": self.config.to_dict(),
+            "components": self.components or "all (constant ones left out)",
+            "input": (
+                "feature vectors, standardised inside the model (model.standardize)"
+                if self.config.model.is_vector
+                else "image pixels in [0, 1], scaled to [-1, 1] inside the model"
+            ),
+        }
 
 
 def parse_overrides(text: str, sep: str = ",") -> dict[str, Any]:
@@ -229,8 +285,9 @@ def parse_detectors(
     variants = dict(variants or {})
     for name in variants:
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name in PYOD_DETECTORS or name == "jebm":
-            raise BenchError(f"jebm variant name {name!r}: use letters, digits, '_', '-', '.', "
-                             "and not a detector's name")
+            raise BenchError(
+                f"jebm variant name {name!r}: use letters, digits, '_', '-', '.', and not a detector's name"
+            )
     tokens = [t.strip() for t in _split_top(text, ",") if t.strip()]
     mentioned = {_split_components(t)[0] for t in tokens}
     tokens += [name for name in variants if name not in mentioned]
@@ -258,7 +315,7 @@ def parse_detectors(
             if name == "jebm":
                 overrides: dict[str, Any] = {}
             elif name.startswith("jebm:"):
-                overrides = parse_overrides(name[len("jebm:"):], sep=":")
+                overrides = parse_overrides(name[len("jebm:") :], sep=":")
             elif name in variants:
                 overrides = parse_overrides(variants[name], sep=",")
             else:
@@ -267,8 +324,9 @@ def parse_detectors(
             config = apply_overrides(base, overrides)
             for path in ("model.image_size", "train.val_fraction"):
                 if _get(config, path) != _get(base, path):
-                    raise BenchError(f"detector {name!r}: {path} must stay as in the base config "
-                                     "(every detector shares one split)")
+                    raise BenchError(
+                        f"detector {name!r}: {path} must stay as in the base config (every detector shares one split)"
+                    )
             variant = JEBMVariant(name, overrides, config, None if every is None else list(every))
             by_name[name] = variant
             entries.append(variant)
@@ -354,8 +412,13 @@ MessageHook = Callable[[str], None]
 CellHook = Callable[[int, int, str], None]  # (cells done, cells in all, what runs next)
 
 
-def run_bench(spec: BenchSpec, *, on_row: RowHook | None = None, on_message: MessageHook | None = None,
-              on_cell: CellHook | None = None) -> BenchResult:
+def run_bench(
+    spec: BenchSpec,
+    *,
+    on_row: RowHook | None = None,
+    on_message: MessageHook | None = None,
+    on_cell: CellHook | None = None,
+) -> BenchResult:
     """Run every (holdout, seed, detector) cell; write results.csv, results.md, settings.json and figures."""
     from .pipeline import prepare_data
 
@@ -390,23 +453,35 @@ def run_bench(spec: BenchSpec, *, on_row: RowHook | None = None, on_message: Mes
             td = None
             for det in spec.detectors:
                 if on_cell is not None:
-                    on_cell(done, total, f"holdout {holdout} seed {seed} {det.name}"
-                            + (f" ({split} split)" if len(splits) > 1 else ""))
+                    on_cell(
+                        done,
+                        total,
+                        f"holdout {holdout} seed {seed} {det.name}" + (f" ({split} split)" if len(splits) > 1 else ""),
+                    )
                 if over_budget():
                     for row in _skipped_rows(det, holdout, seed):
                         emit(row)
                     done += 1
                     continue
                 if td is None:
-                    td = prepare_data(spec.data, holdout=holdout, seed=seed,
-                                      val_fraction=spec.base_config.train.val_fraction, max_train=spec.max_train,
-                                      image_size=spec.base_config.model.image_size, data_dir=spec.data_dir,
-                                      channels=spec.base_config.model.channels,
-                                      data_kind=spec.base_config.model.data_kind, split=split)
+                    td = prepare_data(
+                        spec.data,
+                        holdout=holdout,
+                        seed=seed,
+                        val_fraction=spec.base_config.train.val_fraction,
+                        max_train=spec.max_train,
+                        image_size=spec.base_config.model.image_size,
+                        data_dir=spec.data_dir,
+                        channels=spec.base_config.model.channels,
+                        data_kind=spec.base_config.model.data_kind,
+                        split=split,
+                    )
                     unit = "vectors" if is_vector_split(td) else "images"
-                    say(f"holdout {holdout} seed {seed}: {len(td.train) + len(td.val)} training {unit} "
+                    say(
+                        f"holdout {holdout} seed {seed}: {len(td.train) + len(td.val)} training {unit} "
                         f"({len(td.val)} of them held in for jebm's calibration), {len(td.test)} test {unit}, "
-                        f"{100 * float(np.mean(td.test_is_anomaly)):.1f} % anomalies")
+                        f"{100 * float(np.mean(td.test_is_anomaly)):.1f} % anomalies"
+                    )
                 try:
                     if isinstance(det, JEBMVariant):
                         cell = _jebm_cell(det, td, holdout, seed, spec, say, split)
@@ -468,8 +543,9 @@ def _pyod_cell(det: PyODDetector, td, seed: int) -> CellRows:
     return [(row, scores, det.describe(seed, X.shape[1]), {})]
 
 
-def _jebm_cell(variant: JEBMVariant, td, holdout: int, seed: int, spec: BenchSpec, say: MessageHook,
-               split: str = "clean") -> CellRows:
+def _jebm_cell(
+    variant: JEBMVariant, td, holdout: int, seed: int, spec: BenchSpec, say: MessageHook, split: str = "clean"
+) -> CellRows:
     from .checkpoint import load_model
     from .pipeline import run_fit
     from .scoring import Scorer
@@ -483,12 +559,15 @@ def _jebm_cell(variant: JEBMVariant, td, holdout: int, seed: int, spec: BenchSpe
     n_epochs = planned_epochs(cfg, len(td.train))  # run_fit raises the epochs of a small set to train.min_steps
 
     def on_epoch_end(epoch: int, m: dict[str, float]) -> None:
-        say(f"  {variant.name} holdout {holdout} seed {seed}: epoch {epoch + 1}/{n_epochs}  loss {m['loss']:.1f}  "
-            f"recon {m['recon']:.1f}  {m['images_per_second']:.0f} img/s  {m['seconds_per_epoch']:.0f} s")
+        say(
+            f"  {variant.name} holdout {holdout} seed {seed}: epoch {epoch + 1}/{n_epochs}  loss {m['loss']:.1f}  "
+            f"recon {m['recon']:.1f}  {m['images_per_second']:.0f} img/s  {m['seconds_per_epoch']:.0f} s"
+        )
 
     t = time.perf_counter()
-    summary = run_fit(cfg, td, out_dir=model_dir, device=spec.device, track=False, remember=False,
-                      on_epoch_end=on_epoch_end)
+    summary = run_fit(
+        cfg, td, out_dir=model_dir, device=spec.device, track=False, remember=False, on_epoch_end=on_epoch_end
+    )
     fit_seconds = time.perf_counter() - t
     device = resolve_device(spec.device)
     scorer = Scorer(load_model(model_dir, device=device), device=device)
@@ -500,22 +579,36 @@ def _jebm_cell(variant: JEBMVariant, td, holdout: int, seed: int, spec: BenchSpe
     note = f"training {train_seconds:.1f} s of the fit; model {model_dir}"
     params = {**variant.describe(), "config": cfg.to_dict(), "model_dir": str(model_dir)}
     extra = {"history": summary.history}
-    row = _scored_row(variant.name, variant.name, "score", "jebm", td, seed, table["score"], fit_seconds,
-                      score_seconds, note=note)
+    row = _scored_row(
+        variant.name, variant.name, "score", "jebm", td, seed, table["score"], fit_seconds, score_seconds, note=note
+    )
     if summary.sample_quality is not None:
         row["sample_fid_lenet"] = summary.sample_quality["fid_lenet"]
         row["sample_confidence"] = summary.sample_quality["lenet_confidence"]
     out: CellRows = [(row, table["score"], params, extra)]
     names = scorer.component_names
-    chosen = variant.components if variant.components is not None else [
-        n for n in names if np.ptp(np.asarray(table[n], dtype=np.float64)) > 0]
+    chosen = (
+        variant.components
+        if variant.components is not None
+        else [n for n in names if np.ptp(np.asarray(table[n], dtype=np.float64)) > 0]
+    )
     for name in chosen:
         values = np.asarray(table[name], dtype=np.float64)
         note = "component alone, same fit and scoring pass as " + variant.name
         if np.ptp(values) == 0:
             note += "; constant on the test set"
-        row = _scored_row(f"{variant.name}[{name}]", variant.name, f"component:{name}", "jebm", td, seed, values,
-                          fit_seconds, score_seconds, note=note)
+        row = _scored_row(
+            f"{variant.name}[{name}]",
+            variant.name,
+            f"component:{name}",
+            "jebm",
+            td,
+            seed,
+            values,
+            fit_seconds,
+            score_seconds,
+            note=note,
+        )
         out.append((row, values, {**params, "component": name}, {}))
     return out
 
@@ -526,8 +619,18 @@ def _base_row(detector: str, model: str, score: str, family: str, holdout: int, 
     return row
 
 
-def _scored_row(detector: str, model: str, score: str, family: str, td, seed: int, scores: np.ndarray,
-                fit_seconds: float, score_seconds: float, note: str = "") -> dict[str, Any]:
+def _scored_row(
+    detector: str,
+    model: str,
+    score: str,
+    family: str,
+    td,
+    seed: int,
+    scores: np.ndarray,
+    fit_seconds: float,
+    score_seconds: float,
+    note: str = "",
+) -> dict[str, Any]:
     scores = np.asarray(scores, dtype=np.float64)
     y = td.test_is_anomaly
     if len(scores) != len(y):
@@ -535,9 +638,16 @@ def _scored_row(detector: str, model: str, score: str, family: str, td, seed: in
     nonfinite = int((~np.isfinite(scores)).sum())
     row = _base_row(detector, model, score, family, td.holdout, seed)
     row.update(detection_metrics(y, scores))
-    row.update(status="ok", fit_seconds=fit_seconds, score_images_per_second=len(y) / max(score_seconds, 1e-9),
-               n_train=len(td.train) + len(td.val), n_test=len(y), anomaly_rate=float(np.mean(y)),
-               nonfinite_scores=nonfinite, note=note)
+    row.update(
+        status="ok",
+        fit_seconds=fit_seconds,
+        score_images_per_second=len(y) / max(score_seconds, 1e-9),
+        n_train=len(td.train) + len(td.val),
+        n_test=len(y),
+        anomaly_rate=float(np.mean(y)),
+        nonfinite_scores=nonfinite,
+        note=note,
+    )
     if nonfinite:
         row["note"] = (note + "; " if note else "") + f"{nonfinite} non-finite scores"
     return row
@@ -547,8 +657,10 @@ def _skipped_rows(det: PyODDetector | JEBMVariant, holdout: int, seed: int) -> l
     family = "jebm" if isinstance(det, JEBMVariant) else "pyod"
     rows = [_base_row(det.name, det.name, "score", family, holdout, seed)]
     if isinstance(det, JEBMVariant):
-        rows += [_base_row(f"{det.name}[{c}]", det.name, f"component:{c}", family, holdout, seed)
-                 for c in (det.components or [])]
+        rows += [
+            _base_row(f"{det.name}[{c}]", det.name, f"component:{c}", family, holdout, seed)
+            for c in (det.components or [])
+        ]
     for row in rows:
         row["status"] = SKIPPED_BUDGET
     return rows
@@ -566,28 +678,54 @@ def _failed_row(det, holdout: int, seed: int, exc: Exception):
     return row, None, params, {}
 
 
-def _log_cell(spec: BenchSpec, row: dict[str, Any], params: dict[str, Any], extra: dict[str, Any], td,
-              scores: np.ndarray | None) -> str:
+def _log_cell(
+    spec: BenchSpec, row: dict[str, Any], params: dict[str, Any], extra: dict[str, Any], td, scores: np.ndarray | None
+) -> str:
     """One MLflow run per row: tags, the detector's settings, metrics, and a PR curve for whole scores."""
     from .tracking import Tracker
 
     status = "FINISHED" if row["status"] == "ok" else "FAILED"
     run_name = f"bench-{row['detector']}-holdout{row['holdout']}-seed{row['seed']}"
     with Tracker(spec.tracking_uri, run_name=run_name) as tr:
-        tr.set_tags({"job": "bench", "detector": row["detector"], "holdout": row["holdout"], "seed": row["seed"],
-                     "family": row["family"], "model": row["model"], "score": row["score"], "data": spec.data,
-                     "status": row["status"]})
-        tr.log_params({**{k: _plain(v) for k, v in params.items()}, "max_train": spec.max_train,
-                       "n_train": row["n_train"]})
-        tr.log_metrics({k: row[k] for k in ("auprc", "auroc", "fit_seconds", "score_images_per_second", "n_test",
-                                            "anomaly_rate", "nonfinite_scores") if row[k] != ""})
+        tr.set_tags(
+            {
+                "job": "bench",
+                "detector": row["detector"],
+                "holdout": row["holdout"],
+                "seed": row["seed"],
+                "family": row["family"],
+                "model": row["model"],
+                "score": row["score"],
+                "data": spec.data,
+                "status": row["status"],
+            }
+        )
+        tr.log_params(
+            {**{k: _plain(v) for k, v in params.items()}, "max_train": spec.max_train, "n_train": row["n_train"]}
+        )
+        tr.log_metrics(
+            {
+                k: row[k]
+                for k in (
+                    "auprc",
+                    "auroc",
+                    "fit_seconds",
+                    "score_images_per_second",
+                    "n_test",
+                    "anomaly_rate",
+                    "nonfinite_scores",
+                )
+                if row[k] != ""
+            }
+        )
         for epoch, metrics in enumerate(extra.get("history", [])):
             tr.log_metrics({f"fit.{k}": v for k, v in metrics.items() if _finite_number(v)}, step=epoch + 1)
         if scores is not None and not row["score"].startswith("component"):
             import matplotlib.pyplot as plt
 
-            fig = pr_figure({row["detector"]: (td.test_is_anomaly, scores)},
-                            f"holdout {row['holdout']}, seed {row['seed']}")
+            fig = pr_figure(
+                {row["detector"]: (td.test_is_anomaly, scores)}, f"holdout {row['holdout']}, seed {row['seed']}"
+            )
             tr.log_figure(fig, "pr_curve.png")
             plt.close(fig)
         if status != "FINISHED":
@@ -644,11 +782,24 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any
     out = {}
     for key, group in groups.items():
         ok = [r for r in group if r["status"] == "ok"]
-        entry: dict[str, Any] = {"n": len(group), "n_ok": len(ok), "status": group[0]["status"] if not ok else "ok",
-                                 "family": group[0]["family"], "score": group[0]["score"],
-                                 "split": group[0].get("split") or "clean"}
-        for col in ("auprc", "auroc", "fit_seconds", "score_images_per_second", "anomaly_rate", "n_test",
-                    "sample_fid_lenet", "sample_confidence"):
+        entry: dict[str, Any] = {
+            "n": len(group),
+            "n_ok": len(ok),
+            "status": group[0]["status"] if not ok else "ok",
+            "family": group[0]["family"],
+            "score": group[0]["score"],
+            "split": group[0].get("split") or "clean",
+        }
+        for col in (
+            "auprc",
+            "auroc",
+            "fit_seconds",
+            "score_images_per_second",
+            "anomaly_rate",
+            "n_test",
+            "sample_fid_lenet",
+            "sample_confidence",
+        ):
             values = np.array([float(r[col]) for r in ok if r.get(col, "") not in ("", None)], dtype=np.float64)
             entry[col] = float(values.mean()) if len(values) else None
             entry[col + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
@@ -668,14 +819,16 @@ def render_markdown(rows: list[dict[str, Any]], spec: BenchSpec, settings: dict[
         "",
         f"Started {settings['started']}; {machine['cpu_count']} CPUs, torch {machine['torch']} with "
         f"{machine['torch_threads']} threads, {machine['platform']}; commit {machine['git_commit'] or 'unknown'}"
-        + (" (with uncommitted changes)" if machine.get("git_dirty") else "") + ".",
+        + (" (with uncommitted changes)" if machine.get("git_dirty") else "")
+        + ".",
     ]
     if spec.command:
         lines += ["", f"`{spec.command}`"]
     lines += [
         "",
         "Every detector saw the same split per (hold-out, seed). PyOD detectors: "
-        + (VECTOR_INPUT if spec.base_config.model.is_vector else PIXEL_INPUT) + ", fitted on "
+        + (VECTOR_INPUT if spec.base_config.model.is_vector else PIXEL_INPUT)
+        + ", fitted on "
         "the whole training part; their settings and the reason for each change from PyOD's defaults are in "
         "`settings.json`. jebm: trained by `run_fit` (the `fit` command's code path, MLflow logging aside) "
         "and scored by `Scorer`; `name[component]` rows rank by one score component of the same fit. "
@@ -702,10 +855,15 @@ def render_markdown(rows: list[dict[str, Any]], spec: BenchSpec, settings: dict[
             auprc = _pm(e, "auprc")
             if best is not None and e["auprc"] == best:
                 auprc = f"**{auprc}**"
-            status = e["status"] if e["n_ok"] == e["n"] else (
-                f"{e['n_ok']} of {e['n']} seeds ran" if e["n_ok"] else e["status"])
-            lines.append(f"| {d} | {auprc} | {_pm(e, 'auroc')} | {_num(e['fit_seconds'], 1)} | "
-                         f"{_num(e['score_images_per_second'], 0)} | {status} |")
+            status = (
+                e["status"]
+                if e["n_ok"] == e["n"]
+                else (f"{e['n_ok']} of {e['n']} seeds ran" if e["n_ok"] else e["status"])
+            )
+            lines.append(
+                f"| {d} | {auprc} | {_pm(e, 'auroc')} | {_num(e['fit_seconds'], 1)} | "
+                f"{_num(e['score_images_per_second'], 0)} | {status} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -716,31 +874,50 @@ def _sample_quality_table(agg, detectors: list[str], holdouts: list[int]) -> lis
         cells = [agg.get((d, h)) for h in holdouts]
         if not any(e is not None and e.get("sample_fid_lenet") is not None for e in cells):
             continue
-        rows.append(f"| {d} | " + " | ".join(
-            "-" if e is None or e.get("sample_fid_lenet") is None
-            else f"{_pm(e, 'sample_fid_lenet')} / {_num(e['sample_confidence'], 3)}" for e in cells) + " |")
+        rows.append(
+            f"| {d} | "
+            + " | ".join(
+                "-"
+                if e is None or e.get("sample_fid_lenet") is None
+                else f"{_pm(e, 'sample_fid_lenet')} / {_num(e['sample_confidence'], 3)}"
+                for e in cells
+            )
+            + " |"
+        )
     if not rows:
         return []
-    return ["", "## Sample quality: FID (in-project LeNet features) / LeNet confidence", "",
-            "10 000 prior samples against 10 000 training images, in the penultimate features of a LeNet trained on "
-            "the split's training part (sample_quality.py); lower FID is better. Not comparable with Inception FID.",
-            "", "| | " + " | ".join(str(h) for h in holdouts) + " |", "| --- |" + " --- |" * len(holdouts)] + rows
+    return [
+        "",
+        "## Sample quality: FID (in-project LeNet features) / LeNet confidence",
+        "",
+        "10 000 prior samples against 10 000 training images, in the penultimate features of a LeNet trained on "
+        "the split's training part (sample_quality.py); lower FID is better. Not comparable with Inception FID.",
+        "",
+        "| | " + " | ".join(str(h) for h in holdouts) + " |",
+        "| --- |" + " --- |" * len(holdouts),
+    ] + rows
 
 
-def _summary_table(agg, detectors: list[str], holdouts: list[int], spec: BenchSpec,
-                   metric: str = "auprc") -> list[str]:
+def _summary_table(agg, detectors: list[str], holdouts: list[int], spec: BenchSpec, metric: str = "auprc") -> list[str]:
     if not holdouts:
         return []
-    head = [f"## Summary: {metric.upper()}", "", "| | " + " | ".join(str(h) for h in holdouts) + " |",
-            "| --- |" + " --- |" * len(holdouts)]
+    head = [
+        f"## Summary: {metric.upper()}",
+        "",
+        "| | " + " | ".join(str(h) for h in holdouts) + " |",
+        "| --- |" + " --- |" * len(holdouts),
+    ]
     body = []
     pyod = [d for d in detectors if any(agg.get((d, h), {}).get("family") == "pyod" for h in holdouts)]
     splits = list(dict.fromkeys(agg[(d, h)]["split"] for d in pyod for h in holdouts if (d, h) in agg))
     for split in splits:
         cells = []
         for h in holdouts:
-            ran = [(agg[(d, h)][metric], d) for d in pyod if (d, h) in agg and agg[(d, h)][metric] is not None
-                   and agg[(d, h)]["split"] == split]
+            ran = [
+                (agg[(d, h)][metric], d)
+                for d in pyod
+                if (d, h) in agg and agg[(d, h)][metric] is not None and agg[(d, h)]["split"] == split
+            ]
             cells.append(f"{max(ran)[0]:.3f} ({max(ran)[1]})" if ran else "-")
         where = f", {split} split" if len(splits) > 1 else ""
         body.append(f"| best PyOD (picked per hold-out on test labels{where}) | " + " | ".join(cells) + " |")
@@ -776,15 +953,23 @@ def bench_settings(spec: BenchSpec) -> dict[str, Any]:
         "time_budget_seconds": spec.time_budget,
         "device": spec.device,
         "split_kind": spec.split,
-        "split": ("published: the published loaders' split (splits.py: RandomState(42), a second permutation for "
-                  "the test part; the seeds only seed the models). " if "published" in spec.splits else "")
-                 + ("clean: " if "published" in spec.splits else "")
-                 + "prepare_data(data, holdout=D, seed=s): train on 80 % of the normal classes (jebm carves "
-                 "train.val_fraction of it for calibration; PyOD fits on all of it), test = the other 20 % + "
-                 "every image of D",
+        "split": (
+            "published: the published loaders' split (splits.py: RandomState(42), a second permutation for "
+            "the test part; the seeds only seed the models). "
+            if "published" in spec.splits
+            else ""
+        )
+        + ("clean: " if "published" in spec.splits else "")
+        + "prepare_data(data, holdout=D, seed=s): train on 80 % of the normal classes (jebm carves "
+        "train.val_fraction of it for calibration; PyOD fits on all of it), test = the other 20 % + "
+        "every image of D",
         "jebm_base_config": spec.base_config.to_dict(),
-        "detectors": {d.name: d.describe() if isinstance(d, JEBMVariant)
-                      else d.describe(spec.seeds[0], spec.base_config.model.image_size ** 2) for d in spec.detectors},
+        "detectors": {
+            d.name: d.describe()
+            if isinstance(d, JEBMVariant)
+            else d.describe(spec.seeds[0], spec.base_config.model.image_size**2)
+            for d in spec.detectors
+        },
         "published_auprc": {k: {str(h): v for h, v in vals.items()} for k, vals in PUBLISHED_AUPRC.items()},
         "machine": machine_info(),
     }
@@ -803,10 +988,20 @@ def machine_info() -> dict[str, Any]:
     repo = Path(__file__).resolve().parent.parent
     commit, dirty = None, None
     try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+            or None
+        )
+        dirty = bool(
+            subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         pass
     return {

@@ -56,8 +56,10 @@ class ModelConfig:
             if self.backbone != "mlp":
                 raise ConfigError("model.backbone must be 'mlp' for vector data (conv needs images)")
         if self.backbone == "conv" and self.image_size not in CONV_IMAGE_SIZES:
-            raise ConfigError(f"model.image_size {self.image_size} is not supported by the conv backbone; "
-                              f"supported: {', '.join(map(str, CONV_IMAGE_SIZES))}")
+            raise ConfigError(
+                f"model.image_size {self.image_size} is not supported by the conv backbone; "
+                f"supported: {', '.join(map(str, CONV_IMAGE_SIZES))}"
+            )
         _positive("model.conv_channels", self.conv_channels)
         _choice("model.generator", self.generator, GENERATOR_KINDS)
         _choice("model.prior", self.prior, PRIOR_KINDS)
@@ -177,7 +179,9 @@ class ScoreConfig:
         if self.llr_samples < 0:
             raise ConfigError(f"score.llr_samples must be >= 0, got {self.llr_samples}")
         if self.reference_size < 0:
-            raise ConfigError(f"score.reference_size must be >= 0 (0 = every training image), got {self.reference_size}")
+            raise ConfigError(
+                f"score.reference_size must be >= 0 (0 = every training image), got {self.reference_size}"
+            )
         _positive("score.step_size", self.step_size)
         _positive("score.chains", self.chains)
         if not 0.0 < self.false_alarm_rate < 1.0:

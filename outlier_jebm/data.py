@@ -611,8 +611,9 @@ def holdout_split(
     return split_by_index(ds, holdout, seed, train_idx, val_idx, np.concatenate([test_normal, anomalous]))
 
 
-def split_by_index(ds: Dataset, holdout: int, seed: int, train_idx: np.ndarray, val_idx: np.ndarray,
-                   test_idx: np.ndarray) -> Split:
+def split_by_index(
+    ds: Dataset, holdout: int, seed: int, train_idx: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray
+) -> Split:
     """The ``Split`` of ``ds`` that these indices (into ``ds``) choose; anomalies are the ``holdout`` class."""
     labels = np.asarray(ds.labels)
     return Split(
@@ -745,7 +746,9 @@ def decode_image(data: bytes, image_size: int = 28, name: str = "<bytes>", chann
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse there too.
         if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
             limit = Image.MAX_IMAGE_PIXELS
-            raise ImageError(name, f"image too large ({width}x{height} > {limit} pixels), a possible decompression bomb")
+            raise ImageError(
+                name, f"image too large ({width}x{height} > {limit} pixels), a possible decompression bomb"
+            )
         try:
             img.load()
         except Image.DecompressionBombError as err:
@@ -948,9 +951,7 @@ def to_unit_range(pixels: np.ndarray, image_size: int = 28, name: str = "input",
             raise DataError(f"{name}: contains NaN or infinite values")
         lo, hi = float(array.min()), float(array.max())
         if lo < 0.0 or hi > 1.0:
-            raise DataError(
-                f"{name}: float pixels must lie in [0, 1], got {lo:g}..{hi:g} (pass uint8 for 0-255 data)"
-            )
+            raise DataError(f"{name}: float pixels must lie in [0, 1], got {lo:g}..{hi:g} (pass uint8 for 0-255 data)")
         return match_channels(array.astype(np.float32), channels)
     raise DataError(f"{name}: pixels must be integers 0-255 or floats in [0, 1], got dtype {array.dtype}")
 

@@ -79,8 +79,17 @@ class JEBMDetector(BaseDetector):
     >>> det.decision_function(X_test)                          # doctest: +SKIP
     """
 
-    def __init__(self, contamination=0.1, config=None, preprocessing="standardize", epochs=None,
-                 random_state=None, val_fraction=0.1, model_dir=None, device="auto"):
+    def __init__(
+        self,
+        contamination=0.1,
+        config=None,
+        preprocessing="standardize",
+        epochs=None,
+        random_state=None,
+        val_fraction=0.1,
+        model_dir=None,
+        device="auto",
+    ):
         super().__init__(contamination=contamination)
         self.config = config
         self.preprocessing = preprocessing
@@ -162,16 +171,21 @@ class JEBMDetector(BaseDetector):
         if X.ndim == 2:
             cfg = self._base_config("vector")
             cfg = for_vectors(cfg, X.shape[1]).with_overrides(
-                model={"standardize": self.preprocessing == "standardize"})
+                model={"standardize": self.preprocessing == "standardize"}
+            )
         elif X.ndim in (3, 4) and X.shape[1] == X.shape[2]:
             cfg = self._base_config("image")
             channels = 1 if X.ndim == 3 else X.shape[3]
             cfg = cfg.with_overrides(model={"image_size": int(X.shape[1]), "channels": int(channels)})
         else:
-            raise DataError(f"X: shape {X.shape} is neither vectors (n_samples, n_features) nor square images "
-                            "(n_samples, H, W) or (n_samples, H, W, C)")
-        return cfg.with_overrides(score={"false_alarm_rate": float(self.contamination)},
-                                  train={"epochs": self.epochs, "seed": self.random_state})
+            raise DataError(
+                f"X: shape {X.shape} is neither vectors (n_samples, n_features) nor square images "
+                "(n_samples, H, W) or (n_samples, H, W, C)"
+            )
+        return cfg.with_overrides(
+            score={"false_alarm_rate": float(self.contamination)},
+            train={"epochs": self.epochs, "seed": self.random_state},
+        )
 
     def _base_config(self, kind: str) -> Config:
         if isinstance(self.config, Config):
@@ -186,15 +200,20 @@ class JEBMDetector(BaseDetector):
         m = cfg.model
         if m.is_vector:
             if X.ndim != 2 and not (X.ndim == 1 and X.shape[0] == m.vector_dim):
-                raise DataError(f"X: shape {X.shape} is not (n_samples, n_features); this detector was fitted "
-                                f"on vectors of {m.vector_dim} features")
+                raise DataError(
+                    f"X: shape {X.shape} is not (n_samples, n_features); this detector was fitted "
+                    f"on vectors of {m.vector_dim} features"
+                )
             return check_vectors(X, "X", dim=m.vector_dim)
         if X.ndim == 2:
-            raise DataError(f"X: shape {X.shape} looks like vectors, but this detector was fitted on images of "
-                            f"shape {tuple(m.data_shape)}")
+            raise DataError(
+                f"X: shape {X.shape} looks like vectors, but this detector was fitted on images of "
+                f"shape {tuple(m.data_shape)}"
+            )
         if tuple(X.shape[1:]) != tuple(m.data_shape):
-            raise DataError(f"X: images of shape {tuple(X.shape[1:])}, but this detector was fitted on "
-                            f"{tuple(m.data_shape)}")
+            raise DataError(
+                f"X: images of shape {tuple(X.shape[1:])}, but this detector was fitted on {tuple(m.data_shape)}"
+            )
         if m.channels == 1:
             return to_unit_range(X, m.image_size, name="X")
         return to_unit_range(X, m.image_size, name="X", channels=m.channels)

@@ -80,9 +80,7 @@ def prior_langevin(
     if not model.has_ebm:
         # p_alpha is the Gaussian hierarchy itself, sampled exactly by T(eps)
         steps = 0 if mask is None else steps
-    eps, tr = langevin(
-        model.log_prior_eps, eps, steps=steps, step_size=step_size, noise=noise, mask=mask, trace=trace
-    )
+    eps, tr = langevin(model.log_prior_eps, eps, steps=steps, step_size=step_size, noise=noise, mask=mask, trace=trace)
     with torch.no_grad():
         return model.generator.from_eps(eps), tr
 

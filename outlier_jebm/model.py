@@ -302,7 +302,6 @@ class InferenceNet(nn.Module):
             zs.append(zi)
         return torch.cat(zs, dim=-1), log_q
 
-
     def log_q_layers(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Per-layer log q(z_i | x, z_{<i}) of a given z: (B, D), (B, Z) -> (B, L)."""
         zs = torch.split(z, self.z_dims, dim=-1)
@@ -322,8 +321,10 @@ class JointEBM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.is_vector and cfg.vector_dim < 1:
-            raise ConfigError("model.vector_dim is 0: set it to the number of features (the CLI and the "
-                              "detector take it from the training data)")
+            raise ConfigError(
+                "model.vector_dim is 0: set it to the number of features (the CLI and the "
+                "detector take it from the training data)"
+            )
         self.cfg = cfg
         self.generator = Generator(cfg)
         self.ebm = EnergyPrior(cfg)
@@ -349,11 +350,15 @@ class JointEBM(nn.Module):
         to [-1, 1]; vectors (N, d) standardised (or as they are)."""
         n = len(data)
         if n and math.prod(data.shape[1:]) != self.cfg.data_dim:
-            raise ValueError(f"inputs of shape {tuple(data.shape[1:])} do not fit this model, which takes "
-                             f"{self.cfg.data_shape} ({self.cfg.data_dim} values each)")
+            raise ValueError(
+                f"inputs of shape {tuple(data.shape[1:])} do not fit this model, which takes "
+                f"{self.cfg.data_shape} ({self.cfg.data_dim} values each)"
+            )
         if not self.cfg.is_vector:
             return to_model_space(data, device)
-        x = torch.as_tensor(np.array(data, dtype=np.float32) if not torch.is_tensor(data) else data)  # a copy: may be read-only
+        x = torch.as_tensor(
+            np.array(data, dtype=np.float32) if not torch.is_tensor(data) else data
+        )  # a copy: may be read-only
         x = x.reshape(x.shape[0], -1).to(device=device, dtype=torch.float32)
         return (x - self.x_shift.to(device)) / self.x_scale.to(device)
 

@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from .checkpoint import LoadedModel, load_model, read_config
-from .evaluate import Evaluation
 from .config import Config
 from .data import DataError, holdout_split, load_dataset
 from .distributed import ProcessGroup
+from .evaluate import Evaluation
 from .model import JointEBM
 from .sampling import reconstructions, sample_figures
 from .scoring import calibrate
@@ -96,8 +95,18 @@ def prepare_data(
         keep = np.random.default_rng(seed + 1).choice(len(train), size=max_train, replace=False)
         train = train[np.sort(keep)]
         train_labels = None if train_labels is None else train_labels[np.sort(keep)]
-    return TrainingData(train=train, val=val, name=ds.name, holdout=holdout, test=test, test_is_anomaly=flags,
-                        split=split, test_in_train=leaked, train_labels=train_labels, max_train=max_train)
+    return TrainingData(
+        train=train,
+        val=val,
+        name=ds.name,
+        holdout=holdout,
+        test=test,
+        test_is_anomaly=flags,
+        split=split,
+        test_in_train=leaked,
+        train_labels=train_labels,
+        max_train=max_train,
+    )
 
 
 def default_out_dir(data_name: str, holdout: int | None) -> Path:
@@ -182,8 +191,16 @@ def run_fit(
     if tracker is not None:
         meta["mlflow_run_id"] = tracker.run_id
         tracker.log_params(config.to_dict())
-        tracker.log_params({"data": data.name, "holdout": data.holdout, "n_train": len(data.train), "device": str(dev),
-                            "world_size": group.world_size, "dist_backend": group.backend or "none"})
+        tracker.log_params(
+            {
+                "data": data.name,
+                "holdout": data.holdout,
+                "n_train": len(data.train),
+                "device": str(dev),
+                "world_size": group.world_size,
+                "dist_backend": group.backend or "none",
+            }
+        )
     if on_start is not None and group.is_main:
         on_start(config.train.epochs, steps_per_epoch(len(data.train), config.train.batch_size, group.world_size))
     probe = data.val[:8] if len(data.val) else data.train[:8]
@@ -203,8 +220,18 @@ def run_fit(
             tracker.log_image(reconstructions(m, probe), f"samples/epoch{epoch + 1:03d}_reconstructions.png")
 
     try:
-        result = fit(model, config, data.train, data.val, out_dir, device=dev, meta=meta, resume=resume,
-                     on_step=on_step, on_epoch=on_epoch)
+        result = fit(
+            model,
+            config,
+            data.train,
+            data.val,
+            out_dir,
+            device=dev,
+            meta=meta,
+            resume=resume,
+            on_step=on_step,
+            on_epoch=on_epoch,
+        )
     except BaseException:
         group.close(wait=False)
         if tracker is not None:
@@ -212,15 +239,25 @@ def run_fit(
         raise
     group.close()
     if not group.is_main:
-        return FitSummary(out_dir=out_dir, run_id=None, tracking_uri=None,
-                          wall_seconds=time.perf_counter() - t0, history=result.history)
+        return FitSummary(
+            out_dir=out_dir,
+            run_id=None,
+            tracking_uri=None,
+            wall_seconds=time.perf_counter() - t0,
+            history=result.history,
+        )
     train_seconds = time.perf_counter() - t0
     loaded = load_model(out_dir, device=dev)
     cal = calibrate(loaded, data.train, data.val, seed=config.train.seed, device=dev)
     quality = fit_sample_quality(loaded.model, config, data)
     if tracker is not None:
-        tracker.log_metrics({"wall_seconds": time.perf_counter() - t0, "train_wall_seconds": train_seconds,
-                             "calibration_threshold": cal.threshold})
+        tracker.log_metrics(
+            {
+                "wall_seconds": time.perf_counter() - t0,
+                "train_wall_seconds": train_seconds,
+                "calibration_threshold": cal.threshold,
+            }
+        )
         if quality is not None:
             tracker.log_metrics({f"sample_{k}": v for k, v in quality.items()})
         tracker.log_dict(cal.to_dict(), "calibration.json")
@@ -242,7 +279,9 @@ def run_fit(
     )
 
 
-def fit_sample_quality(model: JointEBM, config: Config, data: TrainingData, n: int | None = None) -> dict[str, float] | None:
+def fit_sample_quality(
+    model: JointEBM, config: Config, data: TrainingData, n: int | None = None
+) -> dict[str, float] | None:
     """Sample quality of a fitted image model (``sample_quality``), or None where it does not apply.
 
     Needs class labels for the training images (MNIST, sklearn digits, labelled arrays) and an
@@ -257,8 +296,9 @@ def fit_sample_quality(model: JointEBM, config: Config, data: TrainingData, n: i
         return None
     classifier = train_classifier(data.train, labels, seed=config.train.seed)
     pr = config.train.prior_langevin
-    return sample_quality(model, classifier, data.train, n=n, steps=pr.steps, step_size=pr.step_size,
-                          seed=config.train.seed)
+    return sample_quality(
+        model, classifier, data.train, n=n, steps=pr.steps, step_size=pr.step_size, seed=config.train.seed
+    )
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:
@@ -302,18 +342,33 @@ def run_evaluate(
 
     cfg = loaded.config
     seed = cfg.train.seed if seed is None else seed
-    data = prepare_data(source, holdout=holdout, seed=seed, val_fraction=cfg.train.val_fraction,
-                        image_size=cfg.model.image_size, data_dir=data_dir, channels=cfg.model.channels,
-                        data_kind=cfg.model.data_kind, split=split)
+    data = prepare_data(
+        source,
+        holdout=holdout,
+        seed=seed,
+        val_fraction=cfg.train.val_fraction,
+        image_size=cfg.model.image_size,
+        data_dir=data_dir,
+        channels=cfg.model.channels,
+        data_kind=cfg.model.data_kind,
+        split=split,
+    )
     scorer = Scorer(loaded, steps=steps, device=resolve_device(device))
     t0 = time.perf_counter()
     table = scorer.score(data.test)
     seconds = time.perf_counter() - t0
     names = scorer.component_names
     ev = evaluate_scores(data.test_is_anomaly, table, names)
-    ev.metrics.update({"holdout": holdout, "seed": seed, "score_steps": scorer.score_cfg.steps,
-                       "score_images_per_second": len(data.test) / seconds, "split": split,
-                       "test_normals_in_training": data.test_in_train})
+    ev.metrics.update(
+        {
+            "holdout": holdout,
+            "seed": seed,
+            "score_steps": scorer.score_cfg.steps,
+            "score_images_per_second": len(data.test) / seconds,
+            "split": split,
+            "test_normals_in_training": data.test_in_train,
+        }
+    )
     run_id = None
     if track:
         with Tracker(tracking_uri, run_name=f"evaluate-{data.name}-holdout{holdout}") as tracker:
@@ -325,14 +380,17 @@ def run_evaluate(
             threshold = scorer.calibration.threshold if scorer.calibration else None
             import matplotlib.pyplot as plt
 
-            for name, fig in curve_figures(data.test_is_anomaly, table["score"], threshold, f"holdout {holdout}").items():
+            for name, fig in curve_figures(
+                data.test_is_anomaly, table["score"], threshold, f"holdout {holdout}"
+            ).items():
                 tracker.log_figure(fig, name)
                 plt.close(fig)
     return EvaluationRun(evaluation=ev, holdout=holdout, seed=seed, run_id=run_id)
 
 
-def model_sample_quality(loaded: LoadedModel, *, n: int | None = None, data: str | None = None,
-                         data_dir: str | Path | None = None) -> dict[str, float]:
+def model_sample_quality(
+    loaded: LoadedModel, *, n: int | None = None, data: str | None = None, data_dir: str | Path | None = None
+) -> dict[str, float]:
     """``fit_sample_quality`` for a saved model, on the training part it was fitted on.
 
     The part is rebuilt from the model's record (data, hold-out digit, split, seed, cap);
@@ -346,13 +404,22 @@ def model_sample_quality(loaded: LoadedModel, *, n: int | None = None, data: str
         raise DataError("sample quality is measured for image models; this model scores vectors")
     if not source:
         raise DataError("the model does not record its training data: pass --data")
-    td = prepare_data(source, holdout=meta.get("holdout"), seed=config.train.seed,
-                      val_fraction=config.train.val_fraction, max_train=meta.get("max_train"),
-                      image_size=config.model.image_size, data_dir=data_dir, channels=config.model.channels,
-                      split=meta.get("split", "clean"))
+    td = prepare_data(
+        source,
+        holdout=meta.get("holdout"),
+        seed=config.train.seed,
+        val_fraction=config.train.val_fraction,
+        max_train=meta.get("max_train"),
+        image_size=config.model.image_size,
+        data_dir=data_dir,
+        channels=config.model.channels,
+        split=meta.get("split", "clean"),
+    )
     if td.train_labels is None or len(np.unique(td.train_labels)) < 2:
-        raise DataError(f"{source}: no class labels, which the sample-quality classifier trains on "
-                        "(MNIST, sklearn digits or a .npz with labels)")
+        raise DataError(
+            f"{source}: no class labels, which the sample-quality classifier trains on "
+            "(MNIST, sklearn digits or a .npz with labels)"
+        )
     n = config.train.sample_metrics if n is None else n
     if n <= 0:
         raise DataError(f"--n must be positive, got {n}")

@@ -32,8 +32,6 @@ def is_model_uri(ref: str | Path | None) -> bool:
     return isinstance(ref, str) and ref.startswith(URI_SCHEMES)
 
 
-
-
 def model_signature(component_names: list[str]):
     """Output schema only: the input is validated by the model itself, because MLflow's tensor
     schemas cannot accept both a 784-column ``dataframe_split`` and ``inputs`` of N x 28 x 28
@@ -71,8 +69,7 @@ def log_pyfunc(model_dir: str | Path, *, registered_model_name: str | None = Non
     """Log ``model_dir`` as a pyfunc model in the active MLflow run; returns MLflow's ModelInfo."""
     import mlflow
 
-    return mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name,
-                                   **_pyfunc_kwargs(model_dir))
+    return mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name, **_pyfunc_kwargs(model_dir))
 
 
 def save_pyfunc(model_dir: str | Path, path: str | Path) -> Path:

@@ -50,9 +50,17 @@ class LeNet(nn.Module):
     def __init__(self, channels: int, n_classes: int):
         super().__init__()
         self.trunk = nn.Sequential(
-            nn.Conv2d(channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.AdaptiveMaxPool2d(5), nn.Flatten(),
-            nn.Linear(16 * 25, 120), nn.ReLU(), nn.Linear(120, FEATURES), nn.ReLU(),
+            nn.Conv2d(channels, 6, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.AdaptiveMaxPool2d(5),
+            nn.Flatten(),
+            nn.Linear(16 * 25, 120),
+            nn.ReLU(),
+            nn.Linear(120, FEATURES),
+            nn.ReLU(),
         )
         self.head = nn.Linear(FEATURES, n_classes)
 
@@ -90,7 +98,7 @@ class Classifier:
         self.net.eval()
         feats, conf = [], []
         for i in range(0, len(images01), batch):
-            f = self.net.features(_as_batch(images01[i:i + batch]))
+            f = self.net.features(_as_batch(images01[i : i + batch]))
             feats.append(f.double().numpy())
             conf.append(torch.softmax(self.net.head(f), dim=1).amax(1).double().numpy())
         return np.concatenate(feats), np.concatenate(conf)
@@ -141,7 +149,7 @@ def train_classifier(images01: np.ndarray, labels: np.ndarray, *, seed: int = 0,
     for _ in range(EPOCHS):
         perm = torch.from_numpy(fit_idx)[torch.randperm(len(fit_idx), generator=gen)]
         for i in range(0, len(perm), BATCH):
-            idx = perm[i:i + BATCH]
+            idx = perm[i : i + BATCH]
             loss = nn.functional.cross_entropy(net(x_all[idx]), target[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -151,16 +159,27 @@ def train_classifier(images01: np.ndarray, labels: np.ndarray, *, seed: int = 0,
         accuracy = float((net(x_all[check]).argmax(1) == target[check]).float().mean())
     out = Classifier(net, classes, accuracy, key)
     if cache:
-        _store(path, net, {"classes": classes.tolist(), "accuracy": accuracy, "n_train": int(len(fit_idx)),
-                           "epochs": EPOCHS, "torch": torch.__version__})
+        _store(
+            path,
+            net,
+            {
+                "classes": classes.tolist(),
+                "accuracy": accuracy,
+                "n_train": int(len(fit_idx)),
+                "epochs": EPOCHS,
+                "torch": torch.__version__,
+            },
+        )
     return out
 
 
 def _store(path: Path, net: nn.Module, meta: dict) -> None:
     """Weights then metadata, each written to a temporary file and renamed (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for target, write in ((path, lambda p: save_file(net.state_dict(), p)),
-                          (path.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(meta)))):
+    for target, write in (
+        (path, lambda p: save_file(net.state_dict(), p)),
+        (path.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(meta))),
+    ):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         os.close(fd)
         try:
@@ -195,7 +214,9 @@ def frechet_gaussians(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarray, cov
 
 
 @torch.no_grad()
-def prior_images(model: JointEBM, n: int, *, steps: int, step_size: float, seed: int = 0, batch: int = 1000) -> np.ndarray:
+def prior_images(
+    model: JointEBM, n: int, *, steps: int, step_size: float, seed: int = 0, batch: int = 1000
+) -> np.ndarray:
     """n images decoded from prior Langevin samples, in batches, with a fixed seed."""
     was_training = model.training
     model.eval()
@@ -210,8 +231,16 @@ def prior_images(model: JointEBM, n: int, *, steps: int, step_size: float, seed:
     return np.concatenate(out)
 
 
-def sample_quality(model: JointEBM, classifier: Classifier, held_in01: np.ndarray, *, n: int = N_SAMPLES,
-                   steps: int, step_size: float, seed: int = 0) -> dict[str, float]:
+def sample_quality(
+    model: JointEBM,
+    classifier: Classifier,
+    held_in01: np.ndarray,
+    *,
+    n: int = N_SAMPLES,
+    steps: int,
+    step_size: float,
+    seed: int = 0,
+) -> dict[str, float]:
     """FID (in-project LeNet features) of n prior samples against up to n held-in images, and confidences.
 
     Returns ``fid_lenet``, ``lenet_confidence`` (samples), ``lenet_confidence_held_in`` and
@@ -222,5 +251,9 @@ def sample_quality(model: JointEBM, classifier: Classifier, held_in01: np.ndarra
     real_f, real_c = classifier.features_and_confidence(held_in01[pick])
     samples = prior_images(model, n, steps=steps, step_size=step_size, seed=seed)
     fake_f, fake_c = classifier.features_and_confidence(samples)
-    return {"fid_lenet": frechet_distance(fake_f, real_f), "lenet_confidence": float(fake_c.mean()),
-            "lenet_confidence_held_in": float(real_c.mean()), "lenet_accuracy": classifier.accuracy}
+    return {
+        "fid_lenet": frechet_distance(fake_f, real_f),
+        "lenet_confidence": float(fake_c.mean()),
+        "lenet_confidence_held_in": float(real_c.mean()),
+        "lenet_accuracy": classifier.accuracy,
+    }

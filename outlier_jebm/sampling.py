@@ -45,7 +45,9 @@ def hierarchical_samples(model: JointEBM, ncol: int, *, steps: int, step_size: f
     return np.concatenate(rows, axis=0)
 
 
-def sample_figures(model: JointEBM, *, steps: int, step_size: float, n: int = 64, long_factor: int = 10) -> dict[str, Image.Image]:
+def sample_figures(
+    model: JointEBM, *, steps: int, step_size: float, n: int = 64, long_factor: int = 10
+) -> dict[str, Image.Image]:
     """PNG-ready grids: prior samples, hierarchical sampling, short-run vs long-run chains (RGB for a colour model)."""
     was_training = model.training
     model.eval()

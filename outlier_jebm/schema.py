@@ -13,8 +13,13 @@ import numpy as np
 RESULT_COLUMNS = ("score", "score_normalized", "label", "top_component", "error")
 UNSCORED_LABEL = -1
 # column types, for typed tables (parquet, the MLflow signature); components are float64
-RESULT_TYPES = {"score": "float64", "score_normalized": "float64", "label": "int64", "top_component": "string",
-                "error": "string"}
+RESULT_TYPES = {
+    "score": "float64",
+    "score_normalized": "float64",
+    "label": "int64",
+    "top_component": "string",
+    "error": "string",
+}
 
 
 def output_columns(component_names: list[str]) -> list[str]:
@@ -26,8 +31,10 @@ def unscored_table(errors: list[str], component_names: list[str]) -> dict[str, n
     """A typed column table of len(errors) unscored rows (an empty reason: a row to be filled in)."""
     n = len(errors)
     table: dict[str, np.ndarray] = {
-        "score": np.full(n, np.nan), "score_normalized": np.full(n, np.nan),
-        "label": np.full(n, UNSCORED_LABEL, dtype=np.int64), "top_component": np.full(n, "", dtype=object),
+        "score": np.full(n, np.nan),
+        "score_normalized": np.full(n, np.nan),
+        "label": np.full(n, UNSCORED_LABEL, dtype=np.int64),
+        "top_component": np.full(n, "", dtype=object),
         "error": np.array(errors, dtype=object),
     }
     table.update({k: np.full(n, np.nan) for k in component_names})

@@ -45,13 +45,12 @@ import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from torch.nn.utils import parametrize
 from safetensors.torch import load_file, save_file
+from torch.nn.utils import parametrize
 
 from . import native
 from .checkpoint import CALIBRATION_FILE, LoadedModel
@@ -130,7 +129,9 @@ def _terms(model: JointEBM, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch
     return out
 
 
-def infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: "References | None" = None) -> BatchScores:
+def infer_and_score(
+    model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: "References | None" = None
+) -> BatchScores:
     """Posterior inference and every score component for a batch x (B, D) in [-1, 1]."""
     model.eval()
     # the spectral-norm weights of the EBM are computed once per batch, not once per use
@@ -149,7 +150,7 @@ def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referen
             # spread the starts so that chains can disagree; the first chain starts at the encoder's mean
             with torch.no_grad():
                 e = model.generator.to_eps(init)
-                e[x.shape[0]:] += 0.1 * torch.randn_like(e[x.shape[0]:])
+                e[x.shape[0] :] += 0.1 * torch.randn_like(e[x.shape[0] :])
                 init = model.generator.from_eps(e)
         zc, _ = posterior_langevin(model, xs, init, steps=cfg.steps, step_size=cfg.step_size, noise=cfg.noise)
         if posterior_averaged(cfg):
@@ -173,7 +174,7 @@ def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referen
         if reference is not None:
             terms["latent_knn"], terms["latent_knn_cos"] = knn_points_and_directions(eps, reference)
             if reference.top is not None:
-                top = eps[:, -reference.top_dim:].contiguous()
+                top = eps[:, -reference.top_dim :].contiguous()
                 terms["latent_knn_top"], terms["latent_knn_cos_top"] = knn_points_and_directions(top, reference.top)
         if cfg.llr_samples > 0:
             terms.update(likelihood_ratios(model, x, z, cfg.llr_samples))
@@ -209,7 +210,7 @@ class Reference:
         weights = torch.cat([-2.0 * eps.t(), eps.new_zeros(eps.shape[1], pad)], dim=1)
         augmented = torch.cat([weights, norms.unsqueeze(0)])
         self.chunk = augmented.shape[1] if augmented.shape[1] <= KNN_CHUNK * 3 // 2 else KNN_CHUNK
-        self.chunks = [augmented[:, s:s + self.chunk].contiguous() for s in range(0, augmented.shape[1], self.chunk)]
+        self.chunks = [augmented[:, s : s + self.chunk].contiguous() for s in range(0, augmented.shape[1], self.chunk)]
 
     def __len__(self) -> int:
         return self.eps.shape[0]
@@ -294,8 +295,13 @@ class _BestBlocks:
 Transform = "tuple[torch.Tensor | None, torch.Tensor] | None"
 
 
-def nearest_columns(queries: torch.Tensor, chunks: "list[torch.Tensor]", chunk: int, m: int,
-                    transforms: "list[list[Transform]] | None" = None) -> list[torch.Tensor]:
+def nearest_columns(
+    queries: torch.Tensor,
+    chunks: "list[torch.Tensor]",
+    chunk: int,
+    m: int,
+    transforms: "list[list[Transform]] | None" = None,
+) -> list[torch.Tensor]:
     """Column indices of the m smallest entries of each row of ``queries @ [chunks...]``, unordered.
 
     ``chunks`` are the column blocks of one matrix, each ``chunk`` wide but the last.
@@ -335,7 +341,9 @@ def _mean_of_nearest(queries: torch.Tensor, rows: torch.Tensor, idx: torch.Tenso
     # a NaN query has NaN keys everywhere and may pick padding columns: keep its index in range
     # (its distances are NaN anyway) so that it cannot fail the other rows of the batch
     idx = idx.clamp_max(rows.shape[0] - 1)
-    candidates = rows.index_select(0, idx.reshape(-1)).view(*idx.shape, rows.shape[1])  # row copies, not a gather per entry
+    candidates = rows.index_select(0, idx.reshape(-1)).view(
+        *idx.shape, rows.shape[1]
+    )  # row copies, not a gather per entry
     near = (candidates - queries.unsqueeze(1)).pow(2).sum(-1).sqrt().sort(dim=1).values  # exact, ascending
     is_self = near[:, :1] < 1e-5
     return torch.where(is_self, near[:, 1:].mean(1, keepdim=True), near[:, :k].mean(1, keepdim=True)).squeeze(1)
@@ -357,7 +365,9 @@ def knn_mean_distance(eps: torch.Tensor, reference: "Reference | torch.Tensor", 
 
 
 @torch.no_grad()
-def knn_points_and_directions(eps: torch.Tensor, references: References, k: int = KNN_K) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_points_and_directions(
+    eps: torch.Tensor, references: References, k: int = KNN_K
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``latent_knn`` and ``latent_knn_cos`` from one product against the reference set.
 
     The same values as ``knn_mean_distance(eps, references.points)`` and
@@ -365,20 +375,31 @@ def knn_points_and_directions(eps: torch.Tensor, references: References, k: int 
     (almost) the same distance is taken; each distance is recomputed exactly.
     """
     if not references.shared_product:
-        return (knn_mean_distance(eps, references.points, k),
-                knn_mean_distance(unit_rows(eps), references.directions, k))
+        return (
+            knn_mean_distance(eps, references.points, k),
+            knn_mean_distance(unit_rows(eps), references.directions, k),
+        )
     k = min(k, len(references) - 1)
     if native.usable_for(eps):
         packed, scale, shift = references.fused
         idx = native.candidates(eps, packed, scale, shift, k + 1, NATIVE_CHUNK)
         idx_points, idx_directions = idx[:, 0], idx[:, 1]
     else:  # at most TORCH_SEARCH_ROWS queries per product, so that a product chunk stays in cache
-        parts = [nearest_columns(part, references.weights, references.points.chunk, k + 1,
-                                 [references.point_keys, references.direction_keys])
-                 for part in eps.split(TORCH_SEARCH_ROWS)]  # an empty batch is one empty part
+        parts = [
+            nearest_columns(
+                part,
+                references.weights,
+                references.points.chunk,
+                k + 1,
+                [references.point_keys, references.direction_keys],
+            )
+            for part in eps.split(TORCH_SEARCH_ROWS)
+        ]  # an empty batch is one empty part
         idx_points, idx_directions = (torch.cat(found) for found in zip(*parts))
-    return (_mean_of_nearest(eps, references.points.eps, idx_points, k),
-            _mean_of_nearest(unit_rows(eps), references.unit, idx_directions, k))
+    return (
+        _mean_of_nearest(eps, references.points.eps, idx_points, k),
+        _mean_of_nearest(unit_rows(eps), references.unit, idx_directions, k),
+    )
 
 
 LLR_SEED = 20210701
@@ -459,16 +480,25 @@ def _robust_scale(v: np.ndarray) -> float:
     return mad if mad > 1e-8 else max(float(np.std(v)), 1e-8)
 
 
-def fit_calibration(components: dict[str, np.ndarray], *, combine: Iterable[str], false_alarm_rate: float, score_steps: int) -> Calibration:
+def fit_calibration(
+    components: dict[str, np.ndarray], *, combine: Iterable[str], false_alarm_rate: float, score_steps: int
+) -> Calibration:
     """Fit on held-in validation components only: robust centre/scale per component, threshold at the FAR."""
     combine = [c for c in combine if c in components]
     if not combine:
         raise ValueError("none of the components to combine were computed")
     median = {k: float(np.median(v)) for k, v in components.items()}
     scale = {k: _robust_scale(v) for k, v in components.items()}
-    cal = Calibration(combine=combine, median=median, scale=scale, threshold=0.0, score_scale=1.0,
-                      false_alarm_rate=false_alarm_rate, n_validation=len(next(iter(components.values()))),
-                      score_steps=score_steps)
+    cal = Calibration(
+        combine=combine,
+        median=median,
+        scale=scale,
+        threshold=0.0,
+        score_scale=1.0,
+        false_alarm_rate=false_alarm_rate,
+        n_validation=len(next(iter(components.values()))),
+        score_steps=score_steps,
+    )
     s = cal.score(components)
     cal.threshold = float(np.quantile(s, 1.0 - false_alarm_rate))
     cal.score_scale = _robust_scale(s)
@@ -488,15 +518,18 @@ class Scorer:
         self.calibration = Calibration.from_dict(loaded.calibration) if loaded.calibration else None
         self.reference = None
         if loaded.path is not None and (loaded.path / REFERENCE_FILE).is_file():
-            self.reference = reference_set(self.model, load_file(str(loaded.path / REFERENCE_FILE))["eps"].to(self.device))
+            self.reference = reference_set(
+                self.model, load_file(str(loaded.path / REFERENCE_FILE))["eps"].to(self.device)
+            )
         self.image_size = loaded.config.model.image_size
         self.channels = loaded.config.model.channels  # 1: inputs (N, S, S); 3: (N, S, S, 3)
 
     @property
     def component_names(self) -> list[str]:
         """The components this scorer computes, in output order."""
-        return component_names(self.model, self.reference is not None, self.score_cfg.llr_samples,
-                               posterior_averaged(self.score_cfg))
+        return component_names(
+            self.model, self.reference is not None, self.score_cfg.llr_samples, posterior_averaged(self.score_cfg)
+        )
 
     def components_of(self, images01: np.ndarray) -> BatchScores:
         """Score components of images (N, H, W) in [0, 1], in batches of ``score.batch_size``."""
@@ -523,8 +556,12 @@ class Scorer:
     def present(self, bs: BatchScores) -> dict[str, np.ndarray]:
         cal = self.calibration
         s = cal.score(bs.components)
-        out = {"score": s, "score_normalized": cal.normalize(s), "label": (s > cal.threshold).astype(np.int64),
-               "top_component": np.array(cal.top_component(bs.components), dtype=object)}
+        out = {
+            "score": s,
+            "score_normalized": cal.normalize(s),
+            "label": (s > cal.threshold).astype(np.int64),
+            "top_component": np.array(cal.top_component(bs.components), dtype=object),
+        }
         out.update(bs.components)
         return out
 
@@ -546,9 +583,16 @@ def reference_latents(scorer: "Scorer", train_images: np.ndarray, size: int, see
         scorer.reference = keep
 
 
-def calibrate(loaded: LoadedModel, train_images: np.ndarray, val_images: np.ndarray, *,
-              combine: Iterable[str] = DEFAULT_COMBINATION, reference_size: int | None = None, seed: int = 0,
-              device: str | torch.device = "cpu") -> Calibration:
+def calibrate(
+    loaded: LoadedModel,
+    train_images: np.ndarray,
+    val_images: np.ndarray,
+    *,
+    combine: Iterable[str] = DEFAULT_COMBINATION,
+    reference_size: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> Calibration:
     """Store reference latents of training images, then fit the calibration on held-in validation images.
 
     ``reference_size`` (default ``score.reference_size``; 0 = every training image) sets how
@@ -562,8 +606,12 @@ def calibrate(loaded: LoadedModel, train_images: np.ndarray, val_images: np.ndar
     save_file({"eps": torch.from_numpy(ref)}, str(loaded.path / REFERENCE_FILE))
     scorer.reference = reference_set(scorer.model, torch.from_numpy(ref).to(scorer.device))
     comps = scorer.components_of(val_images).components
-    cal = fit_calibration(comps, combine=combine, false_alarm_rate=loaded.config.score.false_alarm_rate,
-                          score_steps=scorer.score_cfg.steps)
+    cal = fit_calibration(
+        comps,
+        combine=combine,
+        false_alarm_rate=loaded.config.score.false_alarm_rate,
+        score_steps=scorer.score_cfg.steps,
+    )
     (loaded.path / CALIBRATION_FILE).write_text(json.dumps(cal.to_dict(), indent=2, sort_keys=True))
     loaded.calibration = cal.to_dict()
     return cal

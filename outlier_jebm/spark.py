@@ -72,9 +72,11 @@ def spark_session(master: str | None = None, app_name: str = "jebm-od score", th
     builder = SparkSession.builder.appName(app_name)
     if master or not launched_by_submit:
         builder = builder.master(master or "local[*]")
-    builder = (builder.config("spark.ui.showConsoleProgress", "false")
-               .config("spark.executorEnv.OMP_NUM_THREADS", str(threads_per_task))
-               .config("spark.sql.execution.arrow.pyspark.enabled", "true"))
+    builder = (
+        builder.config("spark.ui.showConsoleProgress", "false")
+        .config("spark.executorEnv.OMP_NUM_THREADS", str(threads_per_task))
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+    )
     if not launched_by_submit:
         builder = builder.config("spark.ui.enabled", "false")
     spark = builder.getOrCreate()
@@ -82,15 +84,23 @@ def spark_session(master: str | None = None, app_name: str = "jebm-od score", th
     return spark
 
 
-def score_parquet(spark, model_uri: str, input_path: str, output_path: str, *, overwrite: bool = False,
-                  batch_rows: int = 2048, top: int = 10) -> SparkScoreSummary:
+def score_parquet(
+    spark,
+    model_uri: str,
+    input_path: str,
+    output_path: str,
+    *,
+    overwrite: bool = False,
+    batch_rows: int = 2048,
+    top: int = 10,
+) -> SparkScoreSummary:
     """Score ``input_path`` (parquet) with the pyfunc at ``model_uri``; write ``output_path`` (parquet)."""
     import time
 
     import mlflow
+    from pyspark.errors import AnalysisException
     from pyspark.sql import functions as F
     from pyspark.sql.types import ArrayType, NumericType, StringType
-    from pyspark.errors import AnalysisException
 
     t0 = time.perf_counter()
     try:
@@ -100,8 +110,10 @@ def score_parquet(spark, model_uri: str, input_path: str, output_path: str, *, o
     columns = frame.columns
     present = [c for c in INPUT_COLUMNS if c in columns]
     if not present:
-        raise DataError(f"{input_path}: needs a column 'pixels' (flat arrays of pixel values, H, W, C order) or 'path' "
-                        f"(image files); it has {columns}")
+        raise DataError(
+            f"{input_path}: needs a column 'pixels' (flat arrays of pixel values, H, W, C order) or 'path' "
+            f"(image files); it has {columns}"
+        )
     source = present[0]
     dtype = frame.schema[source].dataType
     if source == "pixels" and not (isinstance(dtype, ArrayType) and isinstance(dtype.elementType, NumericType)):
@@ -129,8 +141,9 @@ def score_parquet(spark, model_uri: str, input_path: str, output_path: str, *, o
     return summarize(spark, output_path, source, others[0] if others else None, model_uri, seconds, top=top)
 
 
-def summarize(spark, output_path: str, source: str, id_column: str | None, model_uri: str, seconds: float,
-              top: int = 10) -> SparkScoreSummary:
+def summarize(
+    spark, output_path: str, source: str, id_column: str | None, model_uri: str, seconds: float, top: int = 10
+) -> SparkScoreSummary:
     """Counts, the first errors and the top anomalies of a scored dataset; rows are named by their
     ``path``, else by ``id_column`` (e.g. ``id=17``)."""
     from pyspark.sql import functions as F
@@ -148,14 +161,31 @@ def summarize(spark, output_path: str, source: str, id_column: str | None, model
     else:
         label = F.lit(None).cast("string")
     with_id = result.withColumn("_row", label)
-    errors = [(r["_row"], r["error"]) for r in with_id.filter(F.col("error") != "").select("_row", "error").limit(50).collect()]
-    top_rows = [r.asDict() for r in with_id.filter(F.col("error") == "").orderBy(F.col("score").desc())
-                .select("_row", "score", "score_normalized", "label", "top_component").limit(top).collect()]
+    errors = [
+        (r["_row"], r["error"])
+        for r in with_id.filter(F.col("error") != "").select("_row", "error").limit(50).collect()
+    ]
+    top_rows = [
+        r.asDict()
+        for r in with_id.filter(F.col("error") == "")
+        .orderBy(F.col("score").desc())
+        .select("_row", "score", "score_normalized", "label", "top_component")
+        .limit(top)
+        .collect()
+    ]
     rows = int(counts["rows"] or 0)
     scored = int(counts["scored"] or 0)
-    return SparkScoreSummary(rows=rows, scored=scored, flagged=int(counts["flagged"] or 0), errors=errors,
-                             n_errors=rows - scored, top=top_rows, output=output_path, model_uri=model_uri,
-                             seconds=seconds)
+    return SparkScoreSummary(
+        rows=rows,
+        scored=scored,
+        flagged=int(counts["flagged"] or 0),
+        errors=errors,
+        n_errors=rows - scored,
+        top=top_rows,
+        output=output_path,
+        model_uri=model_uri,
+        seconds=seconds,
+    )
 
 
 def quiet() -> None:

@@ -37,8 +37,9 @@ def published_holdout_split(ds: Dataset, holdout: int, val_fraction: float = 0.0
     keeps the loaders' own shuffled order. There is no seed: the loaders always use 42.
     """
     if ds.labels is None or len(ds.labels) != len(LOADER_ORDER):
-        raise DataError(f"the published split is defined on pooled MNIST (70 000 labelled images); "
-                        f"{ds.name!r} has {len(ds)}")
+        raise DataError(
+            f"the published split is defined on pooled MNIST (70 000 labelled images); {ds.name!r} has {len(ds)}"
+        )
     labels = np.asarray(ds.labels)[LOADER_ORDER]
     normal = LOADER_ORDER[labels != holdout]  # indices into ds, in the loaders' order
     anomalous = LOADER_ORDER[labels == holdout]
@@ -50,7 +51,7 @@ def published_holdout_split(ds: Dataset, holdout: int, val_fraction: float = 0.0
     test_idx = np.concatenate([test_normal, anomalous])
     test_idx = test_idx[rng.permutation(len(test_idx))]  # get_test's shuffle: draw 4
     n_val = int(round(val_fraction * n_train))
-    train_idx, val_idx = train_part[: n_train - n_val], train_part[n_train - n_val:]
+    train_idx, val_idx = train_part[: n_train - n_val], train_part[n_train - n_val :]
     leaked = float(np.isin(test_normal, train_part).mean())
     split = split_by_index(ds, holdout, PUBLISHED_SEED, train_idx, val_idx, test_idx)
     return split, leaked

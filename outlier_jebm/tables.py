@@ -83,20 +83,30 @@ def load_vector_dataset(source: str, data_dir: str | Path | None = None) -> Vect
 
         b = load_breast_cancer()
         # sklearn's target is 0 = malignant, 1 = benign: malignant is the anomaly class (hold out 0)
-        return VectorDataset(b.data.astype(np.float32), b.target.astype(np.int64), "breast_cancer",
-                             [str(c) for c in b.feature_names], max_anomalies=BREAST_CANCER_ANOMALIES)
+        return VectorDataset(
+            b.data.astype(np.float32),
+            b.target.astype(np.int64),
+            "breast_cancer",
+            [str(c) for c in b.feature_names],
+            max_anomalies=BREAST_CANCER_ANOMALIES,
+        )
     if key == "wine":
         from sklearn.datasets import load_wine
 
         b = load_wine()
-        return VectorDataset(b.data.astype(np.float32), b.target.astype(np.int64), "wine",
-                             [str(c) for c in b.feature_names])
+        return VectorDataset(
+            b.data.astype(np.float32), b.target.astype(np.int64), "wine", [str(c) for c in b.feature_names]
+        )
     if key == "digits64":
         from sklearn.datasets import load_digits
 
         b = load_digits()
-        return VectorDataset(b.data.astype(np.float32), b.target.astype(np.int64), "digits64",
-                             [f"pixel{i}" for i in range(b.data.shape[1])])
+        return VectorDataset(
+            b.data.astype(np.float32),
+            b.target.astype(np.int64),
+            "digits64",
+            [f"pixel{i}" for i in range(b.data.shape[1])],
+        )
     if key == "mnist784":
         from .data import load_mnist
 
@@ -178,8 +188,9 @@ def check_vectors(X, name: str = "X", dim: int | None = None, *, allow_nonfinite
     bad = ~np.isfinite(array)
     if bad.any() and not allow_nonfinite:
         row, col = map(int, np.argwhere(bad)[0])
-        raise DataError(f"{name}: {int(bad.any(1).sum())} row(s) hold NaN or infinite values (first: row {row}, "
-                        f"feature {col})")
+        raise DataError(
+            f"{name}: {int(bad.any(1).sum())} row(s) hold NaN or infinite values (first: row {row}, feature {col})"
+        )
     return array
 
 
@@ -192,8 +203,11 @@ def vector_holdout_split(ds: VectorDataset, holdout: int, seed: int = 0, val_fra
     if ds.max_anomalies is None or int(split.test_is_anomaly.sum()) <= ds.max_anomalies:
         return split
     anomalies = np.flatnonzero(split.test_is_anomaly)
-    drop = np.random.default_rng([seed, 1]).permutation(anomalies)[ds.max_anomalies:]
+    drop = np.random.default_rng([seed, 1]).permutation(anomalies)[ds.max_anomalies :]
     keep = np.setdiff1d(np.arange(len(split.test)), drop)
     split.test, split.test_is_anomaly, split.test_labels = (
-        split.test[keep], split.test_is_anomaly[keep], split.test_labels[keep])
+        split.test[keep],
+        split.test_is_anomaly[keep],
+        split.test_labels[keep],
+    )
     return split

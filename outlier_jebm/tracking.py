@@ -76,4 +76,3 @@ class Tracker:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.end("FAILED" if exc_type is not None else "FINISHED")
-

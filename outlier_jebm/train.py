@@ -60,9 +60,7 @@ def make_optimizer(model: JointEBM, config: Config) -> torch.optim.Adam:
     t = config.train
     lrs = {"ebm": t.lr_ebm, "gen": t.lr_gen, "enc": t.lr_enc}
     groups = [
-        {"params": params, "lr": lrs[name], "name": name}
-        for name, params in model.parameter_groups().items()
-        if params
+        {"params": params, "lr": lrs[name], "name": name} for name, params in model.parameter_groups().items() if params
     ]
     return torch.optim.Adam(groups, betas=(0.5, 0.999) if model.has_ebm else (0.9, 0.999))
 
@@ -277,7 +275,11 @@ def _fit(
             else:
                 grad_norm = torch.tensor(float("nan"))
             if not (finite and torch.isfinite(grad_norm)):
-                kept = f"the last good checkpoint (epoch {epoch}) is in {out_dir}" if epoch > 0 else "no checkpoint was written yet"
+                kept = (
+                    f"the last good checkpoint (epoch {epoch}) is in {out_dir}"
+                    if epoch > 0
+                    else "no checkpoint was written yet"
+                )
                 where = f" on at least one of {world} ranks" if world > 1 else ""
                 if finite:
                     what = "non-finite gradient"

@@ -37,7 +37,9 @@ def stack_rows(grids: list[Image.Image], gap: int = 6) -> Image.Image:
     return out
 
 
-def anomaly_overlay(image01: np.ndarray, error: np.ndarray, *, scale: int = 6, vmax: float | None = None) -> Image.Image:
+def anomaly_overlay(
+    image01: np.ndarray, error: np.ndarray, *, scale: int = 6, vmax: float | None = None
+) -> Image.Image:
     """The input (left) beside a gray copy of it with its per-pixel error as a red heat overlay (right).
 
     ``image01`` and ``error`` are (H, W), or (H, W, 3) for RGB: then the input is shown in colour

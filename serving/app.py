@@ -43,8 +43,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from outlier_jebm.checkpoint import LoadedModel
 from outlier_jebm.data import DataError, one_image_shapes
 
-from .payload import (Item, item_from_bytes, item_from_json, items_from_array, items_from_vectors, score_items,
-                      table_to_predictions)
+from .payload import (
+    Item,
+    item_from_bytes,
+    item_from_json,
+    items_from_array,
+    items_from_vectors,
+    score_items,
+    table_to_predictions,
+)
 
 
 @dataclass
@@ -78,15 +85,30 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("jebm_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r)
-        self.latency = Histogram("jebm_request_latency_seconds", "Request latency by route", ["route"], registry=r,
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.requests = Counter(
+            "jebm_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "jebm_request_latency_seconds",
+            "Request latency by route",
+            ["route"],
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
         self.items = Counter("jebm_items", "Items received by /v1/score, by outcome", ["outcome"], registry=r)
         self.anomalies = Counter("jebm_anomalies", "Items labelled anomalous", registry=r)
-        self.batch_size = Histogram("jebm_batch_size", "Items per /v1/score request", registry=r,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
-        self.scoring_seconds = Histogram("jebm_scoring_seconds", "Time spent scoring a batch (model only)", registry=r,
-                                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.batch_size = Histogram(
+            "jebm_batch_size",
+            "Items per /v1/score request",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+        )
+        self.scoring_seconds = Histogram(
+            "jebm_scoring_seconds",
+            "Time spent scoring a batch (model only)",
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
         self.in_flight = Gauge("jebm_requests_in_flight", "Requests being handled", registry=r)
         self.model_load = Gauge("jebm_model_load_seconds", "Seconds it took to load the model", registry=r)
         self.model_info = Gauge("jebm_model_info", "The model served (value 1)", ["model", "version"], registry=r)
@@ -150,14 +172,22 @@ class ServerState:
         self.knn_search = native.status() if self.scorer.reference is not None else None
 
 
-def create_app(loaded: LoadedModel, *, model_ref: str = "", load_seconds: float = 0.0,
-               limits: Limits | None = None, steps: int | None = None) -> FastAPI:
+def create_app(
+    loaded: LoadedModel,
+    *,
+    model_ref: str = "",
+    load_seconds: float = 0.0,
+    limits: Limits | None = None,
+    steps: int | None = None,
+) -> FastAPI:
     """An app serving one loaded model (load it once, before, with ``load_for_serving``)."""
     if loaded.calibration is None:
         raise ValueError(f"{loaded.path}: the model has no calibration.json; refit or `jebm-od calibrate` it")
     # answers name the model, never a path on this server's disk
-    state = ServerState(loaded, model_ref or (loaded.path.name if loaded.path else "model"), load_seconds,
-                        limits or Limits(), steps)
+    state = ServerState(
+        loaded, model_ref or (loaded.path.name if loaded.path else "model"), load_seconds, limits or Limits(), steps
+    )
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
@@ -192,8 +222,11 @@ def create_app(loaded: LoadedModel, *, model_ref: str = "", load_seconds: float 
             "config": loaded.config.to_dict(),
             "calibration": loaded.calibration,
             "training": loaded.meta,
-            "limits": {"max_items": state.limits.max_items, "max_body_bytes": state.limits.max_body_bytes,
-                       "timeout_s": state.limits.timeout_s},
+            "limits": {
+                "max_items": state.limits.max_items,
+                "max_body_bytes": state.limits.max_body_bytes,
+                "timeout_s": state.limits.timeout_s,
+            },
         }
 
     @app.get("/metrics")
@@ -208,14 +241,20 @@ def create_app(loaded: LoadedModel, *, model_ref: str = "", load_seconds: float 
             items = _items_from_json(body, state)
         elif ctype == "multipart/form-data":
             if state.vector_dim is not None:
-                raise RequestError(415, "this is a vector model: send application/json {\"instances\": [[...numbers...]]} "
-                                        "or an application/x-npy (N, d) array")
+                raise RequestError(
+                    415,
+                    'this is a vector model: send application/json {"instances": [[...numbers...]]} '
+                    "or an application/x-npy (N, d) array",
+                )
             items = await _items_from_multipart(request, state)
         elif ctype in ("application/x-npy", "application/octet-stream"):
             items = _items_from_npy(body, state)
         else:
-            raise RequestError(415, f"unsupported content type {ctype or '(none)'!r}: send application/json, "
-                                    "multipart/form-data or application/x-npy")
+            raise RequestError(
+                415,
+                f"unsupported content type {ctype or '(none)'!r}: send application/json, "
+                "multipart/form-data or application/x-npy",
+            )
         m = state.metrics
         m.batch_size.observe(len(items))
         table = await _score_in_worker(state, items)
@@ -224,8 +263,9 @@ def create_app(loaded: LoadedModel, *, model_ref: str = "", load_seconds: float 
         m.items.labels(outcome="scored").inc(len(items) - n_err)
         m.items.labels(outcome="error").inc(n_err)
         m.anomalies.inc(int((table["label"] == 1).sum()))
-        return JSONBytes({"predictions": preds, "model": state.model_ref,
-                          "n_scored": len(items) - n_err, "n_errors": n_err})
+        return JSONBytes(
+            {"predictions": preds, "model": state.model_ref, "n_scored": len(items) - n_err, "n_errors": n_err}
+        )
 
     return app
 

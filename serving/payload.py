@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from outlier_jebm.schema import UNSCORED_LABEL, unscored_table
 from outlier_jebm.data import (
     DataError,
     decode_image,
@@ -26,6 +25,7 @@ from outlier_jebm.data import (
     read_image,
     to_unit_range,
 )
+from outlier_jebm.schema import UNSCORED_LABEL, unscored_table
 
 
 @dataclass
@@ -46,7 +46,7 @@ def item_from_json(obj: Any, image_size: int, index: int, max_image_bytes: int =
     name = f"instances[{index}]"
     if isinstance(obj, dict):
         if set(obj) != {"b64"} or not isinstance(obj["b64"], str):
-            return Item(error=f"{name}: an object must be {{\"b64\": \"<base64 image bytes>\"}}, got keys {sorted(obj)}")
+            return Item(error=f'{name}: an object must be {{"b64": "<base64 image bytes>"}}, got keys {sorted(obj)}')
         if len(obj["b64"]) > max_image_bytes * 4 // 3 + 4:
             return Item(error=f"{name}: encoded image larger than {max_image_bytes} bytes")
         try:
@@ -55,7 +55,7 @@ def item_from_json(obj: Any, image_size: int, index: int, max_image_bytes: int =
             return Item(error=f"{name}: b64 is not valid base64")
         return item_from_bytes(data, image_size, name, channels)
     if not isinstance(obj, list):
-        return Item(error=f"{name}: expected a pixel array (list) or {{\"b64\": ...}}, got {type(obj).__name__}")
+        return Item(error=f'{name}: expected a pixel array (list) or {{"b64": ...}}, got {type(obj).__name__}')
     try:
         array = np.asarray(obj)
     except ValueError:
@@ -155,8 +155,10 @@ def _one_image(array: np.ndarray, image_size: int, name: str, channels: int = 1,
     shapes = one_image_shapes(image_size, channels)
     shape = array.shape[1:] if array.ndim > 1 and array.shape[0] == 1 and array.shape[1:] in shapes else array.shape
     if shape not in shapes:
-        return Item(error=f"{name}: shape {array.shape} is not {describe_shapes(image_size, channels, batch=False)}: "
-                          f"one image per {per}")
+        return Item(
+            error=f"{name}: shape {array.shape} is not {describe_shapes(image_size, channels, batch=False)}: "
+            f"one image per {per}"
+        )
     try:
         return Item(pixels=to_unit_range(array.reshape(shape), image_size, name, channels)[0])
     except DataError as exc:
@@ -184,8 +186,10 @@ def items_from_vectors(rows: Any, dim: int, name: str = "instances") -> list[Ite
         array = None
     if array is not None and array.ndim == 2 and array.shape[1] == dim:
         finite = np.isfinite(array).all(1)
-        return [Item(pixels=array[i].astype(np.float32)) if finite[i]
-                else Item(error=f"{name}[{i}]: NaN or infinite value") for i in range(len(array))]
+        return [
+            Item(pixels=array[i].astype(np.float32)) if finite[i] else Item(error=f"{name}[{i}]: NaN or infinite value")
+            for i in range(len(array))
+        ]
     if array is not None and array.ndim != 2 and not isinstance(rows, list):
         raise DataError(f"{name}: shape {array.shape} is not (N, {dim}) vectors")
     items = []
@@ -196,8 +200,9 @@ def items_from_vectors(rows: Any, dim: int, name: str = "instances") -> list[Ite
             items.append(Item(error=f"{name}[{i}]: expected a list of {dim} numbers"))
             continue
         if vec.shape != (dim,):
-            items.append(Item(error=f"{name}[{i}]: {vec.size} values in shape {vec.shape}, expected a list of "
-                                    f"{dim} numbers"))
+            items.append(
+                Item(error=f"{name}[{i}]: {vec.size} values in shape {vec.shape}, expected a list of {dim} numbers")
+            )
         elif not np.isfinite(vec).all():
             items.append(Item(error=f"{name}[{i}]: NaN or infinite value"))
         else:
@@ -233,11 +238,13 @@ def table_to_predictions(table: dict[str, np.ndarray], component_names: list[str
         if err:
             out.append({"label": UNSCORED_LABEL, "error": str(err)})
             continue
-        out.append({
-            "score": score[i],
-            "score_normalized": norm[i],
-            "label": label[i],
-            "top_component": str(top[i]),
-            "components": {k: c[i] for k, c in zip(component_names, comps)},
-        })
+        out.append(
+            {
+                "score": score[i],
+                "score_normalized": norm[i],
+                "label": label[i],
+                "top_component": str(top[i]),
+                "components": {k: c[i] for k, c in zip(component_names, comps)},
+            }
+        )
     return out

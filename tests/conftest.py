@@ -28,19 +28,35 @@ def pytest_unconfigure(config):
 def tiny_config(generator="chain", prior="joint", scheme="variational", **train) -> Config:
     """A model small enough to train in a second on sklearn's 8x8 digits."""
     t = {
-        "scheme": scheme, "epochs": 1, "batch_size": 64, "lr_ebm": 1e-3, "lr_gen": 2e-3, "lr_enc": 2e-3,
+        "scheme": scheme,
+        "epochs": 1,
+        "batch_size": 64,
+        "lr_ebm": 1e-3,
+        "lr_gen": 2e-3,
+        "lr_enc": 2e-3,
         "prior_langevin": {"steps": 10, "step_size": 0.2, "noise": True},
         "posterior_langevin": {"steps": 5, "step_size": 0.05, "noise": True},
         "sample_every": 1,
         "sample_metrics": 300,  # the fit-end FID on a few hundred prior samples
     }
     t.update(train)
-    return Config.from_dict({
-        "model": {"image_size": 8, "generator": generator, "prior": prior, "z_dims": [6, 3], "gen_hidden": [48],
-                  "cond_hidden": 24, "enc_hidden": [48], "ebm_hidden": [32, 16], "obs_sigma": 0.3},
-        "train": t,
-        "score": {"batch_size": 256},
-    })
+    return Config.from_dict(
+        {
+            "model": {
+                "image_size": 8,
+                "generator": generator,
+                "prior": prior,
+                "z_dims": [6, 3],
+                "gen_hidden": [48],
+                "cond_hidden": 24,
+                "enc_hidden": [48],
+                "ebm_hidden": [32, 16],
+                "obs_sigma": 0.3,
+            },
+            "train": t,
+            "score": {"batch_size": 256},
+        }
+    )
 
 
 def free_port() -> int:

@@ -8,17 +8,24 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_config
 from typer.testing import CliRunner
 
 from cli.main import app
 from outlier_jebm.bench import (
-    PYOD_DETECTORS, SKIPPED_BUDGET, BenchError, BenchSpec, JEBMVariant, PyODDetector, parse_detectors,
-    parse_seconds, pixel_features, run_bench,
+    PYOD_DETECTORS,
+    SKIPPED_BUDGET,
+    BenchError,
+    BenchSpec,
+    JEBMVariant,
+    PyODDetector,
+    parse_detectors,
+    parse_seconds,
+    pixel_features,
+    run_bench,
 )
 from outlier_jebm.evaluate import detection_metrics
 from outlier_jebm.pipeline import prepare_data
-
-from conftest import tiny_config
 
 runner = CliRunner()
 REQUIRED = {"detector", "holdout", "seed", "auprc", "auroc", "fit_seconds", "score_images_per_second"}
@@ -30,8 +37,9 @@ def _read_csv(path):
 
 
 def _digits_split(holdout=1, seed=0):
-    return prepare_data("digits", holdout=holdout, seed=seed, val_fraction=tiny_config().train.val_fraction,
-                        image_size=8)
+    return prepare_data(
+        "digits", holdout=holdout, seed=seed, val_fraction=tiny_config().train.val_fraction, image_size=8
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +48,25 @@ def bench_run(tmp_path_factory):
     cfg = tmp / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config().to_dict()))
     db = tmp / "mlflow.db"
-    args = ["bench", "--data", "digits", "--holdout", "1", "--seeds", "0,1", "--config", str(cfg),
-            "--detectors", "jebm,pca,knn,iforest", "--jebm-variant", "gauss=prior=gaussian",
-            "--out", str(tmp / "out"), "--tracking-uri", f"sqlite:///{db}"]
+    args = [
+        "bench",
+        "--data",
+        "digits",
+        "--holdout",
+        "1",
+        "--seeds",
+        "0,1",
+        "--config",
+        str(cfg),
+        "--detectors",
+        "jebm,pca,knn,iforest",
+        "--jebm-variant",
+        "gauss=prior=gaussian",
+        "--out",
+        str(tmp / "out"),
+        "--tracking-uri",
+        f"sqlite:///{db}",
+    ]
     cwd, threads = os.getcwd(), torch.get_num_threads()
     os.chdir(tmp)
     # one torch thread: on a 2-core machine shared with other jobs, two spinning OpenMP threads made this
@@ -136,13 +160,33 @@ def test_a_zero_time_budget_skips_every_cell_and_says_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config().to_dict()))
-    res = runner.invoke(app, ["bench", "--data", "digits", "--holdout", "1,3", "--config", str(cfg),
-                              "--detectors", "jebm[latent_knn],pca", "--components", "none",
-                              "--time-budget", "0", "--out", "out", "--tracking-uri", f"sqlite:///{tmp_path / 'db'}"])
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            "--data",
+            "digits",
+            "--holdout",
+            "1,3",
+            "--config",
+            str(cfg),
+            "--detectors",
+            "jebm[latent_knn],pca",
+            "--components",
+            "none",
+            "--time-budget",
+            "0",
+            "--out",
+            "out",
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'db'}",
+        ],
+    )
     assert res.exit_code == 0, res.output
     rows = _read_csv(tmp_path / "out" / "results.csv")
     assert {(r["detector"], r["holdout"]) for r in rows} == {
-        (d, h) for d in ("jebm", "jebm[latent_knn]", "pca") for h in ("1", "3")}
+        (d, h) for d in ("jebm", "jebm[latent_knn]", "pca") for h in ("1", "3")
+    }
     assert all(r["status"] == SKIPPED_BUDGET and r["auprc"] == "" for r in rows)
     assert not (tmp_path / "out" / "models").exists()
     assert "skipped: time budget" in (tmp_path / "out" / "results.md").read_text()
@@ -167,11 +211,23 @@ class SlowDetector:
 
 def test_cells_that_would_start_after_the_budget_are_skipped_the_rest_kept(tmp_path):
     slow = PyODDetector("slow", f"{__name__}.SlowDetector", {}, "test stand-in")
-    spec = BenchSpec(data="digits", holdouts=[1, 3], seeds=[0], detectors=[slow, PYOD_DETECTORS["pca"]],
-                     base_config=tiny_config(), out_dir=tmp_path / "out", time_budget=0.3, track=False)
+    spec = BenchSpec(
+        data="digits",
+        holdouts=[1, 3],
+        seeds=[0],
+        detectors=[slow, PYOD_DETECTORS["pca"]],
+        base_config=tiny_config(),
+        out_dir=tmp_path / "out",
+        time_budget=0.3,
+        track=False,
+    )
     rows = run_bench(spec).rows
     assert [(r["detector"], r["holdout"], r["status"]) for r in rows] == [
-        ("slow", 1, "ok"), ("pca", 1, SKIPPED_BUDGET), ("slow", 3, SKIPPED_BUDGET), ("pca", 3, SKIPPED_BUDGET)]
+        ("slow", 1, "ok"),
+        ("pca", 1, SKIPPED_BUDGET),
+        ("slow", 3, SKIPPED_BUDGET),
+        ("pca", 3, SKIPPED_BUDGET),
+    ]
     assert len(_read_csv(tmp_path / "out" / "results.csv")) == 4
 
 
@@ -199,8 +255,12 @@ def test_registered_pyod_detectors_give_one_finite_score_per_test_image(name):
 
 def test_detector_list_parses_variants_components_and_rejects_mistakes():
     base = tiny_config()
-    entries = parse_detectors("jebm[latent_knn+recon],knn,jebm:prior=layerwise:steps=3,big", base,
-                              variants={"big": "z_dims=[8,4],train.prior_langevin.steps=12"}, components="none")
+    entries = parse_detectors(
+        "jebm[latent_knn+recon],knn,jebm:prior=layerwise:steps=3,big",
+        base,
+        variants={"big": "z_dims=[8,4],train.prior_langevin.steps=12"},
+        components="none",
+    )
     assert [e.name for e in entries] == ["jebm", "knn", "jebm:prior=layerwise:steps=3", "big"]
     jebm, _, layerwise, big = entries
     assert isinstance(jebm, JEBMVariant) and jebm.components == ["latent_knn", "recon"]
@@ -231,8 +291,26 @@ def test_cli_reports_a_bad_detector_list_as_a_usage_error(tmp_path, monkeypatch)
 
 def test_both_splits_run_side_by_side_in_one_report(tmp_path):
     out = tmp_path / "out"
-    res = runner.invoke(app, ["bench", "--data", "mnist", "--holdout", "1", "--detectors", "pca", "--max-train", "2000",
-                              "--split", "clean,published", "--no-track", "--out", str(out)], env={"COLUMNS": "200"})
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            "--data",
+            "mnist",
+            "--holdout",
+            "1",
+            "--detectors",
+            "pca",
+            "--max-train",
+            "2000",
+            "--split",
+            "clean,published",
+            "--no-track",
+            "--out",
+            str(out),
+        ],
+        env={"COLUMNS": "200"},
+    )
     assert res.exit_code == 0, res.output
     rows = _read_csv(out / "results.csv")
     assert [(r["detector"], r["split"]) for r in rows] == [("pca", "clean"), ("pca", "published")]
@@ -244,6 +322,9 @@ def test_both_splits_run_side_by_side_in_one_report(tmp_path):
     assert "best PyOD (picked per hold-out on test labels, published split)" in md
     assert (out / "pr_holdout1.png").is_file() and (out / "pr_holdout1-published.png").is_file()
 
-    res = runner.invoke(app, ["bench", "--data", "mnist", "--detectors", "pca", "--split", "clean,leaky",
-                              "--out", str(tmp_path / "x")], env={"COLUMNS": "200"})
+    res = runner.invoke(
+        app,
+        ["bench", "--data", "mnist", "--detectors", "pca", "--split", "clean,leaky", "--out", str(tmp_path / "x")],
+        env={"COLUMNS": "200"},
+    )
     assert res.exit_code == 2 and "split 'leaky'" in res.output and not (tmp_path / "x").exists()

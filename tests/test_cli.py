@@ -3,12 +3,11 @@ import sqlite3
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 from PIL import Image
 from typer.testing import CliRunner
 
 from cli.main import app
-
-from conftest import tiny_config
 
 runner = CliRunner()
 
@@ -26,8 +25,22 @@ def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, d
     monkeypatch.setenv("COLUMNS", "250")
     cfg = _write_config(tmp_path / "tiny.yaml")
     db = tmp_path / "mlflow.db"
-    res = runner.invoke(app, ["fit", "--data", "digits", "--holdout", "3", "--config", str(cfg), "--out", "m",
-                              "--tracking-uri", f"sqlite:///{db}"])
+    res = runner.invoke(
+        app,
+        [
+            "fit",
+            "--data",
+            "digits",
+            "--holdout",
+            "3",
+            "--config",
+            str(cfg),
+            "--out",
+            "m",
+            "--tracking-uri",
+            f"sqlite:///{db}",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "MLflow run:" in res.output
     for name in ["config.json", "weights.safetensors", "calibration.json"]:
@@ -73,8 +86,27 @@ def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, d
 def test_score_exits_non_zero_when_nothing_could_be_scored(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = _write_config(tmp_path / "tiny.yaml")
-    assert runner.invoke(app, ["fit", "--data", "digits", "--config", str(cfg), "--epochs", "1", "--out", "m",
-                               "--max-train", "300", "--tracking-uri", f"sqlite:///{tmp_path / 'db.sqlite'}"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                "fit",
+                "--data",
+                "digits",
+                "--config",
+                str(cfg),
+                "--epochs",
+                "1",
+                "--out",
+                "m",
+                "--max-train",
+                "300",
+                "--tracking-uri",
+                f"sqlite:///{tmp_path / 'db.sqlite'}",
+            ],
+        ).exit_code
+        == 0
+    )
     (tmp_path / "bad.png").write_bytes(b"")
     res = runner.invoke(app, ["score", str(tmp_path / "bad.png"), "--model", "m"])
     assert res.exit_code == 1
@@ -121,8 +153,27 @@ def test_fit_resume_trains_on_to_the_epochs_asked_for(tmp_path, monkeypatch):
 def test_score_shows_paths_from_the_input_folder_and_counts_skipped_files(tmp_path, monkeypatch, digits01, columns):
     monkeypatch.chdir(tmp_path)
     cfg = _write_config(tmp_path / "tiny.yaml")
-    assert runner.invoke(app, ["fit", "--data", "digits", "--config", str(cfg), "--epochs", "1", "--out", "m",
-                               "--max-train", "300", "--tracking-uri", f"sqlite:///{tmp_path / 'db.sqlite'}"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                "fit",
+                "--data",
+                "digits",
+                "--config",
+                str(cfg),
+                "--epochs",
+                "1",
+                "--out",
+                "m",
+                "--max-train",
+                "300",
+                "--tracking-uri",
+                f"sqlite:///{tmp_path / 'db.sqlite'}",
+            ],
+        ).exit_code
+        == 0
+    )
     folder = tmp_path / ("a-long-parent-folder-name-" * 3) / "images_eval"
     images, _ = digits01
     for i, sub in enumerate(["first", "second", "third"]):

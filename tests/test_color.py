@@ -18,19 +18,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import free_port, tiny_config
 from PIL import Image
 from sklearn.metrics import roc_auc_score
+from test_serving import _start, _stop
 from typer.testing import CliRunner
 
 from cli.main import app
-from conftest import free_port, tiny_config
 from outlier_jebm.batch import score_files
 from outlier_jebm.checkpoint import load_model
 from outlier_jebm.data import DataError, decode_image, load_dataset, read_image, to_unit_range
 from outlier_jebm.pipeline import TrainingData, run_fit
 from outlier_jebm.scoring import Scorer
 from serving.payload import items_from_array, items_from_frame
-from test_serving import _start, _stop
 
 S = 16
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -90,13 +90,29 @@ def color_model(tmp_path_factory) -> dict:
     cwd = os.getcwd()
     os.chdir(root)  # models/latest lands in the tmp dir
     try:
-        res = runner.invoke(app, ["fit", "--data", str(root / "train"), "--config", str(root / "color.yaml"),
-                                  "--out", str(root / "model"), "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}"])
+        res = runner.invoke(
+            app,
+            [
+                "fit",
+                "--data",
+                str(root / "train"),
+                "--config",
+                str(root / "color.yaml"),
+                "--out",
+                str(root / "model"),
+                "--tracking-uri",
+                f"sqlite:///{root / 'mlflow.db'}",
+            ],
+        )
     finally:
         os.chdir(cwd)
     assert res.exit_code == 0, res.output
-    return {"root": root, "dir": root / "model", "normal": shapes(30, "disc", seed=1),
-            "anomalous": shapes(30, "square", seed=2)}
+    return {
+        "root": root,
+        "dir": root / "model",
+        "normal": shapes(30, "disc", seed=1),
+        "anomalous": shapes(30, "square", seed=2),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +147,9 @@ def test_folders_and_array_files_of_color_images_load_as_rgb(tmp_path):
         ds = load_dataset(str(tmp_path / name), image_size=S, channels=3)
         assert ds.images.shape == (5, S, S, 3)
         np.testing.assert_allclose(ds.images, raw / 255.0, atol=1e-6)
-    np.testing.assert_array_equal(load_dataset(str(tmp_path / "floats.npz"), image_size=S, channels=3).labels,
-                                  np.arange(5))
+    np.testing.assert_array_equal(
+        load_dataset(str(tmp_path / "floats.npz"), image_size=S, channels=3).labels, np.arange(5)
+    )
     assert load_dataset(str(tmp_path / "u8.npy"), image_size=8, channels=3).images.shape == (5, 8, 8, 3)
 
     # colour -> gray for a grayscale model: the luminance, never inverted for arrays
@@ -166,8 +183,9 @@ def test_a_color_image_is_never_inverted_and_a_gray_one_repeats_its_channel(tmp_
     digit[3:13, 7:9] = 255
     buf = io.BytesIO()
     Image.fromarray(digit).save(buf, format="PNG")
-    np.testing.assert_array_equal(decode_image(buf.getvalue(), S, channels=3),
-                                  np.repeat(decode_image(buf.getvalue(), S)[..., None], 3, axis=-1))
+    np.testing.assert_array_equal(
+        decode_image(buf.getvalue(), S, channels=3), np.repeat(decode_image(buf.getvalue(), S)[..., None], 3, axis=-1)
+    )
     rgba = np.zeros((S, S, 4), dtype=np.uint8)
     rgba[..., 0], rgba[..., 3] = 200, 128  # half-transparent red goes over black
     buf = io.BytesIO()
@@ -185,8 +203,11 @@ def test_user_arrays_convert_between_gray_and_color_and_name_the_input_when_wron
     with pytest.raises(DataError, match=r"payload: shape \(2, 16, 16, 4\) is not one of .*\(N, 16, 16, 3\)"):
         to_unit_range(np.zeros((2, S, S, 4)), S, name="payload", channels=3)
 
-    items = items_from_frame(pd.DataFrame({"pixels": [color[0].reshape(-1), color[1][:, :, :2].reshape(-1),
-                                                      color[1][..., 0]]}), S, channels=3)
+    items = items_from_frame(
+        pd.DataFrame({"pixels": [color[0].reshape(-1), color[1][:, :, :2].reshape(-1), color[1][..., 0]]}),
+        S,
+        channels=3,
+    )
     assert items[0].error is None and items[0].pixels.shape == (S, S, 3)
     assert items[1].error.startswith("pixels[1]: shape (512,)") and "(768,)" in items[1].error
     assert items[2].error is None and items[2].pixels.shape == (S, S, 3)  # a gray cell, repeated
@@ -204,8 +225,9 @@ def test_cli_fits_a_color_model_whose_blue_squares_score_above_red_discs(color_m
     write_pngs(folder, color_model["normal"], "normal")
     write_pngs(folder, color_model["anomalous"], "anomaly")
     (folder / "broken.png").write_bytes(b"nope")
-    res = runner.invoke(app, ["score", str(folder), "--model", str(color_model["dir"]), "--out", "res.csv",
-                              "--maps", "maps"])
+    res = runner.invoke(
+        app, ["score", str(folder), "--model", str(color_model["dir"]), "--out", "res.csv", "--maps", "maps"]
+    )
     assert res.exit_code == 0, res.output
     rows = pd.read_csv("res.csv", keep_default_na=False)
     assert len(rows) == 61 and (rows["error"] != "").sum() == 1
@@ -233,8 +255,18 @@ def test_cli_fits_a_color_model_whose_blue_squares_score_above_red_discs(color_m
 
 def test_serve_takes_color_arrays_images_and_gray_arrays(color_model):
     port = free_port()
-    cmd = [sys.executable, "-m", "cli.main", "serve", "--model", str(color_model["dir"]), "--port", str(port),
-           "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "serve",
+        "--model",
+        str(color_model["dir"]),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     proc = _start(cmd, port, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -246,8 +278,9 @@ def test_serve_takes_color_arrays_images_and_gray_arrays(color_model):
 
         buf = io.BytesIO()
         np.save(buf, to_u8(images))
-        r = httpx.post(f"{url}/v1/score", content=buf.getvalue(), headers={"content-type": "application/x-npy"},
-                       timeout=30)
+        r = httpx.post(
+            f"{url}/v1/score", content=buf.getvalue(), headers={"content-type": "application/x-npy"}, timeout=30
+        )
         want_u8 = expected(color_model["dir"], to_u8(images) / 255.0)["score"]
         close([p["score"] for p in r.json()["predictions"]], want_u8)
 
@@ -258,8 +291,12 @@ def test_serve_takes_color_arrays_images_and_gray_arrays(color_model):
         close([p["score"] for p in r.json()["predictions"]], want_png)
 
         gray = images[0] @ LUMA
-        instances = [{"b64": base64.b64encode(png(images[0])).decode()}, gray.tolist(), np.zeros((S, S, 4)).tolist(),
-                     images[1].reshape(-1).tolist()]
+        instances = [
+            {"b64": base64.b64encode(png(images[0])).decode()},
+            gray.tolist(),
+            np.zeros((S, S, 4)).tolist(),
+            images[1].reshape(-1).tolist(),
+        ]
         r = httpx.post(f"{url}/v1/score", json={"instances": instances}, timeout=30)
         preds = r.json()["predictions"]
         close(preds[0]["score"], want_png[0])

@@ -13,19 +13,35 @@ from outlier_jebm.train import fit
 def conv_config(image_size=28, channels=1, generator="chain", prior="joint", **train) -> Config:
     """A conv model small enough to run in well under a second on CPU."""
     t = {
-        "epochs": 1, "batch_size": 50, "lr_ebm": 1e-3, "lr_gen": 2e-3, "lr_enc": 2e-3,
+        "epochs": 1,
+        "batch_size": 50,
+        "lr_ebm": 1e-3,
+        "lr_gen": 2e-3,
+        "lr_enc": 2e-3,
         "prior_langevin": {"steps": 5, "step_size": 0.2, "noise": True},
         "posterior_langevin": {"steps": 3, "step_size": 0.05, "noise": True},
         "sample_every": 1,
     }
     t.update(train)
-    return Config.from_dict({
-        "model": {"backbone": "conv", "image_size": image_size, "channels": channels, "conv_channels": 4,
-                  "generator": generator, "prior": prior, "z_dims": [6, 3], "cond_hidden": 8,
-                  "enc_hidden": [16], "ebm_hidden": [16, 8], "obs_sigma": 0.3},
-        "train": t,
-        "score": {"batch_size": 64},
-    })
+    return Config.from_dict(
+        {
+            "model": {
+                "backbone": "conv",
+                "image_size": image_size,
+                "channels": channels,
+                "conv_channels": 4,
+                "generator": generator,
+                "prior": prior,
+                "z_dims": [6, 3],
+                "cond_hidden": 8,
+                "enc_hidden": [16],
+                "ebm_hidden": [16, 8],
+                "obs_sigma": 0.3,
+            },
+            "train": t,
+            "score": {"batch_size": 64},
+        }
+    )
 
 
 SHAPES = list(itertools.product([28, 32, 64], [1, 3], ["chain", "ladder"]))
@@ -98,9 +114,22 @@ def test_the_conv_decoder_is_a_function_of_each_latent_alone(generator):
 
 @pytest.mark.parametrize("generator,prior", [("chain", "joint"), ("ladder", "layerwise")])
 def test_conv_log_joint_gradients_match_finite_differences(generator, prior):
-    cfg = Config.from_dict({"model": {"backbone": "conv", "image_size": 28, "channels": 1, "conv_channels": 2,
-                                      "generator": generator, "prior": prior, "z_dims": [3, 2], "cond_hidden": 6,
-                                      "enc_hidden": [8], "ebm_hidden": [8]}})
+    cfg = Config.from_dict(
+        {
+            "model": {
+                "backbone": "conv",
+                "image_size": 28,
+                "channels": 1,
+                "conv_channels": 2,
+                "generator": generator,
+                "prior": prior,
+                "z_dims": [3, 2],
+                "cond_hidden": 6,
+                "enc_hidden": [8],
+                "ebm_hidden": [8],
+            }
+        }
+    )
     model = JointEBM(cfg.model).double().eval()
     x = torch.rand(2, 784, dtype=torch.float64) * 2 - 1
     z = torch.randn(2, model.z_dim, dtype=torch.float64, requires_grad=True)
@@ -156,15 +185,15 @@ def test_a_conv_color_model_fits_from_the_cli_and_serves_the_scorers_scores(tmp_
     import httpx
     import mlflow
     import yaml
+    from conftest import free_port, tiny_config
     from sklearn.metrics import roc_auc_score
+    from test_color import shapes, write_pngs
+    from test_serving import _start, _stop
     from typer.testing import CliRunner
 
     from cli.main import app
-    from conftest import free_port, tiny_config
     from outlier_jebm.registry import save_pyfunc
     from outlier_jebm.scoring import Scorer
-    from test_color import shapes, write_pngs
-    from test_serving import _start, _stop
 
     monkeypatch.chdir(tmp_path)
     discs = shapes(240, "disc", seed=0)
@@ -172,8 +201,20 @@ def test_a_conv_color_model_fits_from_the_cli_and_serves_the_scorers_scores(tmp_
     cfg = tiny_config(epochs=4, batch_size=32, sample_every=100).to_dict()
     cfg["model"].update(image_size=32, channels=3, backbone="conv", conv_channels=4, enc_hidden=[32])
     (tmp_path / "conv.yaml").write_text(yaml.safe_dump(cfg))
-    res = CliRunner().invoke(app, ["fit", "--data", "train", "--config", "conv.yaml", "--out", "m",
-                                   "--tracking-uri", f"sqlite:///{tmp_path / 'db.sqlite'}"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "fit",
+            "--data",
+            "train",
+            "--config",
+            "conv.yaml",
+            "--out",
+            "m",
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'db.sqlite'}",
+        ],
+    )
     assert res.exit_code == 0, res.output
     loaded = load_model(tmp_path / "m")
     assert loaded.config.model.backbone == "conv" and loaded.config.model.channels == 3
@@ -191,8 +232,22 @@ def test_a_conv_color_model_fits_from_the_cli_and_serves_the_scorers_scores(tmp_
     model = mlflow.pyfunc.load_model(str(save_pyfunc(tmp_path / "m", tmp_path / "pyfunc")))
     np.testing.assert_allclose(model.predict(images[:6])["score"], want[:6], rtol=1e-4, atol=1e-4)
     port = free_port()
-    proc = _start([sys.executable, "-m", "cli.main", "serve", "--model", str(tmp_path / "m"), "--port", str(port),
-                   "--log-level", "warning"], port, cwd=Path(__file__).resolve().parents[1])
+    proc = _start(
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "serve",
+            "--model",
+            str(tmp_path / "m"),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        port,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     try:
         r = httpx.post(f"http://127.0.0.1:{port}/v1/score", json={"instances": images[:6].tolist()}, timeout=30)
         assert r.status_code == 200, r.text

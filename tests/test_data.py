@@ -75,9 +75,7 @@ def test_validation_is_the_tail_of_the_training_part_never_the_test_part(digits)
     without_val = holdout_split(ds, holdout=7, seed=4, val_fraction=0.0)
     assert len(without_val.val) == 0
     np.testing.assert_array_equal(with_val.test, without_val.test)
-    np.testing.assert_array_equal(
-        np.concatenate([ids(with_val.train), ids(with_val.val)]), ids(without_val.train)
-    )
+    np.testing.assert_array_equal(np.concatenate([ids(with_val.train), ids(with_val.val)]), ids(without_val.train))
 
 
 def test_split_is_a_pure_function_of_dataset_holdout_and_seed(digits):

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from conftest import tiny_config
 from pyod.models.base import BaseDetector
 from pyod.utils.data import generate_data
 from sklearn.base import clone
@@ -8,25 +9,41 @@ from sklearn.metrics import roc_auc_score
 from outlier_jebm.config import Config
 from outlier_jebm.detector import JEBMDetector
 
-from conftest import tiny_config
-
 
 def tiny_vector_config(**train) -> Config:
     """A vector model small enough to fit a few hundred rows in a second or two."""
-    t = {"epochs": 2, "min_steps": 150, "batch_size": 64, "lr_ebm": 1e-3, "lr_gen": 3e-3, "lr_enc": 3e-3,
-         "prior_langevin": {"steps": 10, "step_size": 0.2, "noise": True}, "val_fraction": 0.1}
+    t = {
+        "epochs": 2,
+        "min_steps": 150,
+        "batch_size": 64,
+        "lr_ebm": 1e-3,
+        "lr_gen": 3e-3,
+        "lr_enc": 3e-3,
+        "prior_langevin": {"steps": 10, "step_size": 0.2, "noise": True},
+        "val_fraction": 0.1,
+    }
     t.update(train)
-    return Config.from_dict({
-        "model": {"data_kind": "vector", "z_dims": [4, 2], "gen_hidden": [32], "cond_hidden": 16,
-                  "enc_hidden": [32], "ebm_hidden": [16, 16]},
-        "train": t, "score": {"batch_size": 256},
-    })
+    return Config.from_dict(
+        {
+            "model": {
+                "data_kind": "vector",
+                "z_dims": [4, 2],
+                "gen_hidden": [32],
+                "cond_hidden": 16,
+                "enc_hidden": [32],
+                "ebm_hidden": [16, 16],
+            },
+            "train": t,
+            "score": {"batch_size": 256},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def vectors():
-    X_train, X_test, y_train, y_test = generate_data(n_train=300, n_test=120, n_features=6, contamination=0.1,
-                                                     random_state=42)
+    X_train, X_test, y_train, y_test = generate_data(
+        n_train=300, n_test=120, n_features=6, contamination=0.1, random_state=42
+    )
     return X_train, X_test, y_train, y_test
 
 
@@ -135,8 +152,7 @@ def test_the_detector_is_a_member_of_a_pyod_ensemble(vectors):
     from pyod.models.lscp import LSCP
 
     X_train, X_test, _, y_test = vectors
-    ensemble = LSCP([JEBMDetector(config=tiny_vector_config(min_steps=60), random_state=0), KNN()],
-                    random_state=0)
+    ensemble = LSCP([JEBMDetector(config=tiny_vector_config(min_steps=60), random_state=0), KNN()], random_state=0)
     ensemble.fit(X_train)
     scores = ensemble.decision_function(X_test)
     assert scores.shape == (len(X_test),) and roc_auc_score(y_test, scores) > 0.8

@@ -12,15 +12,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from conftest import free_port as _free_port
+from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 
 from outlier_jebm.checkpoint import load_model
 from outlier_jebm.distributed import batch_shard, leave_group
 
-from conftest import free_port as _free_port, tiny_config
-
 REPO = Path(__file__).resolve().parents[1]
-
 
 
 def test_the_ranks_batches_are_disjoint_and_together_are_the_global_batch():
@@ -54,8 +53,10 @@ def _rank_main(rank: int, world: int, port: int, tmp: str) -> None:
                 torch.manual_seed(cfg.train.seed)
                 model = JointEBM(cfg.model)
                 fit(model, cfg, images, images[:64], tmp / f"{scheme}-{run}")
-                save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                          str(tmp / f"{scheme}-{run}-rank{rank}.safetensors"))
+                save_file(
+                    {k: v.contiguous() for k, v in model.state_dict().items()},
+                    str(tmp / f"{scheme}-{run}-rank{rank}.safetensors"),
+                )
         poisoned = np.full_like(images, np.nan) if rank == 1 else images  # only rank 1's data
         try:
             fit(JointEBM(tiny_config().model), tiny_config(), poisoned, None, tmp / "nan")
@@ -88,8 +89,11 @@ def two_rank_runs(tmp_path_factory) -> Path:
 
 def test_both_ranks_end_with_the_same_model_and_the_same_seed_repeats_it(two_rank_runs):
     for scheme in ("variational", "mle"):
-        states = {(run, rank): load_file(str(two_rank_runs / f"{scheme}-{run}-rank{rank}.safetensors"))
-                  for run in "ab" for rank in (0, 1)}
+        states = {
+            (run, rank): load_file(str(two_rank_runs / f"{scheme}-{run}-rank{rank}.safetensors"))
+            for run in "ab"
+            for rank in (0, 1)
+        }
         reference = states["a", 0]
         for key, state in states.items():
             assert all(torch.equal(reference[k], state[k]) for k in reference), (scheme, key)
@@ -111,9 +115,28 @@ def test_torchrun_fits_on_two_cpu_processes_and_writes_one_model_and_one_mlflow_
     db = tmp_path / "mlflow.db"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COLUMNS": "200"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "cli.main", "fit", "--data", "digits", "--config", str(config),
-           "--max-train", "600", "--tracking-uri", f"sqlite:///{db}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "cli.main",
+        "fit",
+        "--data",
+        "digits",
+        "--config",
+        str(config),
+        "--max-train",
+        "600",
+        "--tracking-uri",
+        f"sqlite:///{db}",
+    ]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stdout + res.stderr
     model_dirs = [p for p in (tmp_path / "models").iterdir() if p.is_dir()]

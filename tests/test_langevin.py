@@ -1,9 +1,8 @@
 import torch
+from conftest import tiny_config
 
 from outlier_jebm.langevin import langevin, prior_langevin
 from outlier_jebm.model import JointEBM
-
-from conftest import tiny_config
 
 MEAN = torch.tensor([1.0, -2.0])
 STD = torch.tensor([0.5, 1.5])
@@ -22,7 +21,9 @@ def test_langevin_on_a_gaussian_target_recovers_its_mean_and_variance():
 
 
 def test_langevin_without_noise_climbs_to_the_mode():
-    z, trace = langevin(gaussian_log_density, torch.full((5, 2), 6.0), steps=2000, step_size=0.3, noise=False, trace=True)
+    z, trace = langevin(
+        gaussian_log_density, torch.full((5, 2), 6.0), steps=2000, step_size=0.3, noise=False, trace=True
+    )
     assert torch.allclose(z, MEAN.expand(5, 2), atol=1e-3)
     assert (trace.log_density[1:] >= trace.log_density[:-1] - 1e-6).all()  # gradient ascent never goes down
 

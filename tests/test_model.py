@@ -2,10 +2,9 @@ import itertools
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from outlier_jebm.model import JointEBM
-
-from conftest import tiny_config
 
 KINDS = list(itertools.product(["chain", "ladder"], ["gaussian", "layerwise", "joint"]))
 

@@ -10,6 +10,7 @@ import torch
 from outlier_jebm import native
 from outlier_jebm.scoring import KNN_BLOCK, References, knn_points_and_directions, nearest_columns
 
+
 def _cpu_has_avx2_and_fma() -> bool:
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
@@ -53,8 +54,7 @@ def test_the_kernel_finds_the_m_smallest_keys_of_both_searches_like_a_full_sort(
         assert int(idx.max()) < n_ref  # padding is never chosen
         assert all(len(set(row.tolist())) == m for row in idx)  # m different columns per row
         # the same key values as a full sort (the kernel sums in another order: a float32 tolerance)
-        torch.testing.assert_close(keys.gather(1, idx).sort(1).values, keys.sort(1).values[:, :m],
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(keys.gather(1, idx).sort(1).values, keys.sort(1).values[:, :m], rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
@@ -108,7 +108,12 @@ def test_bad_layouts_are_refused_with_a_reason():
     packed, scale, shift = refs.fused
     with pytest.raises(ValueError, match="do not fit queries of width 9"):
         native.candidates(torch.randn(4, 9), packed, scale, shift, 6, chunk=512)
-    for bad in (torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8).half(), torch.randn(4, 8).int(), torch.randn(32)):
+    for bad in (
+        torch.randn(4, 8, dtype=torch.float64),
+        torch.randn(4, 8).half(),
+        torch.randn(4, 8).int(),
+        torch.randn(32),
+    ):
         with pytest.raises(ValueError, match="queries must be a 2-d float32 CPU tensor"):
             native.candidates(bad, packed, scale, shift, 6, chunk=512)
     with pytest.raises(ValueError, match="contiguous float32"):

@@ -5,19 +5,19 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from scipy import linalg
 from typer.testing import CliRunner
 
 from outlier_jebm import sample_quality as sq
 from outlier_jebm.model import JointEBM
 
-from conftest import tiny_config
-
 
 def test_frechet_distance_of_one_dimensional_gaussians_is_the_closed_form():
     # W2^2 between N(m1, s1^2) and N(m2, s2^2) is (m1 - m2)^2 + (s1 - s2)^2
-    assert sq.frechet_gaussians(np.array([1.0]), np.array([[4.0]]), np.array([-2.0]), np.array([[9.0]])) \
-        == pytest.approx(9.0 + 1.0)
+    assert sq.frechet_gaussians(
+        np.array([1.0]), np.array([[4.0]]), np.array([-2.0]), np.array([[9.0]])
+    ) == pytest.approx(9.0 + 1.0)
 
 
 def test_frechet_distance_matches_the_matrix_square_root_formula_for_non_commuting_covariances():
@@ -40,7 +40,9 @@ def test_frechet_distance_is_zero_on_the_same_set_finite_when_singular_and_grows
     assert sq.frechet_distance(x, x * 2.0) > sq.frechet_distance(x, x * 1.1) > 0
 
 
-def test_the_lenet_learns_the_digits_is_cached_by_data_and_tells_real_images_from_noise(digits01, tmp_path, monkeypatch):
+def test_the_lenet_learns_the_digits_is_cached_by_data_and_tells_real_images_from_noise(
+    digits01, tmp_path, monkeypatch
+):
     monkeypatch.setenv("JEBM_OD_CACHE", str(tmp_path))
     images, labels = digits01
     clf = sq.train_classifier(images, labels)
@@ -93,10 +95,25 @@ def test_sample_metrics_needs_labels_and_says_so(tmp_path, monkeypatch, digits01
     cfg.write_text(yaml.safe_dump(tiny_config(epochs=1).to_dict()))
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    res = runner.invoke(app, ["fit", "--data", str(tmp_path / "unlabelled.npy"), "--config", str(cfg), "--out", "m",
-                              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    res = runner.invoke(
+        app,
+        [
+            "fit",
+            "--data",
+            str(tmp_path / "unlabelled.npy"),
+            "--config",
+            str(cfg),
+            "--out",
+            "m",
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["sample", "--model", "m", "--out", "s.png", "--metrics", "--data",
-                              str(tmp_path / "unlabelled.npy")], env={"COLUMNS": "60"})
+    res = runner.invoke(
+        app,
+        ["sample", "--model", "m", "--out", "s.png", "--metrics", "--data", str(tmp_path / "unlabelled.npy")],
+        env={"COLUMNS": "60"},
+    )
     assert res.exit_code == 2
     assert "no class labels" in " ".join(res.output.split())

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 
 from outlier_jebm.batch import ResultWriter, score_files
@@ -12,8 +13,6 @@ from outlier_jebm.evaluate import detection_metrics
 from outlier_jebm.model import JointEBM
 from outlier_jebm.scoring import DEFAULT_COMBINATION, Scorer, calibrate, component_names, fit_calibration
 from outlier_jebm.train import fit
-
-from conftest import tiny_config
 
 
 def _train_digits(tmp_path, holdout, seed, epochs=25, **train):
@@ -129,7 +128,9 @@ def test_results_are_written_one_row_per_input(trained, tmp_path, suffix):
             w.write(row)
     import pandas as pd
 
-    df = {".csv": pd.read_csv, ".json": lambda p: pd.DataFrame(json.loads(p.read_text())), ".parquet": pd.read_parquet}[suffix](out)
+    df = {".csv": pd.read_csv, ".json": lambda p: pd.DataFrame(json.loads(p.read_text())), ".parquet": pd.read_parquet}[
+        suffix
+    ](out)
     assert list(df.columns[:6]) == ["path", "score", "score_normalized", "label", "top_component", "error"]
     assert len(df) == 4 and df["score"].notna().sum() == 3
 
@@ -275,8 +276,9 @@ def test_one_product_gives_both_searches_the_values_of_two_separate_ones(n_ref, 
     assert refs.shared_product is not zero_row
     knn, knn_cos = knn_points_and_directions(queries, refs)
     np.testing.assert_allclose(knn.numpy(), knn_mean_distance(queries, refs.points).numpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(knn_cos.numpy(), knn_mean_distance(unit_rows(queries), refs.directions).numpy(),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        knn_cos.numpy(), knn_mean_distance(unit_rows(queries), refs.directions).numpy(), rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("n_ref", [70, 130])  # sizes where a NaN row picked padding columns
@@ -311,8 +313,12 @@ def test_latent_knn_cos_is_the_mean_chordal_distance_to_the_nearest_directions_a
     from outlier_jebm.scoring import knn_mean_distance, unit_rows
 
     eps = torch.from_numpy(bs.eps)
-    np.testing.assert_allclose(knn_mean_distance(unit_rows(3.0 * eps), scorer.reference.directions).numpy(),
-                               bs.components["latent_knn_cos"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        knn_mean_distance(unit_rows(3.0 * eps), scorer.reference.directions).numpy(),
+        bs.components["latent_knn_cos"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_latent_knn_top_searches_the_top_layer_alone_by_brute_force(trained):
@@ -324,11 +330,14 @@ def test_latent_knn_top_searches_the_top_layer_alone_by_brute_force(trained):
     ref = scorer.reference.eps.double().numpy()[:, -top:]  # the top layer's coordinates: the last of eps
     e = bs.eps.astype(np.float64)[:, -top:]
     dist = np.sqrt(((e[:, None, :] - ref[None, :, :]) ** 2).sum(-1))
-    np.testing.assert_allclose(bs.components["latent_knn_top"], np.sort(dist, axis=1)[:, :5].mean(1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        bs.components["latent_knn_top"], np.sort(dist, axis=1)[:, :5].mean(1), rtol=1e-4, atol=1e-4
+    )
     unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
     chord = np.sqrt(np.clip(2.0 - 2.0 * unit(e) @ unit(ref).T, 0.0, None))
-    np.testing.assert_allclose(bs.components["latent_knn_cos_top"], np.sort(chord, axis=1)[:, :5].mean(1),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        bs.components["latent_knn_cos_top"], np.sort(chord, axis=1)[:, :5].mean(1), rtol=1e-4, atol=1e-4
+    )
     # not the full code's search: the lower layer changes latent_knn but not latent_knn_top
     assert not np.allclose(bs.components["latent_knn_top"], bs.components["latent_knn"])
 
@@ -344,7 +353,7 @@ def test_reference_size_sets_how_many_training_images_latent_knn_searches(traine
     loaded, split = trained
     copy = tmp_path / "m"
     shutil.copytree(loaded.path, copy)
-    for size, rows in [(0, len(split.train)), (50, 50), (10 ** 6, len(split.train))]:
+    for size, rows in [(0, len(split.train)), (50, 50), (10**6, len(split.train))]:
         calibrate(load_model(copy), split.train, split.val, reference_size=size)
         assert load_file(str(copy / REFERENCE_FILE))["eps"].shape[0] == rows
         assert len(Scorer(load_model(copy)).reference) == rows
@@ -376,5 +385,6 @@ def test_posterior_averages_are_the_mean_over_the_chains_final_samples(trained, 
     # the average over the samples, not the value at their mean
     assert not np.allclose(bs.components["neg_log_joint_post"], bs.components["neg_log_joint"])
     assert "neg_log_joint_post" in scoring.component_names(model, False, posterior=scoring.posterior_averaged(cfg))
-    assert "neg_log_joint_post" not in scoring.component_names(model, False, posterior=scoring.posterior_averaged(
-        ScoreConfig(steps=3, noise=False, chains=1)))
+    assert "neg_log_joint_post" not in scoring.component_names(
+        model, False, posterior=scoring.posterior_averaged(ScoreConfig(steps=3, noise=False, chains=1))
+    )

@@ -15,9 +15,10 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import free_port as _free_port
+from conftest import tiny_config
 from PIL import Image
 
-from conftest import free_port as _free_port, tiny_config
 from outlier_jebm import native
 from outlier_jebm.checkpoint import load_model
 from outlier_jebm.data import DataError
@@ -26,7 +27,6 @@ from outlier_jebm.scoring import Scorer
 from serving.payload import item_from_json, items_from_array, items_from_frame
 
 REGISTERED = "tiny-digits"
-
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,9 @@ def fitted(tmp_path_factory):
 
 
 def _start(cmd: list[str], port: int, env: dict | None = None, cwd: Path | None = None, timeout: float = 90.0):
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                            cwd=cwd, text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd, text=True
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -72,8 +73,22 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def server(fitted):
     port = _free_port()
-    cmd = [sys.executable, "-m", "cli.main", "serve", "--model", str(fitted["dir"]), "--port", str(port),
-           "--max-items", "64", "--max-body-mb", "0.5", "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "serve",
+        "--model",
+        str(fitted["dir"]),
+        "--port",
+        str(port),
+        "--max-items",
+        "64",
+        "--max-body-mb",
+        "0.5",
+        "--log-level",
+        "warning",
+    ]
     proc = _start(cmd, port, cwd=Path(__file__).resolve().parent.parent)
     yield f"http://127.0.0.1:{port}"
     _stop(proc)
@@ -121,8 +136,16 @@ def test_serve_scores_a_good_batch_like_the_library(server, fitted):
 
 def test_serve_bad_items_fail_alone(server, fitted):
     good = fitted["data"].test[:2]
-    instances = [good[0].tolist(), [[0.5, 0.5]], {"b64": "not base64!"}, {"b64": base64.b64encode(b"junk").decode()},
-                 (good[1] + 3).tolist(), "text", {"b64": base64.b64encode(_png(good[1])).decode()}, [[None] * 8] * 8]
+    instances = [
+        good[0].tolist(),
+        [[0.5, 0.5]],
+        {"b64": "not base64!"},
+        {"b64": base64.b64encode(b"junk").decode()},
+        (good[1] + 3).tolist(),
+        "text",
+        {"b64": base64.b64encode(_png(good[1])).decode()},
+        [[None] * 8] * 8,
+    ]
     r = httpx.post(f"{server}/v1/score", json={"instances": instances})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -151,8 +174,9 @@ def test_serve_multipart_uploads_in_order(server, fitted):
 
 
 def test_serve_rejects_bad_requests_and_keeps_serving(server, fitted):
-    big = httpx.post(f"{server}/v1/score", content=b"[" + b"0," * 400_000 + b"0]",
-                     headers={"content-type": "application/json"})
+    big = httpx.post(
+        f"{server}/v1/score", content=b"[" + b"0," * 400_000 + b"0]", headers={"content-type": "application/json"}
+    )
     assert big.status_code == 413 and "limit" in big.json()["error"]
     many = httpx.post(f"{server}/v1/score", json={"instances": [[0.0] * 64] * 65})
     assert many.status_code == 413 and "65 items" in many.json()["error"]
@@ -193,28 +217,50 @@ def test_serve_concurrent_clients_and_metrics(server, fitted):
     after = httpx.get(f"{server}/metrics").text
     ok = dict(name="jebm_requests_total", route="/v1/score", method="POST", status="200")
     assert _metric(after, **ok) - _metric(before, **ok) == 24
-    assert _metric(after, "jebm_items_total", outcome="scored") - _metric(before, "jebm_items_total", outcome="scored") == 192
+    assert (
+        _metric(after, "jebm_items_total", outcome="scored") - _metric(before, "jebm_items_total", outcome="scored")
+        == 192
+    )
     assert _metric(after, "jebm_batch_size_count") - _metric(before, "jebm_batch_size_count") == 24
     assert _metric(after, "jebm_model_load_seconds") > 0
     assert "jebm_request_latency_seconds_bucket" in after and "jebm_requests_in_flight" in after
     info = httpx.get(f"{server}/v1/model").json()
     assert info["image_size"] == 8 and info["calibration"]["threshold"] == pytest.approx(
-        load_model(fitted["dir"]).calibration["threshold"])
+        load_model(fitted["dir"]).calibration["threshold"]
+    )
     assert info["training"]["holdout"] == 3
     assert info["knn_search"] == native.status()  # the fused kernel where it builds, else why not
     # the server names its model; no answer reveals where the model lies on the server's disk
     assert info["model"] == fitted["dir"].name
     where = str(fitted["dir"].parent)
-    for answer in (httpx.get(f"{server}/v1/model").text, httpx.get(f"{server}/health").text,
-                   httpx.post(f"{server}/v1/score", json={"instances": [fitted["data"].test[0].tolist()]}).text):
+    for answer in (
+        httpx.get(f"{server}/v1/model").text,
+        httpx.get(f"{server}/health").text,
+        httpx.post(f"{server}/v1/score", json={"instances": [fitted["data"].test[0].tolist()]}).text,
+    ):
         assert where not in answer
 
 
 def test_mlflow_models_serve_matches_the_cli(fitted, tmp_path):
     port = _free_port()
     env = {"MLFLOW_TRACKING_URI": fitted["uri"]}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{REGISTERED}/1",
-           "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        f"models:/{REGISTERED}/1",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "1",
+    ]
     proc = _start(cmd, port, env=env, cwd=tmp_path, timeout=120)
     try:
         images = fitted["data"].test[:10]
@@ -229,7 +275,9 @@ def test_mlflow_models_serve_matches_the_cli(fitted, tmp_path):
         for payload in (images.tolist(), images.reshape(10, -1).tolist()):
             r = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": payload}, timeout=60)
             assert r.status_code == 200, r.text
-            np.testing.assert_allclose([row["score"] for row in r.json()["predictions"]], want["score"], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                [row["score"] for row in r.json()["predictions"]], want["score"], rtol=1e-5, atol=1e-6
+            )
         bad = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": [[1, 2, 3]]}, timeout=60)
         assert bad.status_code == 400
     finally:
@@ -246,11 +294,14 @@ def test_score_cli_takes_a_registered_model_uri(fitted, tmp_path, monkeypatch):
     images = fitted["data"].test[:4]
     for i, im in enumerate(images):
         (tmp_path / f"{i}.png").write_bytes(_png(im))
-    res = CliRunner().invoke(app, ["score", str(tmp_path), "--model", f"models:/{REGISTERED}/1",
-                                   "--out", str(tmp_path / "s.csv")])
+    res = CliRunner().invoke(
+        app, ["score", str(tmp_path), "--model", f"models:/{REGISTERED}/1", "--out", str(tmp_path / "s.csv")]
+    )
     assert res.exit_code == 0, res.output
     got = pd.read_csv(tmp_path / "s.csv").sort_values("path")
-    res2 = CliRunner().invoke(app, ["score", str(tmp_path), "--model", str(fitted["dir"]), "--out", str(tmp_path / "d.csv")])
+    res2 = CliRunner().invoke(
+        app, ["score", str(tmp_path), "--model", str(fitted["dir"]), "--out", str(tmp_path / "d.csv")]
+    )
     assert res2.exit_code == 0, res2.output
     np.testing.assert_allclose(got["score"], pd.read_csv(tmp_path / "d.csv").sort_values("path")["score"])
     missing = CliRunner().invoke(app, ["score", str(tmp_path), "--model", "models:/no-such-model/1"])
@@ -297,8 +348,16 @@ def test_payload_parsing_per_item():
 def test_pixels_cells_stay_aligned_one_item_per_row():
     s = 8
     good = np.full(s * s, 0.25)
-    cells = [good, None, good[:10], np.full(s * s, 2.0), np.full((s, s), 255, dtype=np.uint8),
-             np.stack([good, good]), good.tolist(), [[0.1, 0.2], [0.3]]]
+    cells = [
+        good,
+        None,
+        good[:10],
+        np.full(s * s, 2.0),
+        np.full((s, s), 255, dtype=np.uint8),
+        np.stack([good, good]),
+        good.tolist(),
+        [[0.1, 0.2], [0.3]],
+    ]
     items = items_from_frame(pd.DataFrame({"pixels": cells}), s)
     assert len(items) == len(cells)
     errors = [it.error for it in items]

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tiny_config
 from PIL import Image
 
-from conftest import tiny_config
 from outlier_jebm.batch import score_files
 from outlier_jebm.checkpoint import load_model
 from outlier_jebm.data import DataError
@@ -39,14 +39,28 @@ def images(digits01) -> np.ndarray:
 
 def test_cli_spark_scores_pixels_like_local_scoring(tmp_path, model_dir, images):
     rows = [img.reshape(-1).tolist() for img in images]
-    rows[3] = None                      # missing
-    rows[5] = rows[5][:10]              # wrong length
-    rows[7] = [2.0] * 64                # out of range
+    rows[3] = None  # missing
+    rows[5] = rows[5][:10]  # wrong length
+    rows[7] = [2.0] * 64  # out of range
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
     pd.DataFrame({"id": np.arange(len(rows)), "pixels": rows}).to_parquet(src)
 
-    cmd = [sys.executable, "-m", "cli.main", "score", "--engine", "spark", str(src), str(dst),
-           "--model", str(model_dir), "--spark-master", "local[2]", "--batch-rows", "16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "score",
+        "--engine",
+        "spark",
+        str(src),
+        str(dst),
+        "--model",
+        str(model_dir),
+        "--spark-master",
+        "local[2]",
+        "--batch-rows",
+        "16",
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "scored 57 of 60 rows" in done.stdout
@@ -55,7 +69,9 @@ def test_cli_spark_scores_pixels_like_local_scoring(tmp_path, model_dir, images)
     out = pd.read_parquet(dst).sort_values("id").reset_index(drop=True)
     scorer = Scorer(load_model(model_dir))
     assert list(out.columns[:2]) == ["id", "pixels"]
-    assert {"score", "score_normalized", "label", "top_component", "error", "recon", "neg_log_prior"} <= set(out.columns)
+    assert {"score", "score_normalized", "label", "top_component", "error", "recon", "neg_log_prior"} <= set(
+        out.columns
+    )
     bad = out.loc[[3, 5, 7]]
     assert (bad["label"] == -1).all() and bad["score"].isna().all()
     assert "missing" in bad.loc[3, "error"] and "shape (10,)" in bad.loc[5, "error"] and "[0, 1]" in bad.loc[7, "error"]

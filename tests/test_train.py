@@ -3,13 +3,12 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
-from outlier_jebm.checkpoint import load_model, save_model
+from outlier_jebm.checkpoint import load_model
 from outlier_jebm.config import ConfigError
 from outlier_jebm.model import JointEBM
 from outlier_jebm.train import TrainingDiverged, fit, loss_terms, make_optimizer, to_model_space
-
-from conftest import tiny_config
 
 COMBOS = list(itertools.product(["chain", "ladder"], ["gaussian", "layerwise", "joint"], ["variational", "mle"]))
 

@@ -11,16 +11,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import free_port
 from sklearn.metrics import roc_auc_score
+from test_detector import tiny_vector_config
+from test_serving import _start, _stop
 from typer.testing import CliRunner
 
 from cli.main import app
-from conftest import free_port
 from outlier_jebm.checkpoint import load_model
 from outlier_jebm.scoring import Scorer
 from outlier_jebm.tables import load_vector_dataset, vector_holdout_split
-from test_detector import tiny_vector_config
-from test_serving import _start, _stop
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -43,8 +43,20 @@ def vector_model(tmp_path_factory) -> dict:
     table(400, 0).to_csv(train, index=False)
     cfg = work / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tiny_vector_config(min_steps=200).to_dict()))
-    res = runner.invoke(app, ["fit", "--data", str(train), "--config", str(cfg), "--out", str(work / "m"),
-                              "--tracking-uri", f"sqlite:///{work / 'db.sqlite'}"])
+    res = runner.invoke(
+        app,
+        [
+            "fit",
+            "--data",
+            str(train),
+            "--config",
+            str(cfg),
+            "--out",
+            str(work / "m"),
+            "--tracking-uri",
+            f"sqlite:///{work / 'db.sqlite'}",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "vectors" in res.output
     return {"dir": work / "m", "work": work}
@@ -57,8 +69,9 @@ def test_cli_fits_a_csv_table_and_scores_it_row_by_row(vector_model, monkeypatch
     test = pd.concat([normal, odd], ignore_index=True)
     test.iloc[3, 2] = np.nan  # one bad row, reported on its own
     test.to_csv(work / "test.csv", index=False)
-    res = runner.invoke(app, ["score", str(work / "test.csv"), "--model", str(vector_model["dir"]),
-                              "--out", str(work / "scores.csv")])
+    res = runner.invoke(
+        app, ["score", str(work / "test.csv"), "--model", str(vector_model["dir"]), "--out", str(work / "scores.csv")]
+    )
     assert res.exit_code == 0, res.output
     rows = pd.read_csv(work / "scores.csv")
     assert len(rows) == 50 and rows["path"].iloc[0].endswith("test.csv:0")
@@ -80,8 +93,18 @@ def test_cli_fits_a_csv_table_and_scores_it_row_by_row(vector_model, monkeypatch
 
 def test_serve_takes_json_lists_of_numbers_and_npy_vectors(vector_model):
     port = free_port()
-    cmd = [sys.executable, "-m", "cli.main", "serve", "--model", str(vector_model["dir"]), "--port", str(port),
-           "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "serve",
+        "--model",
+        str(vector_model["dir"]),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     proc = _start(cmd, port, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -96,8 +119,9 @@ def test_serve_takes_json_lists_of_numbers_and_npy_vectors(vector_model):
         np.testing.assert_allclose([preds[0]["score"], preds[3]["score"]], want[[0, 2]], rtol=1e-5, atol=1e-5)
         buf = io.BytesIO()
         np.save(buf, X)
-        r = httpx.post(f"{url}/v1/score", content=buf.getvalue(), headers={"content-type": "application/x-npy"},
-                       timeout=30)
+        r = httpx.post(
+            f"{url}/v1/score", content=buf.getvalue(), headers={"content-type": "application/x-npy"}, timeout=30
+        )
         np.testing.assert_allclose([p["score"] for p in r.json()["predictions"]], want, rtol=1e-5, atol=1e-5)
         r = httpx.post(f"{url}/v1/score", files=[("file", ("a.png", b"x", "image/png"))], timeout=30)
         assert r.status_code == 415 and "vector model" in r.json()["error"]

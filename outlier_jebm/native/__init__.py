@@ -129,8 +129,7 @@ def status() -> str:
 
 
 def usable_for(queries: torch.Tensor) -> bool:
-    return (queries.device.type == "cpu" and queries.dtype == torch.float32
-            and not queries.requires_grad and available())
+    return queries.device.type == "cpu" and queries.dtype == torch.float32 and not queries.requires_grad and available()
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
@@ -147,8 +146,9 @@ def _pool(n: int) -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=lambda: _state.pop("pool", None))
 
 
-def candidates(queries: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-               m: int, chunk: int) -> torch.Tensor:
+def candidates(
+    queries: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, m: int, chunk: int
+) -> torch.Tensor:
     """Column indices (B, T, m) of the m smallest keys per row and search, unordered.
 
     ``packed`` is the reference matrix W (Z, R') as (R'/16, Z, 16); ``scale`` and ``shift``
@@ -160,14 +160,17 @@ def candidates(queries: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     if lib is None:
         raise RuntimeError(f"the fused kNN kernel is not available: {_state['status']}")
     if not (queries.dtype == torch.float32 and queries.device.type == "cpu" and queries.dim() == 2):
-        raise ValueError(f"queries must be a 2-d float32 CPU tensor, got {queries.dtype} {tuple(queries.shape)} "
-                         f"on {queries.device}")
+        raise ValueError(
+            f"queries must be a 2-d float32 CPU tensor, got {queries.dtype} {tuple(queries.shape)} on {queries.device}"
+        )
     q = queries.detach().contiguous()
     B, Z = q.shape
     n_cols, T = scale.shape[1], scale.shape[0]
     if packed.shape != (n_cols // 16, Z, 16) or shift.shape != scale.shape:
-        raise ValueError(f"packed {tuple(packed.shape)}, scale {tuple(scale.shape)} and shift "
-                         f"{tuple(shift.shape)} do not fit queries of width {Z}")
+        raise ValueError(
+            f"packed {tuple(packed.shape)}, scale {tuple(scale.shape)} and shift "
+            f"{tuple(shift.shape)} do not fit queries of width {Z}"
+        )
     for t in (packed, scale, shift):
         if not (t.is_contiguous() and t.dtype == torch.float32 and t.device.type == "cpu"):
             raise ValueError("packed, scale and shift must be contiguous float32 CPU tensors")
@@ -178,9 +181,21 @@ def candidates(queries: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     unit = sum(1 << t for t in range(T) if bool((scale[t] == 1).all()))  # searches that only add a shift
 
     def run(s: int, e: int, threads: int) -> int:
-        return lib.jebm_knn_candidates(q.data_ptr() + s * Z * 4, e - s, Z, packed.data_ptr(), n_cols,
-                                       scale.data_ptr(), shift.data_ptr(), T, unit, m, chunk, threads,
-                                       out.data_ptr() + s * T * m * 8)
+        return lib.jebm_knn_candidates(
+            q.data_ptr() + s * Z * 4,
+            e - s,
+            Z,
+            packed.data_ptr(),
+            n_cols,
+            scale.data_ptr(),
+            shift.data_ptr(),
+            T,
+            unit,
+            m,
+            chunk,
+            threads,
+            out.data_ptr() + s * T * m * 8,
+        )
 
     codes = []
     for start in range(0, B, MAX_ROWS):  # the kept blocks take m x 64 floats per row and search
