@@ -60,6 +60,11 @@ def fit(
     data_dir: Optional[Path] = typer.Option(None, help="Where MNIST files are looked for and cached."),
     resume: bool = typer.Option(False, help="Continue training the model in --out from its last epoch."),
     register: Optional[str] = typer.Option(None, help="Also register the logged MLflow model under this name."),
+    polarity: str = typer.Option(
+        "keep",
+        help="Image files: keep the pixels as they are, or auto: invert gray dark-on-light images to light-on-dark "
+        "(score them with the same choice).",
+    ),
 ) -> None:
     """Train a detector on in-distribution data and log the run (and the pyfunc model) to MLflow."""
     from outlier_jebm.checkpoint import CheckpointError
@@ -91,6 +96,7 @@ def fit(
                 data_dir=data_dir,
                 channels=cfg.model.channels,
                 data_kind=cfg.model.data_kind,
+                polarity=polarity,
             )
         if td.train.ndim == 2:  # vectors: the data says how many features
             cfg = for_vectors(cfg, td.train.shape[1])
@@ -283,6 +289,11 @@ def score(
     verbose: bool = typer.Option(
         False, "--verbose", help="List the files in the folders that were skipped as not images."
     ),
+    polarity: str = typer.Option(
+        "keep",
+        help="keep: score the pixels as they are (an inverted image may be the anomaly); auto: invert gray "
+        "dark-on-light images to light-on-dark first. Either way the summary says how many there were.",
+    ),
 ) -> None:
     """Score images: a label, a score in [0, 1] and the component that contributed most.
 
@@ -296,7 +307,10 @@ def score(
     if engine != "local":
         _fail(f"--engine {engine!r}: expected local or spark")
     from outlier_jebm.batch import ResultWriter, score_files, score_tables
-    from outlier_jebm.data import non_image_files
+    from outlier_jebm.data import POLARITIES, non_image_files
+
+    if polarity not in POLARITIES:
+        _fail(f"--polarity {polarity!r}: expected keep or auto")
     from outlier_jebm.scoring import Scorer
 
     loaded = _load_model_or_fail(model)
@@ -318,7 +332,7 @@ def score(
             writer = ResultWriter(out, columns)
         except ValueError as exc:
             _fail(str(exc))
-    rows_scored, n_flagged, errors, top_rows = 0, 0, [], []
+    rows_scored, n_flagged, errors, top_rows, light = 0, 0, [], [], []
     progress = Progress(
         TextColumn("scoring"),
         BarColumn(),
@@ -337,7 +351,7 @@ def score(
         rows = (
             score_tables(scorer, paths, on_progress=on_progress)
             if vectors
-            else score_files(scorer, paths, maps_dir=maps, on_progress=on_progress)
+            else score_files(scorer, paths, maps_dir=maps, on_progress=on_progress, polarity=polarity, light=light)
         )
         for row in rows:
             if writer is not None:
@@ -355,6 +369,16 @@ def score(
     _print_score_summary(
         rows_scored, n_flagged, errors, top_rows, loaded, out, maps, inputs=paths, skipped=skipped, verbose=verbose
     )
+    if light:
+        Console().print(
+            f"{len(light)} of the images are dark on light; "
+            + (
+                "they were inverted to light-on-dark before scoring (--polarity auto)"
+                if polarity == "auto"
+                else "they were scored as they are (--polarity auto would invert them first)"
+            ),
+            soft_wrap=True,
+        )
     raise typer.Exit(0 if rows_scored else 1)
 
 
@@ -596,6 +620,9 @@ def serve(
         help="Torch threads for scoring (default: torch's, one per core). "
         "Fewer leaves cores to the HTTP side and to other processes.",
     ),
+    polarity: str = typer.Option(
+        "keep", help="Encoded images (PNG, JPEG): keep the pixels, or auto: invert gray dark-on-light ones."
+    ),
 ) -> None:
     """Serve the model over HTTP: POST /v1/score, GET /health, /v1/model, /metrics (Prometheus)."""
     import torch
@@ -615,6 +642,7 @@ def serve(
             model_ref=ref,
             load_seconds=seconds,
             steps=steps,
+            polarity=polarity,
             limits=Limits(max_items=max_items, max_body_bytes=int(max_body_mb * (1 << 20)), timeout_s=timeout),
         )
     except (FileNotFoundError, ValueError) as exc:

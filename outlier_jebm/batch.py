@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .data import ImageError, image_files, read_image
+from .data import ImageError, check_polarity, image_files, light_background, read_image
 from .schema import RESULT_COLUMNS, unscored_row
 from .scoring import Scorer
 from .viz import anomaly_overlay
@@ -25,13 +25,20 @@ def score_files(
     *,
     maps_dir: Path | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    polarity: str = "keep",
+    light: list[str] | None = None,
 ) -> Iterator[dict]:
     """One row per input, in input order: scored rows, and rows with ``error`` for unusable files.
+
+    ``polarity`` "auto" inverts gray dark-on-light images before scoring (``data.decode_image``),
+    "keep" scores them as they are. Either way the path of each gray dark-on-light image is
+    appended to ``light`` when given, so that the caller can say how many there were.
 
     Images are read as the model's inputs (grayscale, or RGB for a colour model) and scored
     ``score.batch_size`` at a time, so a folder of any size never sits in memory at once. A bad
     file costs only its own row.
     """
+    check_polarity(polarity)
     files, problems = image_files(paths)
     bad = {str(p): reason for p, reason in problems}
     total = len(files) + len(problems)
@@ -45,7 +52,13 @@ def score_files(
         images, ok_paths = [], []
         for path in chunk:
             try:
-                images.append(read_image(path, scorer.image_size, scorer.channels))
+                pixels = read_image(path, scorer.image_size, scorer.channels)
+                if scorer.channels == 1 and light_background(pixels):
+                    if light is not None:
+                        light.append(str(path))
+                    if polarity == "auto":
+                        pixels = 1.0 - pixels  # what read_image(..., polarity="auto") returns
+                images.append(pixels)
                 ok_paths.append(path)
             except ImageError as exc:
                 bad[str(path)] = exc.reason

@@ -146,7 +146,9 @@ class Split:
     train_labels: np.ndarray | None = None
 
 
-def load_dataset(source: str, data_dir: str | Path | None = None, image_size: int = 28, channels: int = 1) -> Dataset:
+def load_dataset(
+    source: str, data_dir: str | Path | None = None, image_size: int = 28, channels: int = 1, polarity: str = "keep"
+) -> Dataset:
     """Load a dataset by name or path.
 
     Parameters
@@ -163,6 +165,8 @@ def load_dataset(source: str, data_dir: str | Path | None = None, image_size: in
     channels : int
         1: grayscale images ``(N, S, S)`` (colour sources become luminance);
         3: RGB images ``(N, S, S, 3)`` (gray sources repeat their channel).
+    polarity : {"keep", "auto"}
+        For image files: ``"auto"`` inverts gray dark-on-light images (``decode_image``).
 
     Returns
     -------
@@ -201,17 +205,17 @@ def load_dataset(source: str, data_dir: str | Path | None = None, image_size: in
             f"{path}: unsupported file type {suffix or '(none)'}; expected .npy, .npz, "
             f"an image ({', '.join(sorted(IMAGE_SUFFIXES))}) or a folder"
         )
-    return _load_image_folder(path, image_size, channels)
+    return _load_image_folder(path, image_size, channels, check_polarity(polarity))
 
 
-def _load_image_folder(path: Path, image_size: int, channels: int = 1) -> Dataset:
+def _load_image_folder(path: Path, image_size: int, channels: int = 1, polarity: str = "keep") -> Dataset:
     files, problems = image_files([path])
     if not files and not problems:
         raise DataError(f"no images found in {path} (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
     images = []
     for file in files:
         try:
-            images.append(read_image(file, image_size, channels))
+            images.append(read_image(file, image_size, channels, polarity))
         except ImageError as err:
             problems.append((Path(err.path), err.reason))
     if problems:
@@ -672,7 +676,25 @@ def image_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Pat
     return files, problems
 
 
-def read_image(path: str | Path, image_size: int = 28, channels: int = 1) -> np.ndarray:
+POLARITIES = ("keep", "auto")
+
+
+def check_polarity(polarity: str) -> str:
+    """``polarity`` if it is one of ``POLARITIES``, else a DataError naming them."""
+    if polarity not in POLARITIES:
+        raise DataError(
+            f"polarity {polarity!r}: expected keep (the pixels as they are) or auto (dark-on-light "
+            "images inverted to light-on-dark)"
+        )
+    return polarity
+
+
+def light_background(pixels: np.ndarray) -> bool:
+    """Whether a gray image (S, S) in [0, 1] is dark on light: its outer ring is mostly bright."""
+    return bool(_border(pixels).mean() > 0.5)
+
+
+def read_image(path: str | Path, image_size: int = 28, channels: int = 1, polarity: str = "keep") -> np.ndarray:
     """Read one image file as float32 in [0, 1]: ``(S, S)`` in MNIST polarity, or ``(S, S, 3)`` RGB.
 
     Parameters
@@ -683,6 +705,8 @@ def read_image(path: str | Path, image_size: int = 28, channels: int = 1) -> np.
         Side ``S`` of the result.
     channels : int
         1 (grayscale) or 3 (RGB); see ``decode_image``.
+    polarity : {"keep", "auto"}
+        See ``decode_image``.
 
     Returns
     -------
@@ -697,18 +721,21 @@ def read_image(path: str | Path, image_size: int = 28, channels: int = 1) -> np.
         data = Path(path).read_bytes()
     except OSError as err:
         raise ImageError(path, f"cannot read file ({err.strerror or err})") from err
-    return decode_image(data, image_size, str(path), channels)
+    return decode_image(data, image_size, str(path), channels, polarity)
 
 
-def decode_image(data: bytes, image_size: int = 28, name: str = "<bytes>", channels: int = 1) -> np.ndarray:
+def decode_image(
+    data: bytes, image_size: int = 28, name: str = "<bytes>", channels: int = 1, polarity: str = "keep"
+) -> np.ndarray:
     """Decode encoded image bytes (PNG, JPEG, ...) exactly as ``read_image`` does.
 
     Grayscale of any bit depth is scaled by its full range; transparency is
     composited over black; the image is padded to a square with its border
-    colour and resized. With ``channels=1`` colour becomes luminance and a
-    bright border means a dark digit on light paper, which is inverted (MNIST
-    polarity). With ``channels=3`` the result is RGB, a gray image repeats its
-    channel, and nothing is inverted: colours mean what they show.
+    colour and resized. With ``channels=1`` colour becomes luminance; with
+    ``polarity="auto"`` a bright border (a dark digit on light paper) is inverted
+    to MNIST polarity, with ``"keep"`` (the default) the pixels stay as they are:
+    an inverted image may be the very anomaly asked about. With ``channels=3`` the
+    result is RGB, a gray image repeats its channel, and nothing is inverted.
 
     Parameters
     ----------
@@ -720,6 +747,8 @@ def decode_image(data: bytes, image_size: int = 28, name: str = "<bytes>", chann
         Used in error messages (a file name or an upload's name).
     channels : int
         1 (grayscale) or 3 (RGB).
+    polarity : {"keep", "auto"}
+        ``"auto"`` inverts a gray dark-on-light image; ``"keep"`` never inverts.
 
     Returns
     -------
@@ -733,6 +762,7 @@ def decode_image(data: bytes, image_size: int = 28, name: str = "<bytes>", chann
     """
     _check_image_size(image_size)
     _check_channels(channels)
+    check_polarity(polarity)
     if not data:
         raise ImageError(name, "empty file")
     try:
@@ -759,7 +789,7 @@ def decode_image(data: bytes, image_size: int = 28, name: str = "<bytes>", chann
     if pixels.size == 0:
         raise ImageError(name, "image has no pixels")
     pixels = _resize(_pad_square(pixels), image_size)
-    if channels == 1 and _border(pixels).mean() > 0.5:
+    if channels == 1 and polarity == "auto" and light_background(pixels):
         pixels = 1.0 - pixels
     return np.clip(pixels, 0.0, 1.0).astype(np.float32, copy=False)
 

@@ -50,6 +50,7 @@ def prepare_data(
     channels: int = 1,
     data_kind: str = "image",
     split: str = "clean",
+    polarity: str = "keep",
 ) -> TrainingData:
     """Load a dataset and apply the hold-out protocol (or a plain train/validation split).
 
@@ -58,7 +59,8 @@ def prepare_data(
     ``tables``) come out as (n, d) arrays, images as (n, H, W[, C]).
     ``split`` "published" replays the published loaders' MNIST split (``splits``; its test
     normals are mostly training images, ``test_in_train`` says how many); "clean" (default) is
-    ``data.holdout_split``, one permutation, no overlap.
+    ``data.holdout_split``, one permutation, no overlap. ``polarity`` ("keep" or "auto") is how
+    image files are read (``data.decode_image``).
     """
     from .splits import SPLITS, published_holdout_split
 
@@ -72,7 +74,7 @@ def prepare_data(
     if vectors:
         ds = load_vector_dataset(source, data_dir=data_dir)
     else:
-        ds = load_dataset(source, data_dir=data_dir, image_size=image_size, channels=channels)
+        ds = load_dataset(source, data_dir=data_dir, image_size=image_size, channels=channels, polarity=polarity)
     leaked = 0.0
     train_labels = None
     if holdout is not None and split == "published":

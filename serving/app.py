@@ -41,7 +41,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from outlier_jebm.checkpoint import LoadedModel
-from outlier_jebm.data import DataError, one_image_shapes
+from outlier_jebm.data import DataError, check_polarity, one_image_shapes
 
 from .payload import (
     Item,
@@ -150,7 +150,15 @@ class ObserveMiddleware:
 
 
 class ServerState:
-    def __init__(self, loaded: LoadedModel, model_ref: str, load_seconds: float, limits: Limits, steps: int | None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        model_ref: str,
+        load_seconds: float,
+        limits: Limits,
+        steps: int | None,
+        polarity: str = "keep",
+    ):
         from outlier_jebm import __version__, native
         from outlier_jebm.scoring import Scorer
 
@@ -161,6 +169,7 @@ class ServerState:
         self.components = self.scorer.component_names
         self.size = self.scorer.image_size
         self.channels = self.scorer.channels
+        self.polarity = check_polarity(polarity)  # how encoded images (PNG, JPEG) are read
         self.vector_dim = loaded.config.model.vector_dim if loaded.config.model.is_vector else None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jebm-score")
         self.waiting = 0
@@ -179,13 +188,19 @@ def create_app(
     load_seconds: float = 0.0,
     limits: Limits | None = None,
     steps: int | None = None,
+    polarity: str = "keep",
 ) -> FastAPI:
     """An app serving one loaded model (load it once, before, with ``load_for_serving``)."""
     if loaded.calibration is None:
         raise ValueError(f"{loaded.path}: the model has no calibration.json; refit or `jebm-od calibrate` it")
     # answers name the model, never a path on this server's disk
     state = ServerState(
-        loaded, model_ref or (loaded.path.name if loaded.path else "model"), load_seconds, limits or Limits(), steps
+        loaded,
+        model_ref or (loaded.path.name if loaded.path else "model"),
+        load_seconds,
+        limits or Limits(),
+        steps,
+        polarity,
     )
 
     @asynccontextmanager
@@ -216,6 +231,7 @@ def create_app(
             "input_shape": list(loaded.config.model.data_shape),
             "image_size": state.size,
             "channels": state.channels,
+            "polarity": state.polarity,
             "score_steps": state.scorer.score_cfg.steps,
             "components": state.components,
             "knn_search": state.knn_search,
@@ -317,7 +333,10 @@ def _items_from_json(body: bytes, state: ServerState) -> list[Item]:
                 return items
     except (ValueError, DataError):
         pass
-    return [item_from_json(obj, state.size, i, channels=state.channels) for i, obj in enumerate(instances)]
+    return [
+        item_from_json(obj, state.size, i, channels=state.channels, polarity=state.polarity)
+        for i, obj in enumerate(instances)
+    ]
 
 
 async def _items_from_multipart(request: Request, state: ServerState) -> list[Item]:
@@ -330,7 +349,7 @@ async def _items_from_multipart(request: Request, state: ServerState) -> list[It
     items = []
     for key, upload in uploads:
         data = await upload.read()
-        items.append(item_from_bytes(data, state.size, upload.filename or key, state.channels))
+        items.append(item_from_bytes(data, state.size, upload.filename or key, state.channels, state.polarity))
     await form.close()
     return items
 

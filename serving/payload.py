@@ -37,7 +37,9 @@ class Item:
     error: str | None = None
 
 
-def item_from_json(obj: Any, image_size: int, index: int, max_image_bytes: int = 8 << 20, channels: int = 1) -> Item:
+def item_from_json(
+    obj: Any, image_size: int, index: int, max_image_bytes: int = 8 << 20, channels: int = 1, polarity: str = "keep"
+) -> Item:
     """An instance of ``{"instances": [...]}``: a pixel array or ``{"b64": "<PNG/JPEG bytes>"}``.
 
     A pixel array is one image, gray (S*S or S x S) or RGB (S*S*3 or S x S x 3, channel last);
@@ -53,7 +55,7 @@ def item_from_json(obj: Any, image_size: int, index: int, max_image_bytes: int =
             data = base64.b64decode(obj["b64"], validate=True)
         except (binascii.Error, ValueError):
             return Item(error=f"{name}: b64 is not valid base64")
-        return item_from_bytes(data, image_size, name, channels)
+        return item_from_bytes(data, image_size, name, channels, polarity)
     if not isinstance(obj, list):
         return Item(error=f'{name}: expected a pixel array (list) or {{"b64": ...}}, got {type(obj).__name__}')
     try:
@@ -65,9 +67,10 @@ def item_from_json(obj: Any, image_size: int, index: int, max_image_bytes: int =
     return _one_image(array, image_size, name, channels, per="instance")
 
 
-def item_from_bytes(data: bytes, image_size: int, name: str, channels: int = 1) -> Item:
+def item_from_bytes(data: bytes, image_size: int, name: str, channels: int = 1, polarity: str = "keep") -> Item:
+    """One encoded image (PNG, JPEG, ...); ``polarity`` as in ``data.decode_image``."""
     try:
-        return Item(pixels=decode_image(data, image_size, name, channels))
+        return Item(pixels=decode_image(data, image_size, name, channels, polarity))
     except DataError as exc:
         return Item(error=str(exc))
 

@@ -191,3 +191,63 @@ def test_score_shows_paths_from_the_input_folder_and_counts_skipped_files(tmp_pa
     assert f"skipped (not an image): {folder / 'notes.txt'}" in res.output
     res = runner.invoke(app, ["score", str(folder), "--model", "m", "--steps", "-3"])
     assert res.exit_code == 2 and "score.steps must be >= 0, got -3" in res.output
+
+
+def test_polarity_keep_scores_dark_on_light_as_it_is_and_auto_inverts_it_everywhere(tmp_path, monkeypatch, digits01):
+    from starlette.testclient import TestClient
+
+    from outlier_jebm.checkpoint import load_model
+    from serving.app import create_app
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _write_config(tmp_path / "tiny.yaml")
+    res = runner.invoke(
+        app,
+        [
+            "fit",
+            "--data",
+            "digits",
+            "--config",
+            str(cfg),
+            "--epochs",
+            "1",
+            "--out",
+            "m",
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    images, _ = digits01
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    digit = (images[0] * 255).astype(np.uint8)
+    Image.fromarray(digit).save(folder / "a_normal.png")
+    Image.fromarray(255 - digit).save(folder / "b_paper.png")  # the same digit, dark on light
+
+    rows = {}
+    for polarity in ("keep", "auto"):
+        res = runner.invoke(
+            app,
+            ["score", str(folder), "--model", "m", "--out", f"{polarity}.json", "--polarity", polarity],
+            env={"COLUMNS": "200"},
+        )
+        assert res.exit_code == 0, res.output
+        said = " ".join(res.output.split())
+        assert "1 of the images are dark on light" in said
+        assert ("inverted to light-on-dark before scoring" if polarity == "auto" else "scored as they are") in said
+        rows[polarity] = {
+            r["path"].rsplit("/", 1)[-1]: r for r in json.loads((tmp_path / f"{polarity}.json").read_text())
+        }
+    # auto scores the inverted paper image as the original; keep scores the pixels given
+    assert rows["auto"]["b_paper.png"]["score"] == pytest.approx(rows["auto"]["a_normal.png"]["score"], rel=1e-4)
+    assert rows["keep"]["b_paper.png"]["score"] != pytest.approx(rows["keep"]["a_normal.png"]["score"], rel=1e-2)
+    assert runner.invoke(app, ["score", str(folder), "--model", "m", "--polarity", "flip"]).exit_code == 2
+
+    # the server makes the same choice for encoded images
+    paper = (folder / "b_paper.png").read_bytes()
+    for polarity in ("keep", "auto"):
+        with TestClient(create_app(load_model(tmp_path / "m"), polarity=polarity)) as client:
+            assert client.get("/v1/model").json()["polarity"] == polarity
+            got = client.post("/v1/score", files={"x": ("b_paper.png", paper, "image/png")}).json()["predictions"][0]
+            assert got["score"] == pytest.approx(rows[polarity]["b_paper.png"]["score"], rel=1e-5, abs=1e-6)

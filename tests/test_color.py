@@ -176,8 +176,9 @@ def test_a_color_image_is_never_inverted_and_a_gray_one_repeats_its_channel(tmp_
     rgb = read_image(path, S, channels=3)
     assert rgb.shape == (S, S, 3)
     np.testing.assert_allclose(rgb, to_u8(paper) / 255.0, atol=1e-6)
-    gray = read_image(path, S)  # grayscale as ever: luminance, inverted to MNIST polarity
+    gray = read_image(path, S, polarity="auto")  # grayscale: luminance, inverted to MNIST polarity
     assert gray.shape == (S, S) and gray[0, 0] < 0.01 and gray[8, 8] > 0.5
+    assert np.array_equal(read_image(path, S, channels=3, polarity="auto"), rgb)  # colour: never inverted
 
     digit = np.zeros((S, S), dtype=np.uint8)
     digit[3:13, 7:9] = 255

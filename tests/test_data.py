@@ -348,9 +348,15 @@ def test_16_bit_png_is_scaled_by_its_full_range(tmp_path):
     assert img[14, 14] == pytest.approx(0.5, abs=1e-3) and img[0, 0] == 0.0
 
 
-def test_dark_digit_on_white_paper_is_inverted(tmp_path):
-    img = read_image(save(stroke_image(fg=0, bg=255), tmp_path / "paper.jpg", quality=95))
+def test_dark_digit_on_white_paper_is_kept_by_default_and_inverted_with_polarity_auto(tmp_path):
+    path = save(stroke_image(fg=0, bg=255), tmp_path / "paper.jpg", quality=95)
+    kept = read_image(path)  # the pixels as they are: an inverted image may be the anomaly
+    assert kept[0, 0] > 0.95 and kept[14, 14] < 0.1
+    img = read_image(path, polarity="auto")
     assert img[0, 0] < 0.05 and img[14, 14] > 0.9
+    np.testing.assert_allclose(img, 1.0 - kept, atol=1e-6)
+    with pytest.raises(DataError, match="polarity 'flip'"):
+        read_image(path, polarity="flip")
 
 
 def test_large_photo_is_resized_not_refused(tmp_path):
@@ -438,7 +444,9 @@ def test_image_folder_loads_as_an_unlabelled_dataset(tmp_path):
     save(stroke_image(size=64, fg=0, bg=255), tmp_path / "imgs" / "sub" / "b.bmp")
     ds = load_dataset(str(tmp_path / "imgs"))
     assert ds.images.shape == (2, 28, 28) and ds.labels is None and ds.name == "imgs"
-    assert ds.images[1, 0, 0] < 0.05 and ds.images[1, 14, 14] > 0.9
+    assert ds.images[1, 0, 0] > 0.95 and ds.images[1, 14, 14] < 0.1  # kept as it is (polarity "keep")
+    auto = load_dataset(str(tmp_path / "imgs"), polarity="auto")  # dark on light inverted to MNIST polarity
+    assert auto.images[1, 0, 0] < 0.05 and auto.images[1, 14, 14] > 0.9
 
 
 def test_a_bad_file_in_a_training_folder_is_named_not_skipped(tmp_path):
