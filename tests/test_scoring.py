@@ -60,9 +60,7 @@ def test_langevin_steps_raise_log_joint_above_the_encoders_guess(trained):
     assert table["energy_drop"].mean() > 0
 
 
-def test_calibration_never_reads_anomaly_labels(trained):
-    # the calibration is a function of held-in validation images only: shuffling or flipping the
-    # test labels, or dropping all anomalies from the test part, cannot change it
+def test_the_stored_calibration_is_refitted_from_held_in_validation_components_alone(trained):
     loaded, split = trained
     comps = Scorer(loaded).components_of(split.val).components
     cal = fit_calibration(comps, combine=DEFAULT_COMBINATION, false_alarm_rate=0.05, score_steps=0)
@@ -71,6 +69,30 @@ def test_calibration_never_reads_anomaly_labels(trained):
     assert np.mean(s > cal.threshold) == pytest.approx(0.05, abs=0.02)
     assert np.mean(cal.normalize(s) > 0.5) == pytest.approx(np.mean(s > cal.threshold))
     assert cal.normalize(np.array([cal.threshold]))[0] == pytest.approx(0.5)
+
+
+class _Tripwire:
+    """Stands in for the test part and its labels: any use of it fails the test."""
+
+    def _touched(self, *args, **kwargs):
+        raise AssertionError("the fit read the test part or its anomaly labels")
+
+    __getattr__ = __getitem__ = __len__ = __iter__ = __array__ = __bool__ = _touched
+
+
+def test_fit_and_calibration_never_read_the_test_part_or_its_anomaly_labels(tmp_path):
+    from outlier_jebm.pipeline import TrainingData, run_fit
+
+    split = holdout_split(load_digits(), 0, seed=0, val_fraction=0.15)
+    cfg = tiny_config(epochs=1, sample_metrics=0)
+    common = dict(train=split.train, val=split.val, name="digits", holdout=0)
+    run_fit(cfg, TrainingData(**common), out_dir=tmp_path / "a", track=False, remember=False)
+    # the same fit with the test part and its labels replaced by tripwires: it must not touch them,
+    # and it must calibrate to the same threshold (the calibration is a function of held-in images only)
+    wired = TrainingData(**common, test=_Tripwire(), test_is_anomaly=_Tripwire())
+    run_fit(cfg, wired, out_dir=tmp_path / "b", track=False, remember=False)
+    a, b = load_model(tmp_path / "a").calibration, load_model(tmp_path / "b").calibration
+    assert a["threshold"] == pytest.approx(b["threshold"], rel=1e-5)
 
 
 def test_every_input_gets_a_top_component_among_the_components(trained):
