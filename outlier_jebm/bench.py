@@ -39,6 +39,7 @@ import yaml
 
 from .config import Config, ConfigError, for_vectors
 from .evaluate import detection_metrics
+from .fileio import atomic_path, write_text_atomic
 
 # ICCV 2023 joint-EBM paper, Table 3, as quoted in PROTOCOL.md (AUPRC, MNIST hold-out-one-digit).
 # The papers score with log p(x, z) and average over their last 10 training epochs.
@@ -735,13 +736,11 @@ def _log_cell(
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """All rows so far, written to a temporary file and moved into place (a stopped run keeps a whole file)."""
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _csv_value(row.get(k, "")) for k in COLUMNS})
-    os.replace(tmp, path)
 
 
 def pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str):
@@ -1103,6 +1102,4 @@ def _now() -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))

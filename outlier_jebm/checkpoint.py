@@ -6,7 +6,6 @@ Loading never unpickles: weights are safetensors, everything else is JSON.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import Config, ConfigError
+from .fileio import atomic_path, write_text_atomic
 from .model import JointEBM
 
 CONFIG_FILE = "config.json"
@@ -37,27 +37,20 @@ class LoadedModel:
     path: Path | None = None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_model(model: JointEBM, config: Config, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Write the model directory atomically per file (a crash never leaves half a weights file)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, directory / WEIGHTS_FILE)
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
     payload = {"format": "jebm-od/1", "version": __version__, "config": config.to_dict(), "meta": meta or {}}
-    _atomic_write_text(directory / CONFIG_FILE, json.dumps(payload, indent=2, sort_keys=True))
+    write_text_atomic(directory / CONFIG_FILE, json.dumps(payload, indent=2, sort_keys=True))
     return directory
 
 
 def save_calibration(directory: str | Path, calibration: dict[str, Any]) -> None:
-    _atomic_write_text(Path(directory) / CALIBRATION_FILE, json.dumps(calibration, indent=2, sort_keys=True))
+    write_text_atomic(Path(directory) / CALIBRATION_FILE, json.dumps(calibration, indent=2, sort_keys=True))
 
 
 def read_config(directory: str | Path) -> tuple[Config, dict[str, Any]]:
@@ -103,10 +96,9 @@ def save_train_state(directory: Path, optimizer: torch.optim.Optimizer, progress
         for name, value in pstate.items():
             t = value if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"{pid}.{name}"] = t.detach().cpu().contiguous()
-    tmp = directory / (TRAIN_STATE_FILE + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, directory / TRAIN_STATE_FILE)
-    _atomic_write_text(directory / "train_state.json", json.dumps(progress, indent=2))
+    with atomic_path(directory / TRAIN_STATE_FILE) as tmp:
+        save_file(tensors, str(tmp))
+    write_text_atomic(directory / "train_state.json", json.dumps(progress, indent=2))
 
 
 def load_train_state(directory: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -27,7 +27,6 @@ import io
 import logging
 import os
 import pickle
-import tempfile
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -392,10 +393,8 @@ def _download_mnist(cache_dir: Path, base_url: str, timeout: float = DOWNLOAD_TI
         url = base_url + name
         log.info("downloading %s", url)
         digest = hashlib.md5(usedforsecurity=False)
-        fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{name}.", suffix=".part")
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with atomic_path(target) as tmp:
+            with tmp.open("wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
                 while chunk := response.read(1 << 20):
                     digest.update(chunk)
                     out.write(chunk)
@@ -405,9 +404,6 @@ def _download_mnist(cache_dir: Path, base_url: str, timeout: float = DOWNLOAD_TI
                     f"{url}: checksum mismatch (md5 {digest.hexdigest()}, expected {expected}); "
                     "the file was deleted - check $JEBM_MNIST_URL"
                 )
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 class _HubMissing(Exception):
@@ -459,14 +455,8 @@ def _mnist_from_hub(cache_dir: Path) -> Dataset:
 
 
 def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp_name, path)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 def _load_npz(path: Path, keys: Iterable[str]) -> dict[str, np.ndarray]:

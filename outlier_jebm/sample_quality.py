@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .fileio import atomic_path, write_text_atomic
 from .langevin import prior_langevin
 from .model import JointEBM
 from .native import cache_dir
@@ -174,20 +173,10 @@ def train_classifier(images01: np.ndarray, labels: np.ndarray, *, seed: int = 0,
 
 
 def _store(path: Path, net: nn.Module, meta: dict) -> None:
-    """Weights then metadata, each written to a temporary file and renamed (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for target, write in (
-        (path, lambda p: save_file(net.state_dict(), p)),
-        (path.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(meta))),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    """Metadata then weights, each atomically: the weights' presence means both are whole."""
+    write_text_atomic(path.with_suffix(".json"), json.dumps(meta))
+    with atomic_path(path) as tmp:
+        save_file(net.state_dict(), str(tmp))
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -26,12 +26,13 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from ..fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +67,11 @@ def _build(cc: str, flags: list[str]) -> Path:
     target = cache_dir() / f"knn_blocks-{digest}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+    # mode 0755: mkstemp's 0600 would keep other users of a shared cache out
+    with atomic_path(target, mode=0o755) as tmp:
+        done = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
-        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of a shared cache out
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
