@@ -240,13 +240,13 @@ def sample(
         from outlier_jebm.pipeline import model_sample_quality
 
         try:
-            quality = model_sample_quality(loaded, n=metrics_n, data=data, data_dir=data_dir)
+            quality = model_sample_quality(loaded, n=metrics_n, data=data, data_dir=data_dir, steps=k, seed=seed)
         except DataError as exc:
             _fail(str(exc))
         console.print(f"FID (in-project LeNet features, not Inception FID): {quality['fid_lenet']:.3f}")
         console.print(
             f"LeNet mean confidence: samples {quality['lenet_confidence']:.3f}, "
-            f"training images {quality['lenet_confidence_held_in']:.3f} "
+            f"training images {quality['lenet_confidence_training']:.3f} "
             f"(LeNet accuracy {quality['lenet_accuracy']:.3f})"
         )
 
@@ -289,10 +289,11 @@ def score(
     verbose: bool = typer.Option(
         False, "--verbose", help="List the files in the folders that were skipped as not images."
     ),
-    polarity: str = typer.Option(
-        "keep",
+    polarity: Optional[str] = typer.Option(
+        None,
         help="keep: score the pixels as they are (an inverted image may be the anomaly); auto: invert gray "
-        "dark-on-light images to light-on-dark first. Either way the summary says how many there were.",
+        "dark-on-light images to light-on-dark first (default: as the model was fitted, else keep). Either way "
+        "the summary says how many there were.",
     ),
 ) -> None:
     """Score images: a label, a score in [0, 1] and the component that contributed most.
@@ -300,6 +301,8 @@ def score(
     Exit codes: 0 when at least one input was scored, 1 when none could be, 2 on usage errors.
     """
     if engine == "spark":
+        if polarity is not None:
+            _fail("--polarity is not available with --engine spark: the logged model keeps the pixels as they are")
         if maps is not None:
             _fail("--maps is not available with --engine spark (anomaly maps are written by the local engine)")
         _score_spark(paths, model, out, steps, top, spark_master, batch_rows, overwrite)
@@ -309,11 +312,12 @@ def score(
     from outlier_jebm.batch import ResultWriter, score_files, score_tables
     from outlier_jebm.data import POLARITIES, non_image_files
 
-    if polarity not in POLARITIES:
+    if polarity is not None and polarity not in POLARITIES:
         _fail(f"--polarity {polarity!r}: expected keep or auto")
     from outlier_jebm.scoring import Scorer
 
     loaded = _load_model_or_fail(model)
+    polarity = polarity or loaded.meta.get("polarity", "keep")
     if loaded.calibration is None:
         _fail(f"{loaded.path}: the model has no calibration.json (it was not fitted to the end); refit it")
     vectors = loaded.config.model.is_vector
@@ -620,8 +624,10 @@ def serve(
         help="Torch threads for scoring (default: torch's, one per core). "
         "Fewer leaves cores to the HTTP side and to other processes.",
     ),
-    polarity: str = typer.Option(
-        "keep", help="Encoded images (PNG, JPEG): keep the pixels, or auto: invert gray dark-on-light ones."
+    polarity: Optional[str] = typer.Option(
+        None,
+        help="Encoded images (PNG, JPEG): keep the pixels, or auto: invert gray dark-on-light ones (default: as "
+        "the model was fitted, else keep).",
     ),
 ) -> None:
     """Serve the model over HTTP: POST /v1/score, GET /health, /v1/model, /metrics (Prometheus)."""
@@ -642,7 +648,7 @@ def serve(
             model_ref=ref,
             load_seconds=seconds,
             steps=steps,
-            polarity=polarity,
+            polarity=polarity or loaded.meta.get("polarity", "keep"),
             limits=Limits(max_items=max_items, max_body_bytes=int(max_body_mb * (1 << 20)), timeout_s=timeout),
         )
     except (FileNotFoundError, ValueError) as exc:
@@ -695,6 +701,8 @@ def calibrate(
             image_size=cfg.model.image_size,
             data_dir=data_dir,
             channels=cfg.model.channels,
+            split=loaded.meta.get("split", "clean"),
+            polarity=loaded.meta.get("polarity", "keep"),
         )
     except DataError as exc:
         _fail(str(exc))

@@ -1,8 +1,9 @@
 """Datasets, image decoding and the hold-out-one-digit split.
 
 Every image that leaves this module is float32 in [0, 1], shaped ``(N, H, W)``
-for a stack or ``(H, W)`` for a single image when grayscale (``channels=1``, white
-strokes on a black background: MNIST polarity), and ``(N, H, W, 3)`` /
+for a stack or ``(H, W)`` for a single image when grayscale (``channels=1``; image
+files keep their polarity unless read with ``polarity="auto"``, which inverts dark-on-light
+images to MNIST's white strokes on black), and ``(N, H, W, 3)`` /
 ``(H, W, 3)`` when colour (``channels=3``, RGB, channel last, never inverted). A
 grayscale reader turns colour into luminance; a colour reader repeats a gray
 image's channel. The model rescales to [-1, 1] itself.
@@ -685,7 +686,7 @@ def light_background(pixels: np.ndarray) -> bool:
 
 
 def read_image(path: str | Path, image_size: int = 28, channels: int = 1, polarity: str = "keep") -> np.ndarray:
-    """Read one image file as float32 in [0, 1]: ``(S, S)`` in MNIST polarity, or ``(S, S, 3)`` RGB.
+    """Read one image file as float32 in [0, 1]: ``(S, S)`` gray, or ``(S, S, 3)`` RGB.
 
     Parameters
     ----------

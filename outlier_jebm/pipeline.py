@@ -12,7 +12,7 @@ import numpy as np
 
 from .checkpoint import LoadedModel, load_model, read_config
 from .config import Config
-from .data import DataError, holdout_split, load_dataset
+from .data import DataError, check_polarity, holdout_split, load_dataset
 from .distributed import ProcessGroup
 from .evaluate import Evaluation
 from .model import JointEBM
@@ -36,6 +36,7 @@ class TrainingData:
     test_in_train: float = 0.0  # share of the test part's normals that are training images
     train_labels: np.ndarray | None = None  # class labels of ``train`` where the source has them
     max_train: int | None = None
+    polarity: str = "keep"  # how image files were read (data.decode_image); scoring defaults to the same
 
 
 def prepare_data(
@@ -75,6 +76,7 @@ def prepare_data(
         ds = load_vector_dataset(source, data_dir=data_dir)
     else:
         ds = load_dataset(source, data_dir=data_dir, image_size=image_size, channels=channels, polarity=polarity)
+    check_polarity(polarity)  # for every source, not only the image files it applies to
     leaked = 0.0
     train_labels = None
     if holdout is not None and split == "published":
@@ -108,6 +110,7 @@ def prepare_data(
         test_in_train=leaked,
         train_labels=train_labels,
         max_train=max_train,
+        polarity=polarity,
     )
 
 
@@ -182,6 +185,7 @@ def run_fit(
         "holdout": data.holdout,
         "split": data.split,
         "max_train": data.max_train,
+        "polarity": data.polarity,
         "n_train": int(len(data.train)),
         "n_val": int(len(data.val)),
         "image_size": config.model.image_size,
@@ -282,13 +286,21 @@ def run_fit(
 
 
 def fit_sample_quality(
-    model: JointEBM, config: Config, data: TrainingData, n: int | None = None
+    model: JointEBM,
+    config: Config,
+    data: TrainingData,
+    n: int | None = None,
+    *,
+    steps: int | None = None,
+    seed: int | None = None,
 ) -> dict[str, float] | None:
     """Sample quality of a fitted image model (``sample_quality``), or None where it does not apply.
 
     Needs class labels for the training images (MNIST, sklearn digits, labelled arrays) and an
-    image model; ``n`` (default ``train.sample_metrics``, 0 = off) prior samples are compared with
-    as many training images in the features of a LeNet trained on the training part.
+    image model; ``n`` (default ``train.sample_metrics``, 0 = off) prior samples (``steps``
+    prior Langevin steps, default the training value) are compared with as many training images
+    in the features of a LeNet trained on the training part (with ``seed``, default
+    ``train.seed``). Also returns ``samples`` (n) and ``seconds`` (the wall time of all this).
     """
     from .sample_quality import sample_quality, train_classifier
 
@@ -296,11 +308,20 @@ def fit_sample_quality(
     labels = data.train_labels
     if n <= 0 or config.model.is_vector or labels is None or len(np.unique(labels)) < 2:
         return None
-    classifier = train_classifier(data.train, labels, seed=config.train.seed)
+    t0 = time.perf_counter()
+    seed = config.train.seed if seed is None else seed
+    classifier = train_classifier(data.train, labels, seed=seed)
     pr = config.train.prior_langevin
-    return sample_quality(
-        model, classifier, data.train, n=n, steps=pr.steps, step_size=pr.step_size, seed=config.train.seed
+    out = sample_quality(
+        model,
+        classifier,
+        data.train,
+        n=n,
+        steps=pr.steps if steps is None else steps,
+        step_size=pr.step_size,
+        seed=seed,
     )
+    return {**out, "samples": float(n), "seconds": time.perf_counter() - t0}
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:
@@ -391,7 +412,13 @@ def run_evaluate(
 
 
 def model_sample_quality(
-    loaded: LoadedModel, *, n: int | None = None, data: str | None = None, data_dir: str | Path | None = None
+    loaded: LoadedModel,
+    *,
+    n: int | None = None,
+    data: str | None = None,
+    data_dir: str | Path | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
 ) -> dict[str, float]:
     """``fit_sample_quality`` for a saved model, on the training part it was fitted on.
 
@@ -411,11 +438,12 @@ def model_sample_quality(
         holdout=meta.get("holdout"),
         seed=config.train.seed,
         val_fraction=config.train.val_fraction,
-        max_train=meta.get("max_train"),
+        max_train=meta.get("max_train", config.train.max_train),
         image_size=config.model.image_size,
         data_dir=data_dir,
         channels=config.model.channels,
         split=meta.get("split", "clean"),
+        polarity=meta.get("polarity", "keep"),
     )
     if td.train_labels is None or len(np.unique(td.train_labels)) < 2:
         raise DataError(
@@ -424,7 +452,7 @@ def model_sample_quality(
         )
     n = config.train.sample_metrics if n is None else n
     if n <= 0:
-        raise DataError(f"--n must be positive, got {n}")
-    result = fit_sample_quality(loaded.model, config, td, n=n)
-    assert result is not None
+        raise DataError(f"the number of samples must be positive, got {n}")
+    result = fit_sample_quality(loaded.model, config, td, n=n, steps=steps, seed=seed)
+    assert result is not None  # the conditions above are fit_sample_quality's
     return result

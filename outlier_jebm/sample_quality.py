@@ -3,7 +3,7 @@
 Inception FID needs weights from the internet and ImageNet-sized color inputs; neither fits an
 offline 28 x 28 product. Instead a LeNet-sized CNN is trained on the split's own training part
 (images and their class labels, never the held-out class), and prior samples are compared with
-held-in images in its penultimate-layer features (84 numbers per image):
+training images in its penultimate-layer features (84 numbers per image):
 
 - ``fid_lenet``: the Fréchet distance between Gaussians fitted to the two feature sets,
   ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)). Call it "FID (in-project LeNet
@@ -40,7 +40,7 @@ EPOCHS = 3
 BATCH = 128
 LR = 1e-3
 MAX_TRAIN = 30_000  # images the classifier trains on (drawn with its seed when the part is larger)
-N_SAMPLES = 10_000  # prior samples and held-in images compared by default
+N_SAMPLES = 10_000  # prior samples and training images compared by default
 
 
 class LeNet(nn.Module):
@@ -103,9 +103,10 @@ class Classifier:
         return np.concatenate(feats), np.concatenate(conf)
 
 
-def classifier_key(images01: np.ndarray, labels: np.ndarray) -> str:
-    """Hash of what the classifier is a function of: its data, this code, the torch version."""
+def classifier_key(images01: np.ndarray, labels: np.ndarray, seed: int = 0) -> str:
+    """Hash of what the classifier is a function of: its data, its seed, this code, the torch version."""
     h = hashlib.sha256()
+    h.update(f"seed={seed};".encode())
     h.update(np.ascontiguousarray(images01, dtype=np.float32).tobytes())
     h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
     h.update(Path(__file__).read_bytes())
@@ -125,14 +126,17 @@ def train_classifier(images01: np.ndarray, labels: np.ndarray, *, seed: int = 0,
     classes = np.unique(labels)
     if len(classes) < 2:
         raise ValueError("the classifier needs images of at least two classes")
-    key = classifier_key(images01, labels)
+    key = classifier_key(images01, labels, seed)
     path = cache_dir() / "lenet" / f"lenet-{key}.safetensors"
     channels = 1 if images01.ndim == 3 else images01.shape[-1]
     if cache and path.is_file():
-        meta = json.loads(path.with_suffix(".json").read_text())
-        net = LeNet(channels, len(classes))
-        net.load_state_dict(load_file(str(path)))
-        return Classifier(net.eval(), np.asarray(meta["classes"]), float(meta["accuracy"]), key)
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())
+            net = LeNet(channels, len(classes))
+            net.load_state_dict(load_file(str(path)))
+            return Classifier(net.eval(), np.asarray(meta["classes"]), float(meta["accuracy"]), key)
+        except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError):
+            pass  # an unreadable cache entry is trained again and replaced
 
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(images01))
@@ -223,26 +227,26 @@ def prior_images(
 def sample_quality(
     model: JointEBM,
     classifier: Classifier,
-    held_in01: np.ndarray,
+    train01: np.ndarray,
     *,
     n: int = N_SAMPLES,
     steps: int,
     step_size: float,
     seed: int = 0,
 ) -> dict[str, float]:
-    """FID (in-project LeNet features) of n prior samples against up to n held-in images, and confidences.
+    """FID (in-project LeNet features) of n prior samples against up to n training images, and confidences.
 
-    Returns ``fid_lenet``, ``lenet_confidence`` (samples), ``lenet_confidence_held_in`` and
+    Returns ``fid_lenet``, ``lenet_confidence`` (samples), ``lenet_confidence_training`` and
     ``lenet_accuracy`` (of the classifier, on training images it did not fit), so that a figure
     can be read against what real images give.
     """
-    pick = np.random.default_rng(seed).permutation(len(held_in01))[:n]
-    real_f, real_c = classifier.features_and_confidence(held_in01[pick])
+    pick = np.random.default_rng(seed).permutation(len(train01))[:n]
+    real_f, real_c = classifier.features_and_confidence(train01[pick])
     samples = prior_images(model, n, steps=steps, step_size=step_size, seed=seed)
     fake_f, fake_c = classifier.features_and_confidence(samples)
     return {
         "fid_lenet": frechet_distance(fake_f, real_f),
         "lenet_confidence": float(fake_c.mean()),
-        "lenet_confidence_held_in": float(real_c.mean()),
+        "lenet_confidence_training": float(real_c.mean()),
         "lenet_accuracy": classifier.accuracy,
     }

@@ -1,9 +1,11 @@
 """One output schema for every surface (CLI files, the HTTP server, the MLflow pyfunc, Spark).
 
 A scored input is a row of ``RESULT_COLUMNS`` followed by one column per score component.
-An input that could not be scored reads the same everywhere: ``label`` is ``UNSCORED_LABEL``
-(-1), ``top_component`` is empty, ``error`` says why, and the score and component columns are
-missing: NaN in typed tables (pyfunc, Spark, parquet), null in JSON, an empty CSV cell.
+An input that could not be scored has ``label`` ``UNSCORED_LABEL`` (-1) and ``error`` saying
+why, everywhere. In tables (the CLI's files, the pyfunc, Spark) its ``top_component`` is empty
+and its score and component columns are missing: NaN in the pyfunc's and Spark's frames, null
+in the CLI's JSON and parquet, an empty CSV cell. The HTTP server answers such an item with
+just ``{"label": -1, "error": ...}``.
 """
 
 from __future__ import annotations

@@ -244,6 +244,11 @@ def test_polarity_keep_scores_dark_on_light_as_it_is_and_auto_inverts_it_everywh
     assert rows["keep"]["b_paper.png"]["score"] != pytest.approx(rows["keep"]["a_normal.png"]["score"], rel=1e-2)
     assert runner.invoke(app, ["score", str(folder), "--model", "m", "--polarity", "flip"]).exit_code == 2
 
+    # the fit's choice is the model's default for score (and serve), and Spark refuses the option
+    assert load_model(tmp_path / "m").meta["polarity"] == "keep"
+    res = runner.invoke(app, ["score", str(folder), "--model", "m", "--engine", "spark", "--polarity", "auto"])
+    assert res.exit_code == 2 and "--engine spark" in res.output
+
     # the server makes the same choice for encoded images
     paper = (folder / "b_paper.png").read_bytes()
     for polarity in ("keep", "auto"):

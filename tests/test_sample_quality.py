@@ -49,9 +49,12 @@ def test_the_lenet_learns_the_digits_is_cached_by_data_and_tells_real_images_fro
     assert clf.accuracy > 0.8  # on the twentieth it did not train on
     stored = list((tmp_path / "lenet").glob("lenet-*.safetensors"))
     assert [p.name for p in stored] == [f"lenet-{clf.key}.safetensors"]
-    again = sq.train_classifier(images, labels)  # read from the cache: the same weights
+    with monkeypatch.context() as m:  # read from the cache: no training step, the same weights
+        m.setattr(sq.nn.functional, "cross_entropy", lambda *a, **k: pytest.fail("trained again"))
+        again = sq.train_classifier(images, labels)
     for p, q in zip(clf.net.parameters(), again.net.parameters()):
         assert torch.equal(p, q)
+    assert sq.classifier_key(images, labels, seed=1) != clf.key  # another seed, another classifier
     other = labels.copy()
     other[:10] = (other[:10] + 1) % 10
     assert sq.classifier_key(images, other) != clf.key  # other labels, another classifier

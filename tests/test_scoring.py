@@ -84,13 +84,15 @@ def test_fit_and_calibration_never_read_the_test_part_or_its_anomaly_labels(tmp_
     from outlier_jebm.pipeline import TrainingData, run_fit
 
     split = holdout_split(load_digits(), 0, seed=0, val_fraction=0.15)
-    cfg = tiny_config(epochs=1, sample_metrics=0)
-    common = dict(train=split.train, val=split.val, name="digits", holdout=0)
-    run_fit(cfg, TrainingData(**common), out_dir=tmp_path / "a", track=False, remember=False)
+    cfg = tiny_config(epochs=1)  # with the fit-end sample quality, which reads the training labels
+    common = dict(train=split.train, val=split.val, name="digits", holdout=0, train_labels=split.train_labels)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # tracked, so that the MLflow branch runs too
+    first = run_fit(cfg, TrainingData(**common), out_dir=tmp_path / "a", tracking_uri=uri, remember=False)
+    assert first.sample_quality is not None
     # the same fit with the test part and its labels replaced by tripwires: it must not touch them,
     # and it must calibrate to the same threshold (the calibration is a function of held-in images only)
     wired = TrainingData(**common, test=_Tripwire(), test_is_anomaly=_Tripwire())
-    run_fit(cfg, wired, out_dir=tmp_path / "b", track=False, remember=False)
+    run_fit(cfg, wired, out_dir=tmp_path / "b", tracking_uri=uri, remember=False)
     a, b = load_model(tmp_path / "a").calibration, load_model(tmp_path / "b").calibration
     assert a["threshold"] == pytest.approx(b["threshold"], rel=1e-5)
 
