@@ -75,7 +75,7 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from cli.main import _fail, _load_config, console
+    from cli.common import console, fail, load_config
     from outlier_jebm.bench import (
         PYOD_DETECTORS,
         BenchError,
@@ -99,7 +99,7 @@ def bench(
     from outlier_jebm.config import default_config_path
     from outlier_jebm.tables import is_vector_source
 
-    base = _load_config(config or default_config_path("vector" if is_vector_source(data) else "image"))
+    base = load_config(config or default_config_path("vector" if is_vector_source(data) else "image"))
     try:
         if epochs is not None:
             base = base.with_overrides(train={"epochs": epochs})
@@ -127,7 +127,7 @@ def bench(
         )
         splits = spec.splits  # an unknown split name is an error before anything runs
     except (BenchError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
     console.print(
         f"bench: {len(spec.detectors)} detectors x holdout {', '.join(map(str, spec.holdouts))} x "
@@ -171,7 +171,7 @@ def bench(
                 spec, on_row=on_row, on_message=lambda m: progress.console.print(escape(m)), on_cell=on_cell
             )
     except DataError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _print_summary(result)
 
 

@@ -13,28 +13,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from cli.bench import bench
+from cli.common import console, fail, load_config
+
 app = typer.Typer(
     help="Image anomaly detection with a joint latent-space EBM prior on a multi-layer generator.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-console = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    # soft_wrap: a path or a reason stays on one line whatever the terminal's width (copyable);
-    # escape: a "[...]" in a path or a message is text, not rich markup
-    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _load_config(path: Optional[Path]):
-    from outlier_jebm.config import Config, ConfigError, default_config_path
-
-    try:
-        return Config.from_yaml(path or default_config_path())
-    except ConfigError as exc:
-        _fail(str(exc))
 
 
 @app.command()
@@ -80,9 +66,9 @@ def fit(
     from outlier_jebm.config import default_config_path, for_vectors
     from outlier_jebm.tables import is_vector_source
 
-    cfg = _load_config(config or default_config_path("vector" if is_vector_source(data) else "image"))
+    cfg = load_config(config or default_config_path("vector" if is_vector_source(data) else "image"))
     if resume and out is None:
-        _fail("--resume needs --out pointing at the model directory to continue")
+        fail("--resume needs --out pointing at the model directory to continue")
     try:
         cfg = cfg.with_overrides(train={"epochs": epochs, "seed": seed, "max_train": max_train})
         with console.status(f"loading {data} ...") if main else nullcontext():
@@ -101,7 +87,7 @@ def fit(
         if td.train.ndim == 2:  # vectors: the data says how many features
             cfg = for_vectors(cfg, td.train.shape[1])
     except (DataError, ConfigError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     out_dir = out or default_out_dir(td.name, holdout)
     say(
         f"training on [bold]{len(td.train)}[/] {'vectors' if cfg.model.is_vector else 'images'} of {td.name}"
@@ -164,9 +150,9 @@ def fit(
                 on_epoch_end=on_epoch_end,
             )
     except TrainingDiverged as exc:
-        _fail(f"training stopped: {exc}", code=3)
+        fail(f"training stopped: {exc}", code=3)
     except (CheckpointError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if not main:
         return
     last = summary.history[-1] if summary.history else {}
@@ -231,7 +217,7 @@ def sample(
     elif kind == "chains":
         grid = sample_figures(loaded.model, steps=k, step_size=pr.step_size)["short_vs_long_run"]
     else:
-        _fail(f"--kind must be prior, hierarchical or chains, got {kind!r}")
+        fail(f"--kind must be prior, hierarchical or chains, got {kind!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     console.print(f"wrote {out}")
@@ -242,7 +228,7 @@ def sample(
         try:
             quality = model_sample_quality(loaded, n=metrics_n, data=data, data_dir=data_dir, steps=k, seed=seed)
         except DataError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         console.print(f"FID (in-project LeNet features, not Inception FID): {quality['fid_lenet']:.3f}")
         console.print(
             f"LeNet mean confidence: samples {quality['lenet_confidence']:.3f}, "
@@ -258,7 +244,7 @@ def _load_model_or_fail(model: Optional[str], device: str = "cpu"):
     try:
         return load_model(resolve_model_dir(model), device=device)
     except (CheckpointError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @app.command()
@@ -302,40 +288,40 @@ def score(
     """
     if engine == "spark":
         if polarity is not None:
-            _fail("--polarity is not available with --engine spark: the logged model keeps the pixels as they are")
+            fail("--polarity is not available with --engine spark: the logged model keeps the pixels as they are")
         if maps is not None:
-            _fail("--maps is not available with --engine spark (anomaly maps are written by the local engine)")
+            fail("--maps is not available with --engine spark (anomaly maps are written by the local engine)")
         _score_spark(paths, model, out, steps, top, spark_master, batch_rows, overwrite)
         return
     if engine != "local":
-        _fail(f"--engine {engine!r}: expected local or spark")
+        fail(f"--engine {engine!r}: expected local or spark")
     from outlier_jebm.batch import ResultWriter, score_files, score_tables
     from outlier_jebm.data import POLARITIES, non_image_files
 
     if polarity is not None and polarity not in POLARITIES:
-        _fail(f"--polarity {polarity!r}: expected keep or auto")
+        fail(f"--polarity {polarity!r}: expected keep or auto")
     from outlier_jebm.scoring import Scorer
 
     loaded = _load_model_or_fail(model)
     polarity = polarity or loaded.meta.get("polarity", "keep")
     if loaded.calibration is None:
-        _fail(f"{loaded.path}: the model has no calibration.json (it was not fitted to the end); refit it")
+        fail(f"{loaded.path}: the model has no calibration.json (it was not fitted to the end); refit it")
     vectors = loaded.config.model.is_vector
     if vectors and maps is not None:
-        _fail("--maps draws images: a vector model has none (each row's per-component scores are in --out)")
+        fail("--maps draws images: a vector model has none (each row's per-component scores are in --out)")
     from outlier_jebm.config import ConfigError
 
     try:
         scorer = Scorer(loaded, steps=steps)
     except ConfigError as exc:
-        _fail(f"--steps: {exc}")
+        fail(f"--steps: {exc}")
     columns = scorer.component_names
     writer = None
     if out is not None:
         try:
             writer = ResultWriter(out, columns)
         except ValueError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     rows_scored, n_flagged, errors, top_rows, light = 0, 0, [], [], []
     progress = Progress(
         TextColumn("scoring"),
@@ -393,35 +379,35 @@ def _score_spark(paths, model, out, steps, top, spark_master, batch_rows, overwr
     from outlier_jebm.spark import pyfunc_uri_for, quiet, score_parquet, spark_session
 
     if steps is not None:
-        _fail("--steps is not available with --engine spark: the logged model scores with its own score.steps")
+        fail("--steps is not available with --engine spark: the logged model scores with its own score.steps")
     if out is not None and len(paths) == 1:
         paths = [paths[0], out]
     if len(paths) != 2:
-        _fail("--engine spark takes INPUT OUTPUT: a parquet dataset to score and where to write the scored one")
+        fail("--engine spark takes INPUT OUTPUT: a parquet dataset to score and where to write the scored one")
     src, dst = (str(p) for p in paths)
     if not Path(src).exists() and "://" not in src:
-        _fail(f"{src}: no such file or folder")
+        fail(f"{src}: no such file or folder")
     if batch_rows < 1:
-        _fail("--batch-rows must be at least 1")
+        fail("--batch-rows must be at least 1")
     if Path(dst).exists() and not overwrite:
-        _fail(f"{dst}: already exists (pass --overwrite to replace it)")
+        fail(f"{dst}: already exists (pass --overwrite to replace it)")
     try:
         import pyspark  # noqa: F401
     except ImportError:
-        _fail("--engine spark needs pyspark: pip install 'jebm-od[spark]' (and Java 17 or newer)")
+        fail("--engine spark needs pyspark: pip install 'jebm-od[spark]' (and Java 17 or newer)")
     quiet()
     with tempfile.TemporaryDirectory(prefix="jebm-od-spark-") as work:
         try:
             uri = pyfunc_uri_for(model, Path(work))
         except (FileNotFoundError, DataError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         with console.status("starting Spark"):
             spark = spark_session(spark_master)
         try:
             with console.status(f"scoring {src} on Spark ({spark.sparkContext.master})"):
                 summary = score_parquet(spark, uri, src, dst, overwrite=overwrite, batch_rows=batch_rows, top=top)
         except DataError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         finally:
             spark.stop()
     out_console = Console()
@@ -550,10 +536,10 @@ def evaluate(
 
     loaded = _load_model_or_fail(model)
     if loaded.calibration is None:
-        _fail(f"{loaded.path}: the model has no calibration.json; refit it")
+        fail(f"{loaded.path}: the model has no calibration.json; refit it")
     holdout = holdout if holdout is not None else loaded.meta.get("holdout")
     if holdout is None:
-        _fail("--holdout is needed: the model was not trained with a held-out digit")
+        fail("--holdout is needed: the model was not trained with a held-out digit")
     if loaded.meta.get("holdout") not in (None, holdout):
         console.print(
             f"[yellow]warning:[/] the model was trained with digit {loaded.meta['holdout']} held out, not {holdout}",
@@ -573,7 +559,7 @@ def evaluate(
                 split=split,
             )
     except (DataError, ConfigError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     m = run.evaluation.metrics
     if json_out:
         print(json.dumps({**m, "component_auprc": run.evaluation.component_auprc, "mlflow_run_id": run.run_id}))
@@ -636,7 +622,7 @@ def serve(
 
     if threads is not None:
         if threads < 1:
-            _fail("--threads must be at least 1")
+            fail("--threads must be at least 1")
         torch.set_num_threads(threads)
 
     from serving.app import Limits, create_app, load_for_serving
@@ -652,7 +638,7 @@ def serve(
             limits=Limits(max_items=max_items, max_body_bytes=int(max_body_mb * (1 << 20)), timeout_s=timeout),
         )
     except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console.print(
         f"serving [bold]{ref}[/] (loaded in {seconds:.2f} s) on http://{host}:{port}  "
         "- POST /v1/score, GET /health /v1/model /metrics"
@@ -689,7 +675,7 @@ def calibrate(
         loaded.config = cfg
     source = data or loaded.meta.get("data")
     if not source:
-        _fail("--data is needed: the model does not record its training data")
+        fail("--data is needed: the model does not record its training data")
     try:
         # the split fit made: same seed, validation share and training cap
         td = prepare_data(
@@ -705,7 +691,7 @@ def calibrate(
             polarity=loaded.meta.get("polarity", "keep"),
         )
     except DataError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     cal = calibrate_model(loaded, td.train, td.val, seed=cfg.train.seed)
     console.print(
         f"calibrated on {len(td.val)} held-in images: threshold {cal.threshold:.3f} at "
@@ -713,9 +699,7 @@ def calibrate(
     )
 
 
-from cli.bench import bench as _bench  # noqa: E402
-
-app.command("bench")(_bench)
+app.command("bench")(bench)
 
 
 if __name__ == "__main__":
