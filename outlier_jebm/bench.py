@@ -41,7 +41,7 @@ from .config import Config, ConfigError, for_vectors
 from .evaluate import detection_metrics
 from .fileio import atomic_path, write_text_atomic
 
-# ICCV 2023 joint-EBM paper, Table 3, as quoted in PROTOCOL.md (AUPRC, MNIST hold-out-one-digit).
+# Cui, Wu and Han, ICCV 2023 (the joint latent EBM paper), Table 3: AUPRC, MNIST hold-out-one-digit.
 # The papers score with log p(x, z) and average over their last 10 training epochs.
 PUBLISHED_AUPRC: dict[str, dict[int, float]] = {
     "joint latent EBM (published)": {1: 0.722, 4: 0.949, 5: 0.980, 7: 0.941, 9: 0.935},
@@ -158,7 +158,7 @@ PYOD_DETECTORS: dict[str, PyODDetector] = {
             "pyod.models.pca.PCA",
             {"n_components": 0.95, "svd_solver": "full", "standardization": False},
             "PyOD's defaults keep every component and divide by each one's explained variance; on pixels the "
-            "last components have (near) zero variance and every score is infinite (PROTOCOL.md; the tests "
+            "last components have (near) zero variance and every score is infinite (the tests "
             "reproduce it on 8x8 digits). Kept: the components that explain 95 % of the training variance "
             "(svd_solver 'full' is what a variance fraction needs). Standardisation off: all pixels share one "
             "unit, and standardising near-constant border pixels amplifies their noise.",

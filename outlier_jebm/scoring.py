@@ -16,7 +16,7 @@ steps (noise off by default, so a score is a deterministic function of x), over
 - ``chain_spread``     spread of z over chains (0 with one chain)
 - ``latent_knn``       mean distance, in reference coordinates eps, to the k nearest
                        posterior means of training images (the latent space is where
-                       the classes' modes separate; SPEC section 6)
+                       the classes' modes separate)
 - ``latent_knn_cos``   the same on directions eps / ||eps||: mean distance between unit
                        vectors (sqrt(2 - 2 cos)) to the k nearest. The norm of eps says how
                        typical a code is under the Gaussian hierarchy; its direction says

@@ -7,7 +7,7 @@ draws twice from it: a permutation of the normal images (the first 80 % are the 
 the last 20 % plus every held-out image the test part), then a shuffle of that test part. A run
 asks for the training part first and the test part second, so the training images come from
 the first permutation and the test normals from a *second* one: about 80 % of the test normals
-are training images (PROTOCOL.md, "A leak in the published protocol's loaders").
+are training images (benchmarks/RESULTS.md, "The published split, replayed").
 
 ``published_holdout_split`` replays those four draws on ``load_mnist``'s pool (the original
 60 000 training images in order, the first 50 000 being the loaders' train part and the last
