@@ -86,7 +86,7 @@ def main() -> None:
         scorer = Scorer(loaded)
         if args.reference_size is not None:  # drawn like calibrate() draws it; the model dir is not touched
             ref = reference_latents(scorer, td.train, args.reference_size, seed=cfg.train.seed)
-            scorer.reference = reference_set(scorer.model, torch.from_numpy(ref))
+            scorer.reference = reference_set(scorer.model, torch.from_numpy(ref), top_knn=cfg.score.top_knn)
         test = scorer.components_of(td.test).components
         val = scorer.components_of(td.val).components
         y = td.test_is_anomaly

@@ -1050,7 +1050,15 @@ def _available_components(config: Config) -> set[str]:
 
     if config.model.is_vector:
         config = for_vectors(config, max(config.model.vector_dim, 1))
-    return set(component_names(JointEBM(config.model), True, llr_samples=1, posterior=posterior_averaged(config.score)))
+    return set(
+        component_names(
+            JointEBM(config.model),
+            True,
+            llr_samples=1,
+            posterior=posterior_averaged(config.score),
+            top_knn=config.score.top_knn,
+        )
+    )
 
 
 def _split_components(token: str) -> tuple[str, list[str]]:

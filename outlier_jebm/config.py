@@ -172,6 +172,9 @@ class ScoreConfig:
     # More is better for detection and slower: on MNIST every training image (about 48 000)
     # against 10 000 raised AUPRC by 0.04 on average (benchmarks/RESULTS.md).
     reference_size: int = 60_000
+    # latent_knn_top / latent_knn_cos_top: the kNN searches in the top latent layer alone. Off: on
+    # MNIST they did not help any score (benchmarks/RESULTS.md, issue 14) and cost ~20 % of K = 0 speed.
+    top_knn: bool = False
 
     def validate(self) -> None:
         if self.steps < 0:

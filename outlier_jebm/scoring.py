@@ -21,7 +21,9 @@ steps (noise off by default, so a score is a deterministic function of x), over
                        vectors (sqrt(2 - 2 cos)) to the k nearest. The norm of eps says how
                        typical a code is under the Gaussian hierarchy; its direction says
                        what it depicts, and a held-out class differs in the latter.
-- ``latent_knn_top``, ``latent_knn_cos_top``  (two or more layers) the same two searches in
+- ``latent_knn_top``, ``latent_knn_cos_top``  (``score.top_knn``, two or more layers; off by
+                       default: they did not help and cost about a fifth of the K = 0
+                       throughput, benchmarks/RESULTS.md) the same two searches in
                        the top layer's coordinates alone: the layer farthest from the pixels,
                        which the hierarchy leaves what a digit *is*, while the full code also
                        holds how it is drawn.
@@ -79,7 +81,9 @@ def posterior_averaged(cfg: ScoreConfig) -> bool:
     return cfg.steps > 0 and (cfg.noise or cfg.chains > 1)
 
 
-def component_names(model: JointEBM, with_reference: bool, llr_samples: int = 0, posterior: bool = False) -> list[str]:
+def component_names(
+    model: JointEBM, with_reference: bool, llr_samples: int = 0, posterior: bool = False, top_knn: bool = False
+) -> list[str]:
     L = model.cfg.n_layers
     names = ["recon"]
     if model.ebm.kind == "layerwise":
@@ -92,7 +96,7 @@ def component_names(model: JointEBM, with_reference: bool, llr_samples: int = 0,
         names += ["neg_log_joint_post", "recon_post"]
     if with_reference:
         names += ["latent_knn", "latent_knn_cos"]
-        if L > 1:
+        if top_knn and L > 1:
             names += ["latent_knn_top", "latent_knn_cos_top"]
     if llr_samples > 0:
         names += [f"llr_gt{k}" for k in range(1, L)]
@@ -519,7 +523,9 @@ class Scorer:
         self.reference = None
         if loaded.path is not None and (loaded.path / REFERENCE_FILE).is_file():
             self.reference = reference_set(
-                self.model, load_file(str(loaded.path / REFERENCE_FILE))["eps"].to(self.device)
+                self.model,
+                load_file(str(loaded.path / REFERENCE_FILE))["eps"].to(self.device),
+                top_knn=self.score_cfg.top_knn,
             )
         self.image_size = loaded.config.model.image_size
         self.channels = loaded.config.model.channels  # 1: inputs (N, S, S); 3: (N, S, S, 3)
@@ -528,7 +534,11 @@ class Scorer:
     def component_names(self) -> list[str]:
         """The components this scorer computes, in output order."""
         return component_names(
-            self.model, self.reference is not None, self.score_cfg.llr_samples, posterior_averaged(self.score_cfg)
+            self.model,
+            self.reference is not None,
+            self.score_cfg.llr_samples,
+            posterior_averaged(self.score_cfg),
+            self.score_cfg.top_knn,
         )
 
     def components_of(self, images01: np.ndarray) -> BatchScores:
@@ -566,10 +576,11 @@ class Scorer:
         return out
 
 
-def reference_set(model: JointEBM, eps: torch.Tensor) -> References:
-    """The reference latents prepared for the model's searches (the top layer's too, with two or more layers)."""
+def reference_set(model: JointEBM, eps: torch.Tensor, top_knn: bool = False) -> References:
+    """The reference latents prepared for the model's searches (``top_knn``: the top layer's too, with two or more
+    layers)."""
     dims = model.cfg.z_dims
-    return References(eps, top_dim=dims[-1] if len(dims) > 1 else 0)
+    return References(eps, top_dim=dims[-1] if top_knn and len(dims) > 1 else 0)
 
 
 def reference_latents(scorer: "Scorer", train_images: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
@@ -604,7 +615,9 @@ def calibrate(
     scorer = Scorer(loaded, device=device)
     ref = reference_latents(scorer, train_images, size, seed)
     save_file({"eps": torch.from_numpy(ref)}, str(loaded.path / REFERENCE_FILE))
-    scorer.reference = reference_set(scorer.model, torch.from_numpy(ref).to(scorer.device))
+    scorer.reference = reference_set(
+        scorer.model, torch.from_numpy(ref).to(scorer.device), top_knn=scorer.score_cfg.top_knn
+    )
     comps = scorer.components_of(val_images).components
     cal = fit_calibration(
         comps,

@@ -346,7 +346,12 @@ def test_latent_knn_cos_is_the_mean_chordal_distance_to_the_nearest_directions_a
 
 
 def test_latent_knn_top_searches_the_top_layer_alone_by_brute_force(trained):
+    import copy
+
     loaded, split = trained
+    assert "latent_knn_top" not in Scorer(loaded).component_names  # off by default (score.top_knn)
+    loaded = copy.copy(loaded)
+    loaded.config = loaded.config.with_overrides(score={"top_knn": True})
     scorer = Scorer(loaded)
     top = loaded.config.model.z_dims[-1]
     assert {"latent_knn_top", "latent_knn_cos_top"} <= set(scorer.component_names)
