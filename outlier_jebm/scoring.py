@@ -128,8 +128,7 @@ def _terms(model: JointEBM, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch
     out["neg_log_prior"] = -(f_terms.sum(-1) + log_pg.sum(-1))
     # -log p(x, z) = -log p(x | z) - log p_alpha(z), from the terms above (no second model pass);
     # equal to -model.log_joint(x, z), which the tests check
-    log_norm = 0.5 * x.shape[-1] * (math.log(2.0 * math.pi) + 2.0 * math.log(model.obs_sigma))
-    out["neg_log_joint"] = out["recon"] + log_norm + out["neg_log_prior"]
+    out["neg_log_joint"] = out["recon"] + model.obs_log_norm(x.shape[-1]) + out["neg_log_prior"]
     return out
 
 
