@@ -661,7 +661,7 @@ def calibrate(
     """Recompute calibration.json from the model's held-in validation data (never from anomaly labels)."""
     from outlier_jebm.checkpoint import save_model
     from outlier_jebm.data import DataError
-    from outlier_jebm.pipeline import prepare_data
+    from outlier_jebm.pipeline import training_data_of
     from outlier_jebm.scoring import calibrate as calibrate_model
 
     loaded = _load_model_or_fail(model)
@@ -676,20 +676,8 @@ def calibrate(
     source = data or loaded.meta.get("data")
     if not source:
         fail("--data is needed: the model does not record its training data")
-    try:
-        # the split fit made: same seed, validation share and training cap
-        td = prepare_data(
-            source,
-            holdout=loaded.meta.get("holdout"),
-            seed=cfg.train.seed,
-            val_fraction=cfg.train.val_fraction,
-            max_train=cfg.train.max_train,
-            image_size=cfg.model.image_size,
-            data_dir=data_dir,
-            channels=cfg.model.channels,
-            split=loaded.meta.get("split", "clean"),
-            polarity=loaded.meta.get("polarity", "keep"),
-        )
+    try:  # the split fit made: same seed, validation share and training cap
+        td = training_data_of(loaded, data=source, data_dir=data_dir)
     except DataError as exc:
         fail(str(exc))
     cal = calibrate_model(loaded, td.train, td.val, seed=cfg.train.seed)

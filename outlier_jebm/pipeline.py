@@ -411,6 +411,31 @@ def run_evaluate(
     return EvaluationRun(evaluation=ev, holdout=holdout, seed=seed, run_id=run_id)
 
 
+def training_data_of(
+    loaded: LoadedModel, *, data: str | None = None, data_dir: str | Path | None = None
+) -> TrainingData:
+    """The split a saved model was fitted on, rebuilt from its record (data, hold-out digit, split,
+    seed, validation share, training cap, polarity); ``data`` names the source where the record's
+    is not loadable from here."""
+    meta, config = loaded.meta, loaded.config
+    source = data or meta.get("data")
+    if not source:
+        raise DataError("the model does not record its training data: pass --data")
+    return prepare_data(
+        source,
+        holdout=meta.get("holdout"),
+        seed=config.train.seed,
+        val_fraction=config.train.val_fraction,
+        max_train=meta.get("max_train", config.train.max_train),
+        image_size=config.model.image_size,
+        data_dir=data_dir,
+        channels=config.model.channels,
+        data_kind=config.model.data_kind,
+        split=meta.get("split", "clean"),
+        polarity=meta.get("polarity", "keep"),
+    )
+
+
 def model_sample_quality(
     loaded: LoadedModel,
     *,
@@ -427,24 +452,11 @@ def model_sample_quality(
     ``DataError`` when the data has no class labels (folders, bare arrays) or the model
     scores vectors.
     """
-    meta, config = loaded.meta, loaded.config
-    source = data or meta.get("data")
+    config = loaded.config
+    source = data or loaded.meta.get("data")
     if config.model.is_vector:
         raise DataError("sample quality is measured for image models; this model scores vectors")
-    if not source:
-        raise DataError("the model does not record its training data: pass --data")
-    td = prepare_data(
-        source,
-        holdout=meta.get("holdout"),
-        seed=config.train.seed,
-        val_fraction=config.train.val_fraction,
-        max_train=meta.get("max_train", config.train.max_train),
-        image_size=config.model.image_size,
-        data_dir=data_dir,
-        channels=config.model.channels,
-        split=meta.get("split", "clean"),
-        polarity=meta.get("polarity", "keep"),
-    )
+    td = training_data_of(loaded, data=data, data_dir=data_dir)
     if td.train_labels is None or len(np.unique(td.train_labels)) < 2:
         raise DataError(
             f"{source}: no class labels, which the sample-quality classifier trains on "
