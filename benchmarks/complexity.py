@@ -36,8 +36,9 @@ def components(model_dir: Path, cache: Path) -> dict[str, np.ndarray]:
     import torch
 
     from outlier_jebm.checkpoint import load_model
+    from outlier_jebm.knn import References
     from outlier_jebm.pipeline import prepare_data
-    from outlier_jebm.scoring import References, Scorer, reference_latents
+    from outlier_jebm.scoring import Scorer, reference_latents
 
     m = re.match(r"(.+)-holdout(\d+)-seed(\d+)$", model_dir.name)
     if not m:
@@ -72,8 +73,9 @@ def main() -> None:
     ap.add_argument("models", nargs="+", type=Path)
     ap.add_argument("--cache", type=Path, default=Path("complexity-cache"))
     args = ap.parse_args()
+    from outlier_jebm.calibration import fit_calibration
     from outlier_jebm.evaluate import detection_metrics
-    from outlier_jebm.scoring import DEFAULT_COMBINATION, fit_calibration
+    from outlier_jebm.scoring import DEFAULT_COMBINATION
 
     print("| model | default | C (default + serra) | difference |\n|---|---|---|---|")
     for model_dir in args.models:

@@ -28,8 +28,8 @@ import time
 import torch
 
 from outlier_jebm import native
+from outlier_jebm.knn import References, nearest_columns
 from outlier_jebm.model import fast_tanh
-from outlier_jebm.scoring import References, nearest_columns
 
 
 def timed(fn, n: int = 10) -> float:

@@ -3,7 +3,7 @@
     python benchmarks/knn_speed.py --model DIR [--n 10000] [--repeats 6] [--batch-size N]
 
 - plain: ``cdist``, then top-k over every row, once per component;
-- torch: the torch search of ``scoring.nearest_columns`` (one product, block selection);
+- torch: the torch search of ``knn.nearest_columns`` (one product, block selection);
 - fused: the fused kernel of ``outlier_jebm.native`` (what scoring uses where it builds).
 
 Scores n MNIST images with the model (K = 0) once per search and repeat, and prints images/s
@@ -23,23 +23,24 @@ import time
 import numpy as np
 import torch
 
+import outlier_jebm.knn as knn
 import outlier_jebm.scoring as scoring
 from outlier_jebm import native
 from outlier_jebm.checkpoint import load_model
 from outlier_jebm.data import load_dataset
 
 
-def plain_knn(eps: torch.Tensor, reference: scoring.Reference, k: int = scoring.KNN_K) -> torch.Tensor:
+def plain_knn(eps: torch.Tensor, reference: knn.Reference, k: int = knn.KNN_K) -> torch.Tensor:
     near = torch.cdist(eps, reference.eps).topk(k + 1, dim=1, largest=False).values
     is_self = near[:, :1] < 1e-5
     return torch.where(is_self, near[:, 1:].mean(1, keepdim=True), near[:, :k].mean(1, keepdim=True)).squeeze(1)
 
 
-def plain_pair(eps: torch.Tensor, references: scoring.References, k: int = scoring.KNN_K):
-    return plain_knn(eps, references.points, k), plain_knn(scoring.unit_rows(eps), references.directions, k)
+def plain_pair(eps: torch.Tensor, references: knn.References, k: int = knn.KNN_K):
+    return plain_knn(eps, references.points, k), plain_knn(knn.unit_rows(eps), references.directions, k)
 
 
-def torch_pair(eps: torch.Tensor, references: scoring.References, k: int = scoring.KNN_K):
+def torch_pair(eps: torch.Tensor, references: knn.References, k: int = knn.KNN_K):
     usable = native.usable_for
     native.usable_for = lambda q: False
     try:

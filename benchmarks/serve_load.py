@@ -41,7 +41,7 @@ def start_server(model: str, port: int, steps: int | None, threads: int | None =
     cmd = [
         sys.executable,
         "-m",
-        "cli.main",
+        "jebm_od.cli.main",
         "serve",
         "--model",
         model,

@@ -75,7 +75,6 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from cli.common import console, fail, load_config
     from outlier_jebm.bench import (
         PYOD_DETECTORS,
         BenchError,
@@ -86,6 +85,8 @@ def bench(
         run_bench,
     )
     from outlier_jebm.data import DataError
+
+    from .common import console, fail, load_config
 
     if list_detectors:
         table = Table(title="PyOD detectors in the benchmark (input: pixels in [0, 1], flattened)")

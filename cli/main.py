@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cli.bench import bench
-from cli.common import console, fail, load_config
+from .bench import bench
+from .common import console, fail, load_config
 
 app = typer.Typer(
     help="Image anomaly detection with a joint latent-space EBM prior on a multi-layer generator.",
@@ -625,7 +625,7 @@ def serve(
             fail("--threads must be at least 1")
         torch.set_num_threads(threads)
 
-    from serving.app import Limits, create_app, load_for_serving
+    from jebm_od.serving.app import Limits, create_app, load_for_serving
 
     try:
         loaded, ref, seconds = load_for_serving(model)

@@ -250,22 +250,11 @@ def parse_overrides(text: str, sep: str = ",") -> dict[str, Any]:
 
 
 def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
-    """A validated copy of ``config`` with dotted paths replaced; unknown paths are errors."""
-    data = config.to_dict()
-    for path, value in overrides.items():
-        node = data
-        parts = path.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise BenchError(f"unknown config path {path!r} (shorthands: {', '.join(SHORTHANDS)})")
-            node = node[part]
-        if parts[-1] not in node or isinstance(node[parts[-1]], dict):
-            raise BenchError(f"unknown config field {path!r} (shorthands: {', '.join(SHORTHANDS)})")
-        node[parts[-1]] = value
+    """``Config.override``, its errors worded for the benchmark's command line (with the shorthands)."""
     try:
-        return Config.from_dict(data)
-    except (ConfigError, TypeError) as exc:
-        raise BenchError(f"overrides {overrides}: {exc}") from None
+        return config.override(overrides)
+    except ConfigError as exc:
+        raise BenchError(f"{exc} (shorthands: {', '.join(SHORTHANDS)})") from None
 
 
 def parse_detectors(

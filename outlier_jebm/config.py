@@ -238,14 +238,54 @@ class Config:
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
-    def with_overrides(self, **sections: dict[str, Any]) -> "Config":
-        """A copy with some fields replaced, e.g. ``with_overrides(train={"epochs": 2})``."""
+    def override(self, values: dict[str, Any]) -> "Config":
+        """A validated copy of the config with dotted paths replaced.
+
+        Every override in the project (command-line options, benchmark variants, ``--set``) comes
+        through here, so each is checked the same way.
+
+        Parameters
+        ----------
+        values : dict
+            Dotted paths to new values, e.g. ``{"score.steps": 10, "train.prior_langevin.steps": 60}``.
+
+        Returns
+        -------
+        Config
+            A new config; this one is unchanged.
+
+        Raises
+        ------
+        ConfigError
+            For an unknown path, or a value the config refuses (``score.steps = -3``).
+        """
         data = self.to_dict()
-        for section, values in sections.items():
-            for key, value in values.items():
-                if value is not None:
-                    data[section][key] = value
-        return Config.from_dict(data)
+        for path, value in values.items():
+            node = data
+            parts = path.split(".")
+            for part in parts[:-1]:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown config path {path!r}")
+                node = node[part]
+            if parts[-1] not in node or isinstance(node[parts[-1]], dict):
+                raise ConfigError(f"unknown config field {path!r}")
+            node[parts[-1]] = value
+        try:
+            return Config.from_dict(data)
+        except TypeError as exc:
+            raise ConfigError(f"overrides {values}: {exc}") from None
+
+    def with_overrides(self, **sections: dict[str, Any]) -> "Config":
+        """``override`` by section, skipping values that are None (an option not given):
+        ``with_overrides(train={"epochs": 2, "seed": None})``."""
+        return self.override(
+            {
+                f"{section}.{key}": v
+                for section, values in sections.items()
+                for key, v in values.items()
+                if v is not None
+            }
+        )
 
 
 def default_config_path(data_kind: str = "image") -> Path:

@@ -1,7 +1,7 @@
 """The MLflow side of a model directory: log it as a pyfunc model, find it again from a URI.
 
 A fitted model is logged MLflow-3 style (``mlflow.pyfunc.log_model(name="model", ...)``) as a
-*model from code*: the model's Python code is the file ``serving/pyfunc_model.py`` and its
+*model from code*: the model's Python code is the file ``outlier_jebm/io/pyfunc_model.py`` and its
 only artifact is the model directory (``config.json``, ``weights.safetensors``,
 ``calibration.json``, reference latents). Nothing is pickled, so loading a logged model
 never unpickles anything.
@@ -22,7 +22,7 @@ import numpy as np
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from .schema import output_columns  # noqa: F401  (models logged before schema.py import it from here)
 
-PYFUNC_CODE = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
+PYFUNC_CODE = Path(__file__).resolve().parent / "io" / "pyfunc_model.py"
 ARTIFACT_KEY = "model_dir"
 URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 _downloaded: dict[tuple[str, str], Path] = {}

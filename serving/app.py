@@ -42,8 +42,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from outlier_jebm.checkpoint import LoadedModel
 from outlier_jebm.data import DataError, check_polarity, one_image_shapes
-
-from .payload import (
+from outlier_jebm.io.payload import (
     Item,
     item_from_bytes,
     item_from_json,

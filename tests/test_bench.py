@@ -11,7 +11,7 @@ import yaml
 from conftest import tiny_config
 from typer.testing import CliRunner
 
-from cli.main import app
+from jebm_od.cli.main import app
 from outlier_jebm.bench import (
     PYOD_DETECTORS,
     SKIPPED_BUDGET,

@@ -7,7 +7,7 @@ from conftest import tiny_config
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.main import app
+from jebm_od.cli.main import app
 
 runner = CliRunner()
 
@@ -196,8 +196,8 @@ def test_score_shows_paths_from_the_input_folder_and_counts_skipped_files(tmp_pa
 def test_polarity_keep_scores_dark_on_light_as_it_is_and_auto_inverts_it_everywhere(tmp_path, monkeypatch, digits01):
     from starlette.testclient import TestClient
 
+    from jebm_od.serving.app import create_app
     from outlier_jebm.checkpoint import load_model
-    from serving.app import create_app
 
     monkeypatch.chdir(tmp_path)
     cfg = _write_config(tmp_path / "tiny.yaml")

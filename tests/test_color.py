@@ -24,13 +24,13 @@ from sklearn.metrics import roc_auc_score
 from test_serving import _start, _stop
 from typer.testing import CliRunner
 
-from cli.main import app
+from jebm_od.cli.main import app
 from outlier_jebm.batch import score_files
 from outlier_jebm.checkpoint import load_model
 from outlier_jebm.data import DataError, decode_image, load_dataset, read_image, to_unit_range
+from outlier_jebm.io.payload import items_from_array, items_from_frame
 from outlier_jebm.pipeline import TrainingData, run_fit
 from outlier_jebm.scoring import Scorer
-from serving.payload import items_from_array, items_from_frame
 
 S = 16
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -259,7 +259,7 @@ def test_serve_takes_color_arrays_images_and_gray_arrays(color_model):
     cmd = [
         sys.executable,
         "-m",
-        "cli.main",
+        "jebm_od.cli.main",
         "serve",
         "--model",
         str(color_model["dir"]),

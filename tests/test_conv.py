@@ -191,7 +191,7 @@ def test_a_conv_color_model_fits_from_the_cli_and_serves_the_scorers_scores(tmp_
     from test_serving import _start, _stop
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from jebm_od.cli.main import app
     from outlier_jebm.registry import save_pyfunc
     from outlier_jebm.scoring import Scorer
 
@@ -236,7 +236,7 @@ def test_a_conv_color_model_fits_from_the_cli_and_serves_the_scorers_scores(tmp_
         [
             sys.executable,
             "-m",
-            "cli.main",
+            "jebm_od.cli.main",
             "serve",
             "--model",
             str(tmp_path / "m"),

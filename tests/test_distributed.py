@@ -126,7 +126,7 @@ def test_torchrun_fits_on_two_cpu_processes_and_writes_one_model_and_one_mlflow_
         "--master-port",
         str(_free_port()),
         "-m",
-        "cli.main",
+        "jebm_od.cli.main",
         "fit",
         "--data",
         "digits",

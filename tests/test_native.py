@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from outlier_jebm import native
-from outlier_jebm.scoring import KNN_BLOCK, References, knn_points_and_directions, nearest_columns
+from outlier_jebm.knn import KNN_BLOCK, References, knn_points_and_directions, nearest_columns
 
 
 def _cpu_has_avx2_and_fma() -> bool:

@@ -90,7 +90,7 @@ def test_a_trained_model_gets_a_lower_fid_than_an_untrained_one(digits01):
 def test_sample_metrics_needs_labels_and_says_so(tmp_path, monkeypatch, digits01):
     import yaml
 
-    from cli.main import app
+    from jebm_od.cli.main import app
 
     images, _ = digits01
     np.save(tmp_path / "unlabelled.npy", images[:400])

@@ -248,7 +248,7 @@ def test_neg_log_joint_is_minus_the_models_log_joint_at_the_encoders_guess(train
 # one full scan; the two-stage search with padding; several chunks, the last one partial
 @pytest.mark.parametrize("n_ref", [300, 1500, 20000])
 def test_latent_knn_matches_brute_force_and_skips_the_input_itself(n_ref):
-    from outlier_jebm.scoring import Reference, knn_mean_distance
+    from outlier_jebm.knn import Reference, knn_mean_distance
 
     gen = torch.Generator().manual_seed(3)
     ref = torch.randn(n_ref, 12, generator=gen) * 3.0 + 5.0  # large norms: cancellation would show
@@ -265,7 +265,7 @@ def test_latent_knn_matches_brute_force_and_skips_the_input_itself(n_ref):
 # fewer blocks than m; one chunk; several chunks; a last chunk of fewer blocks than m
 @pytest.mark.parametrize("n_ref", [200, 1500, 20000, 16570])
 def test_nearest_columns_finds_the_m_smallest_products_like_a_full_sort(n_ref):
-    from outlier_jebm.scoring import KNN_BLOCK, Reference, knn_mean_distance, nearest_columns
+    from outlier_jebm.knn import KNN_BLOCK, Reference, knn_mean_distance, nearest_columns
 
     gen = torch.Generator().manual_seed(0)
     ref = torch.randn(n_ref, 12, generator=gen)
@@ -287,7 +287,7 @@ def test_nearest_columns_finds_the_m_smallest_products_like_a_full_sort(n_ref):
 @pytest.mark.parametrize("n_ref", [200, 20000])
 @pytest.mark.parametrize("zero_row", [False, True])
 def test_one_product_gives_both_searches_the_values_of_two_separate_ones(n_ref, zero_row):
-    from outlier_jebm.scoring import References, knn_mean_distance, knn_points_and_directions, unit_rows
+    from outlier_jebm.knn import References, knn_mean_distance, knn_points_and_directions, unit_rows
 
     gen = torch.Generator().manual_seed(5)
     ref = torch.randn(n_ref, 16, generator=gen) * torch.rand(n_ref, 1, generator=gen) * 6.0  # norms 0-6ish
@@ -307,7 +307,7 @@ def test_one_product_gives_both_searches_the_values_of_two_separate_ones(n_ref, 
 
 @pytest.mark.parametrize("n_ref", [70, 130])  # sizes where a NaN row picked padding columns
 def test_a_nan_query_gets_nan_and_leaves_the_other_rows_of_its_batch_alone(n_ref):
-    from outlier_jebm.scoring import References, knn_points_and_directions
+    from outlier_jebm.knn import References, knn_points_and_directions
 
     gen = torch.Generator().manual_seed(2)
     refs = References(torch.randn(n_ref, 8, generator=gen))
@@ -334,7 +334,7 @@ def test_latent_knn_cos_is_the_mean_chordal_distance_to_the_nearest_directions_a
     np.testing.assert_allclose(bs.components["latent_knn_cos"], want, rtol=1e-4, atol=1e-4)
     assert {"latent_knn", "latent_knn_cos"} <= set(scorer.component_names)
     # the direction, not the norm: scaling a code leaves its latent_knn_cos unchanged
-    from outlier_jebm.scoring import knn_mean_distance, unit_rows
+    from outlier_jebm.knn import knn_mean_distance, unit_rows
 
     eps = torch.from_numpy(bs.eps)
     np.testing.assert_allclose(

@@ -22,9 +22,9 @@ from PIL import Image
 from outlier_jebm import native
 from outlier_jebm.checkpoint import load_model
 from outlier_jebm.data import DataError
+from outlier_jebm.io.payload import item_from_json, items_from_array, items_from_frame
 from outlier_jebm.pipeline import prepare_data, run_fit
 from outlier_jebm.scoring import Scorer
-from serving.payload import item_from_json, items_from_array, items_from_frame
 
 REGISTERED = "tiny-digits"
 
@@ -76,7 +76,7 @@ def server(fitted):
     cmd = [
         sys.executable,
         "-m",
-        "cli.main",
+        "jebm_od.cli.main",
         "serve",
         "--model",
         str(fitted["dir"]),
@@ -287,7 +287,7 @@ def test_mlflow_models_serve_matches_the_cli(fitted, tmp_path):
 def test_score_cli_takes_a_registered_model_uri(fitted, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from jebm_od.cli.main import app
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", fitted["uri"])
     monkeypatch.setenv("COLUMNS", "200")

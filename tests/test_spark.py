@@ -48,7 +48,7 @@ def test_cli_spark_scores_pixels_like_local_scoring(tmp_path, model_dir, images)
     cmd = [
         sys.executable,
         "-m",
-        "cli.main",
+        "jebm_od.cli.main",
         "score",
         "--engine",
         "spark",

@@ -17,7 +17,7 @@ from test_detector import tiny_vector_config
 from test_serving import _start, _stop
 from typer.testing import CliRunner
 
-from cli.main import app
+from jebm_od.cli.main import app
 from outlier_jebm.checkpoint import load_model
 from outlier_jebm.scoring import Scorer
 from outlier_jebm.tables import load_vector_dataset, vector_holdout_split
@@ -96,7 +96,7 @@ def test_serve_takes_json_lists_of_numbers_and_npy_vectors(vector_model):
     cmd = [
         sys.executable,
         "-m",
-        "cli.main",
+        "jebm_od.cli.main",
         "serve",
         "--model",
         str(vector_model["dir"]),

@@ -1,6 +1,6 @@
 """The fused kNN kernel (``knn_blocks.c``): built on first use, loaded with ctypes, optional.
 
-The latent kNN search (``scoring.knn_points_and_directions``) is a matrix product followed by
+The latent kNN search (``knn.knn_points_and_directions``) is a matrix product followed by
 a selection. In torch the product is written out and read back by the selection; the kernel
 computes the keys tile by tile in registers and keeps only each row's m best 64-column
 blocks, so the product never leaves L1. It returns the same candidate columns as the torch

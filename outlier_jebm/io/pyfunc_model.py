@@ -1,7 +1,7 @@
 """The MLflow pyfunc model of jebm-od, logged as a *model from code* (nothing is pickled).
 
 ``mlflow models serve -m <uri> --env-manager local`` answers ``/invocations`` with it;
-``mlflow.pyfunc.spark_udf`` runs it on Spark. Inputs (see ``serving.payload``):
+``mlflow.pyfunc.spark_udf`` runs it on Spark. Inputs (see ``outlier_jebm.io.payload``):
 
 - a DataFrame of S*S numeric pixel columns (``dataframe_split`` with 784 columns for MNIST),
   or S*S*3 for a colour model (``model.channels: 3``; pixels in H, W, C order),
@@ -43,8 +43,8 @@ class JEBMPyfuncModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         import numpy as np
 
+        from outlier_jebm.io.payload import items_from_array, items_from_frame, items_from_vectors, score_items
         from outlier_jebm.schema import output_columns
-        from serving.payload import items_from_array, items_from_frame, items_from_vectors, score_items
 
         size, channels = self.scorer.image_size, self.scorer.channels
         model_cfg = self.scorer.config.model

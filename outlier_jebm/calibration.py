@@ -1,0 +1,82 @@
+"""Calibration: held-in statistics that turn score components into one score, a label and a number in [0, 1].
+
+Fitted on held-in validation images only, never on anomaly labels: a robust centre and scale
+(median, MAD) per component, the score as the mean robust z-score of ``combine``, and the
+threshold at the configured false-alarm rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+
+@dataclass
+class Calibration:
+    """Held-in statistics that turn components into one score, a label and a number in [0, 1]."""
+
+    combine: list[str]
+    median: dict[str, float]
+    scale: dict[str, float]
+    threshold: float
+    score_scale: float
+    false_alarm_rate: float
+    n_validation: int
+    score_steps: int
+    notes: str = "score = mean robust z-score of `combine`; normalized = logistic((score - threshold) / score_scale)"
+    extra: dict = field(default_factory=dict)
+
+    def robust_z(self, components: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: (components[k] - self.median[k]) / self.scale[k] for k in self.median if k in components}
+
+    def score(self, components: dict[str, np.ndarray]) -> np.ndarray:
+        z = self.robust_z(components)
+        return np.mean([z[k] for k in self.combine], axis=0)
+
+    def normalize(self, score: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-np.clip((score - self.threshold) / self.score_scale, -50, 50)))
+
+    def top_component(self, components: dict[str, np.ndarray]) -> list[str]:
+        z = self.robust_z(components)
+        names = sorted(z)
+        stacked = np.stack([z[k] for k in names], axis=1)
+        return [names[i] for i in stacked.argmax(1)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        return cls(**d)
+
+
+def _robust_scale(v: np.ndarray) -> float:
+    mad = 1.4826 * float(np.median(np.abs(v - np.median(v))))
+    return mad if mad > 1e-8 else max(float(np.std(v)), 1e-8)
+
+
+def fit_calibration(
+    components: dict[str, np.ndarray], *, combine: Iterable[str], false_alarm_rate: float, score_steps: int
+) -> Calibration:
+    """Fit on held-in validation components only: robust centre/scale per component, threshold at the FAR."""
+    combine = [c for c in combine if c in components]
+    if not combine:
+        raise ValueError("none of the components to combine were computed")
+    median = {k: float(np.median(v)) for k, v in components.items()}
+    scale = {k: _robust_scale(v) for k, v in components.items()}
+    cal = Calibration(
+        combine=combine,
+        median=median,
+        scale=scale,
+        threshold=0.0,
+        score_scale=1.0,
+        false_alarm_rate=false_alarm_rate,
+        n_validation=len(next(iter(components.values()))),
+        score_steps=score_steps,
+    )
+    s = cal.score(components)
+    cal.threshold = float(np.quantile(s, 1.0 - false_alarm_rate))
+    cal.score_scale = _robust_scale(s)
+    return cal
