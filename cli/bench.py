@@ -75,17 +75,10 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from outlier_jebm.bench import (
-        PYOD_DETECTORS,
-        BenchError,
-        BenchSpec,
-        parse_detectors,
-        parse_int_list,
-        parse_seconds,
-        run_bench,
-    )
+    from outlier_jebm.bench import PYOD_DETECTORS, BenchError, BenchSpec, run_bench
     from outlier_jebm.data import DataError
 
+    from .bench_spec import parse_detectors, parse_int_list, parse_seconds
     from .common import console, fail, load_config
 
     if list_detectors:

@@ -28,15 +28,33 @@ def score_files(
     polarity: str = "keep",
     light: list[str] | None = None,
 ) -> Iterator[dict]:
-    """One row per input, in input order: scored rows, and rows with ``error`` for unusable files.
-
-    ``polarity`` "auto" inverts gray dark-on-light images before scoring (``data.decode_image``),
-    "keep" scores them as they are. Either way the path of each gray dark-on-light image is
-    appended to ``light`` when given, so that the caller can say how many there were.
+    """Score image files: one row per input, in input order, and a row with ``error`` for each unusable file.
 
     Images are read as the model's inputs (grayscale, or RGB for a colour model) and scored
     ``score.batch_size`` at a time, so a folder of any size never sits in memory at once. A bad
     file costs only its own row.
+
+    Parameters
+    ----------
+    scorer : Scorer
+        A calibrated model's scorer.
+    paths : iterable of str or Path
+        Image files.
+    maps_dir : Path, optional
+        Where to write each image's anomaly map (PNG).
+    on_progress : callable, optional
+        Called with (done, total) after each batch.
+    polarity : str, default "keep"
+        ``"auto"`` inverts gray dark-on-light images before scoring (``data.decode_image``);
+        ``"keep"`` scores them as they are.
+    light : list, optional
+        The path of each gray dark-on-light image is appended here either way, so that the
+        caller can say how many there were.
+
+    Yields
+    ------
+    dict
+        ``path``, then the columns of ``schema.output_columns``.
     """
     check_polarity(polarity)
     files, problems = image_files(paths)

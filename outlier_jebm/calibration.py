@@ -29,26 +29,78 @@ class Calibration:
     extra: dict = field(default_factory=dict)
 
     def robust_z(self, components: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """(component - held-in median) / held-in robust scale, for each calibrated component.
+
+        Parameters
+        ----------
+        components : dict of str to np.ndarray
+
+        Returns
+        -------
+        dict of str to np.ndarray
+        """
         return {k: (components[k] - self.median[k]) / self.scale[k] for k in self.median if k in components}
 
     def score(self, components: dict[str, np.ndarray]) -> np.ndarray:
+        """The score: the mean robust z-score of ``combine`` (higher = more anomalous).
+
+        Parameters
+        ----------
+        components : dict of str to np.ndarray
+
+        Returns
+        -------
+        np.ndarray
+        """
         z = self.robust_z(components)
         return np.mean([z[k] for k in self.combine], axis=0)
 
     def normalize(self, score: np.ndarray) -> np.ndarray:
+        """A score in [0, 1]: logistic((score - threshold) / score_scale); 0.5 at the threshold.
+
+        Parameters
+        ----------
+        score : np.ndarray
+
+        Returns
+        -------
+        np.ndarray
+        """
         return 1.0 / (1.0 + np.exp(-np.clip((score - self.threshold) / self.score_scale, -50, 50)))
 
     def top_component(self, components: dict[str, np.ndarray]) -> list[str]:
+        """Per input, the component with the largest robust z-score: what made it look anomalous.
+
+        Parameters
+        ----------
+        components : dict of str to np.ndarray
+
+        Returns
+        -------
+        list of str
+        """
         z = self.robust_z(components)
         names = sorted(z)
         stacked = np.stack([z[k] for k in names], axis=1)
         return [names[i] for i in stacked.argmax(1)]
 
     def to_dict(self) -> dict:
+        """The JSON-ready form written to ``calibration.json``."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
+        """The calibration read back from ``calibration.json``.
+
+        Parameters
+        ----------
+        d : dict
+            What ``to_dict`` wrote.
+
+        Returns
+        -------
+        Calibration
+        """
         return cls(**d)
 
 
@@ -60,7 +112,25 @@ def _robust_scale(v: np.ndarray) -> float:
 def fit_calibration(
     components: dict[str, np.ndarray], *, combine: Iterable[str], false_alarm_rate: float, score_steps: int
 ) -> Calibration:
-    """Fit on held-in validation components only: robust centre/scale per component, threshold at the FAR."""
+    """Fit the calibration on held-in validation components only (never on anomaly labels).
+
+    Parameters
+    ----------
+    components : dict of str to np.ndarray
+        Score components of held-in validation images (``Scorer.components_of``).
+    combine : iterable of str
+        The components the score averages (their robust z-scores).
+    false_alarm_rate : float
+        Share of held-in images above the threshold.
+    score_steps : int
+        The posterior Langevin steps the components were computed with (recorded).
+
+    Returns
+    -------
+    Calibration
+        A robust centre and scale per component, the threshold at the false-alarm rate and the
+        scale of the normalised score.
+    """
     combine = [c for c in combine if c in components]
     if not combine:
         raise ValueError("none of the components to combine were computed")

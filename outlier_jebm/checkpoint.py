@@ -38,7 +38,26 @@ class LoadedModel:
 
 
 def save_model(model: JointEBM, config: Config, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
-    """Write the model directory atomically per file (a crash never leaves half a weights file)."""
+    """Write a model directory: ``weights.safetensors`` and ``config.json``, each file atomically.
+
+    A crash never leaves half a weights file; nothing is pickled.
+
+    Parameters
+    ----------
+    model : JointEBM
+        The model whose weights are written (moved to CPU for writing).
+    config : Config
+        Its configuration, stored beside the weights.
+    directory : str or Path
+        The model directory, created if missing.
+    meta : dict, optional
+        What the model was trained on (data, hold-out, split, seed, ...), stored in ``config.json``.
+
+    Returns
+    -------
+    Path
+        ``directory``.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -69,7 +88,25 @@ def read_config(directory: str | Path) -> tuple[Config, dict[str, Any]]:
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model directory onto ``device`` (a model trained on GPU loads on CPU)."""
+    """Load a model directory (safetensors weights and JSON, never a pickle).
+
+    Parameters
+    ----------
+    directory : str or Path
+        A directory written by ``save_model`` (by ``jebm-od fit``).
+    device : str or torch.device, default "cpu"
+        Where the model goes; a model trained on GPU loads on CPU.
+
+    Returns
+    -------
+    LoadedModel
+        The model in eval mode, its config, meta, calibration (None if not calibrated) and path.
+
+    Raises
+    ------
+    CheckpointError
+        If the directory, its config or its weights are missing or unreadable.
+    """
     directory = Path(directory)
     config, meta = read_config(directory)
     weights = directory / WEIGHTS_FILE

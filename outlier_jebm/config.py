@@ -203,13 +203,31 @@ class Config:
         self.score.validate()
 
     def to_dict(self) -> dict[str, Any]:
+        """Nested plain dicts, one per section (what ``from_dict`` reads back)."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """``to_dict`` as indented JSON with sorted keys."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "Config":
+        """A validated config from nested dicts; missing sections and fields take their defaults.
+
+        Parameters
+        ----------
+        data : dict or None
+            ``{"model": {...}, "train": {...}, "score": {...}}``.
+
+        Returns
+        -------
+        Config
+
+        Raises
+        ------
+        ConfigError
+            Naming an unknown field or a value out of range.
+        """
         data = data or {}
         _no_unknown("", data, {"model", "train", "score"})
         train = dict(data.get("train") or {})
@@ -224,6 +242,21 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Config":
+        """A validated config from a YAML file (``configs/*.yaml``), read with ``yaml.safe_load``.
+
+        Parameters
+        ----------
+        path : str or Path
+
+        Returns
+        -------
+        Config
+
+        Raises
+        ------
+        ConfigError
+            Naming the file, and the field where one is wrong.
+        """
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text())
@@ -276,8 +309,17 @@ class Config:
             raise ConfigError(f"overrides {values}: {exc}") from None
 
     def with_overrides(self, **sections: dict[str, Any]) -> "Config":
-        """``override`` by section, skipping values that are None (an option not given):
-        ``with_overrides(train={"epochs": 2, "seed": None})``."""
+        """``override`` by section, skipping values that are None (an option that was not given).
+
+        Parameters
+        ----------
+        **sections : dict
+            Section name to field values, e.g. ``with_overrides(train={"epochs": 2, "seed": None})``.
+
+        Returns
+        -------
+        Config
+        """
         return self.override(
             {
                 f"{section}.{key}": v

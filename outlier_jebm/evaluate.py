@@ -9,7 +9,21 @@ from sklearn.metrics import average_precision_score, f1_score, precision_recall_
 
 
 def detection_metrics(is_anomaly: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """AUPRC (anomaly = positive class, the headline metric) and AUROC of a score (higher = more anomalous)."""
+    """AUPRC (anomaly = positive class, the headline metric) and AUROC of a score.
+
+    Parameters
+    ----------
+    is_anomaly : np.ndarray
+        1 for an anomaly, 0 for a normal input.
+    scores : np.ndarray
+        Higher = more anomalous. NaN counts as the most anomalous (a model that cannot score an
+        input should not be rewarded for it).
+
+    Returns
+    -------
+    dict
+        ``{"auprc": float, "auroc": float}``.
+    """
     y = np.asarray(is_anomaly).astype(int)
     s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=np.inf, posinf=np.finfo(np.float64).max)
     return {"auprc": float(average_precision_score(y, s)), "auroc": float(roc_auc_score(y, s))}

@@ -55,13 +55,44 @@ def prepare_data(
 ) -> TrainingData:
     """Load a dataset and apply the hold-out protocol (or a plain train/validation split).
 
-    ``channels`` is the model's (``model.channels``): 1 reads grayscale, 3 reads RGB.
-    Vectors (``data_kind`` "vector", a named vector set or a .csv/.parquet table; see
-    ``tables``) come out as (n, d) arrays, images as (n, H, W[, C]).
-    ``split`` "published" replays the published loaders' MNIST split (``splits``; its test
-    normals are mostly training images, ``test_in_train`` says how many); "clean" (default) is
-    ``data.holdout_split``, one permutation, no overlap. ``polarity`` ("keep" or "auto") is how
-    image files are read (``data.decode_image``).
+    Parameters
+    ----------
+    source : str
+        ``"mnist"``, ``"digits"``, an image folder, a ``.npy``/``.npz`` file, or vectors: a
+        ``.csv``/``.parquet`` table or a named vector set (see ``tables``).
+    holdout : int or None
+        The class held out as anomalies; None trains on everything (no test part).
+    seed : int
+        Seed of the split's shuffle.
+    val_fraction : float
+        Share of the training part held in for calibration.
+    max_train : int, optional
+        Keep at most this many training images.
+    image_size : int, default 28
+        Side the images are resized to.
+    data_dir : str or Path, optional
+        Where MNIST is looked for and cached.
+    channels : int, default 1
+        The model's channels: 1 reads grayscale, 3 reads RGB.
+    data_kind : str, default "image"
+        ``"vector"`` reads feature vectors, which come out as (n, d) arrays; images come out as
+        (n, H, W[, C]).
+    split : str, default "clean"
+        ``"clean"`` is ``data.holdout_split`` (one permutation, no overlap); ``"published"``
+        replays the published loaders' MNIST split (``splits``; most of its test normals are
+        training images, ``test_in_train`` says how many).
+    polarity : str, default "keep"
+        How image files are read (``"keep"`` or ``"auto"``, see ``data.decode_image``).
+
+    Returns
+    -------
+    TrainingData
+        The train, validation and test parts, with the test part's anomaly labels.
+
+    Raises
+    ------
+    DataError
+        If the source is missing or malformed, or the split does not apply to it.
     """
     from .splits import SPLITS, published_holdout_split
 
@@ -158,7 +189,41 @@ def run_fit(
     register: str | None = None,
     remember: bool = True,
 ) -> FitSummary:
-    """Train on ``data`` with MLflow tracking; the model directory is written after every epoch."""
+    """Train on ``data``, calibrate on its validation part, and log the run to MLflow.
+
+    The model directory is written after every epoch, so a stopped or failed run keeps its last
+    good epoch. Under torchrun every rank trains and rank 0 alone writes, calibrates and tracks.
+
+    Parameters
+    ----------
+    config : Config
+        The model, training and scoring settings (``train.epochs`` may be raised to reach
+        ``train.min_steps`` on small data).
+    data : TrainingData
+        From ``prepare_data``; only its train and validation parts are read.
+    out_dir : Path
+        The model directory to write.
+    device : str, default "auto"
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    tracking_uri : str, optional
+        MLflow tracking URI (default: ``$MLFLOW_TRACKING_URI`` or the embedded SQLite store).
+    track : bool, default True
+        Log the run, its metrics and the pyfunc model to MLflow.
+    resume : bool, default False
+        Continue the model in ``out_dir`` from its last epoch.
+    on_step, on_start, on_epoch_end : callable, optional
+        Progress hooks: per step, once with (first epoch, epochs), and per epoch with its metrics.
+    register : str, optional
+        Also register the logged model under this name (needs ``track``).
+    remember : bool, default True
+        Record ``out_dir`` as the latest model, the default of ``score`` and ``serve``.
+
+    Returns
+    -------
+    FitSummary
+        The model directory, the MLflow run and model URI, wall time, per-epoch history and
+        the sample-quality figures where the training images have labels.
+    """
     t0 = time.perf_counter()
     dev = resolve_device(device)
     model_uri = None

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from .schema import output_columns  # noqa: F401  (models logged before schema.py import it from here)
 
 PYFUNC_CODE = Path(__file__).resolve().parent / "io" / "pyfunc_model.py"
 ARTIFACT_KEY = "model_dir"
@@ -66,14 +65,41 @@ def _pyfunc_kwargs(model_dir: str | Path) -> dict[str, Any]:
 
 
 def log_pyfunc(model_dir: str | Path, *, registered_model_name: str | None = None, name: str = "model") -> Any:
-    """Log ``model_dir`` as a pyfunc model in the active MLflow run; returns MLflow's ModelInfo."""
+    """Log a model directory as a pyfunc model (a model from code, nothing pickled) in the active MLflow run.
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        A calibrated model directory; it becomes the logged model's only artifact.
+    registered_model_name : str, optional
+        Also register the model under this name.
+    name : str, default "model"
+        The logged model's name in the run.
+
+    Returns
+    -------
+    mlflow.models.model.ModelInfo
+    """
     import mlflow
 
     return mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name, **_pyfunc_kwargs(model_dir))
 
 
 def save_pyfunc(model_dir: str | Path, path: str | Path) -> Path:
-    """Save ``model_dir`` as a pyfunc model at ``path`` (a new folder), without a tracking server."""
+    """Save a model directory as a pyfunc model folder, without a tracking server.
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        A calibrated model directory.
+    path : str or Path
+        A new folder for the pyfunc model (``mlflow models serve -m path``).
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
     import mlflow
 
     mlflow.pyfunc.save_model(path=str(path), **_pyfunc_kwargs(model_dir))

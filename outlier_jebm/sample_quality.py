@@ -236,9 +236,30 @@ def sample_quality(
 ) -> dict[str, float]:
     """FID (in-project LeNet features) of n prior samples against up to n training images, and confidences.
 
-    Returns ``fid_lenet``, ``lenet_confidence`` (samples), ``lenet_confidence_training`` and
-    ``lenet_accuracy`` (of the classifier, on training images it did not fit), so that a figure
-    can be read against what real images give.
+    Not comparable with Inception FID: the features are those of a small classifier trained on
+    the split's own training part.
+
+    Parameters
+    ----------
+    model : JointEBM
+        The generator and prior to sample from.
+    classifier : Classifier
+        From ``lenet_for``, trained on the same training part.
+    train01 : np.ndarray
+        Training images in [0, 1], (N, H, W).
+    n : int, default N_SAMPLES
+        Number of samples (and of training images, at most).
+    steps, step_size : int, float
+        Prior Langevin settings of the sampler (``train.prior_langevin``).
+    seed : int, default 0
+        Seed of the sampler and of the pick of training images.
+
+    Returns
+    -------
+    dict
+        ``fid_lenet``, ``lenet_confidence`` (mean top-class confidence on the samples),
+        ``lenet_confidence_training`` and ``lenet_accuracy`` (of the classifier, on training
+        images it did not fit), so that a figure can be read against what real images give.
     """
     pick = np.random.default_rng(seed).permutation(len(train01))[:n]
     real_f, real_c = classifier.features_and_confidence(train01[pick])

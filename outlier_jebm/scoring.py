@@ -223,7 +223,17 @@ def likelihood_ratios(model: JointEBM, x: torch.Tensor, z: torch.Tensor, samples
 
 
 class Scorer:
-    """Batched scoring on one code path for the CLI, the detector, the servers and the benchmark."""
+    """Batched scoring on one code path for the CLI, the detector, the servers and the benchmark.
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+        From ``checkpoint.load_model``; its reference latents are read from its directory.
+    steps : int, optional
+        Posterior Langevin steps K (default: the model's ``score.steps``); validated.
+    device : str or torch.device, default "cpu"
+        Where to score.
+    """
 
     def __init__(self, loaded: LoadedModel, *, steps: int | None = None, device: str | torch.device = "cpu"):
         self.model = loaded.model.to(device).eval()
@@ -254,7 +264,19 @@ class Scorer:
         )
 
     def components_of(self, images01: np.ndarray) -> BatchScores:
-        """Score components of images (N, H, W) in [0, 1], in batches of ``score.batch_size``."""
+        """Score components of images, in batches of ``score.batch_size`` (no calibration needed).
+
+        Parameters
+        ----------
+        images01 : np.ndarray
+            Images in [0, 1]: (N, H, W), or (N, H, W, 3) for a colour model; (N, d) vectors
+            for a vector model.
+
+        Returns
+        -------
+        BatchScores
+            Every component (``component_names``), per-pixel errors and reference coordinates.
+        """
         parts = list(self.iter_batches(images01))
         return BatchScores(
             components={k: np.concatenate([p.components[k] for p in parts]) for k in parts[0].components},
@@ -263,19 +285,59 @@ class Scorer:
         )
 
     def iter_batches(self, images01: np.ndarray) -> Iterator[BatchScores]:
+        """``components_of`` one batch of ``score.batch_size`` at a time.
+
+        Parameters
+        ----------
+        images01 : np.ndarray
+            As for ``components_of``.
+
+        Yields
+        ------
+        BatchScores
+        """
         bs = self.score_cfg.batch_size
         for i in range(0, len(images01), bs):
             x = self.model.to_model_space(images01[i : i + bs], self.device)
             yield infer_and_score(self.model, x, self.score_cfg, self.reference)
 
     def score(self, images01: np.ndarray) -> dict[str, np.ndarray]:
-        """Per input: score, score_normalized, label (1 = anomaly), top_component and every component."""
+        """Score inputs with the model's calibration.
+
+        Parameters
+        ----------
+        images01 : np.ndarray
+            As for ``components_of``.
+
+        Returns
+        -------
+        dict of str to np.ndarray
+            Per input: ``score``, ``score_normalized`` (in [0, 1]), ``label`` (1 = anomaly),
+            ``top_component`` and every component.
+
+        Raises
+        ------
+        ValueError
+            If the model has no calibration.
+        """
         if self.calibration is None:
             raise ValueError("this model has no calibration.json: run `jebm-od calibrate` or refit it")
         bs = self.components_of(images01)
         return self.present(bs)
 
     def present(self, bs: BatchScores) -> dict[str, np.ndarray]:
+        """Calibrated scores of components already computed (what ``score`` returns).
+
+        Parameters
+        ----------
+        bs : BatchScores
+            From ``components_of`` or ``iter_batches``.
+
+        Returns
+        -------
+        dict of str to np.ndarray
+            As ``score``.
+        """
         cal = self.calibration
         s = cal.score(bs.components)
         out = {
@@ -318,8 +380,29 @@ def calibrate(
 ) -> Calibration:
     """Store reference latents of training images, then fit the calibration on held-in validation images.
 
-    ``reference_size`` (default ``score.reference_size``; 0 = every training image) sets how
-    many training images the ``latent_knn`` components search.
+    Writes ``reference_latents.safetensors`` and ``calibration.json`` into the model directory.
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+        A model loaded from its directory.
+    train_images : np.ndarray
+        Training images in [0, 1]; the reference set is drawn from them.
+    val_images : np.ndarray
+        Held-in validation images (normal, never used for training); the calibration's only data.
+    combine : iterable of str, default DEFAULT_COMBINATION
+        The components the score averages.
+    reference_size : int, optional
+        How many training images the ``latent_knn`` components search (default
+        ``score.reference_size``; 0 = every training image).
+    seed : int, default 0
+        Seed of the pick of reference images.
+    device : str or torch.device, default "cpu"
+        Where to score.
+
+    Returns
+    -------
+    Calibration
     """
     if loaded.path is None:
         raise ValueError("calibration is written into a model directory; load the model from one")

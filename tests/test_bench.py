@@ -11,6 +11,7 @@ import yaml
 from conftest import tiny_config
 from typer.testing import CliRunner
 
+from jebm_od.cli.bench_spec import parse_detectors, parse_seconds
 from jebm_od.cli.main import app
 from outlier_jebm.bench import (
     PYOD_DETECTORS,
@@ -19,8 +20,6 @@ from outlier_jebm.bench import (
     BenchSpec,
     JEBMVariant,
     PyODDetector,
-    parse_detectors,
-    parse_seconds,
     pixel_features,
     run_bench,
 )

