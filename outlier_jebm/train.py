@@ -113,8 +113,7 @@ def loss_terms(model: JointEBM, x: torch.Tensor, config: Config) -> tuple[torch.
     stats["f_posterior"] = f_pos.mean().detach()
     if "f_prior" in stats:
         stats["f_gap"] = stats["f_posterior"] - stats["f_prior"]
-    s2 = model.obs_sigma**2
-    stats["recon"] = (-log_px.detach() - 0.5 * x.shape[-1] * math.log(2 * math.pi * s2)).mean()
+    stats["recon"] = (-log_px.detach() - model.obs_log_norm(x.shape[-1])).mean()  # ||x - g(z)||^2 / (2 s^2)
     stats["loss"] = loss.detach()
     return loss, stats
 
