@@ -223,7 +223,7 @@ def sample(
     console.print(f"wrote {out}")
     if metrics:
         from outlier_jebm.data import DataError
-        from outlier_jebm.pipeline import model_sample_quality
+        from outlier_jebm.sample_quality import model_sample_quality
 
         try:
             quality = model_sample_quality(loaded, n=metrics_n, data=data, data_dir=data_dir, steps=k, seed=seed)

@@ -21,19 +21,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .data import DataError
 from .fileio import atomic_path, write_text_atomic
 from .langevin import prior_langevin
 from .model import JointEBM
 from .native import cache_dir
 from .sampling import to_images
+
+if TYPE_CHECKING:
+    from .checkpoint import LoadedModel
+    from .config import Config
+    from .pipeline import TrainingData
 
 FEATURES = 84
 EPOCHS = 3
@@ -271,3 +279,76 @@ def sample_quality(
         "lenet_confidence_training": float(real_c.mean()),
         "lenet_accuracy": classifier.accuracy,
     }
+
+
+def fit_sample_quality(
+    model: JointEBM,
+    config: Config,
+    data: TrainingData,
+    n: int | None = None,
+    *,
+    steps: int | None = None,
+    seed: int | None = None,
+) -> dict[str, float] | None:
+    """Sample quality of a fitted image model (``sample_quality``), or None where it does not apply.
+
+    Needs class labels for the training images (MNIST, sklearn digits, labelled arrays) and an
+    image model; ``n`` (default ``train.sample_metrics``, 0 = off) prior samples (``steps``
+    prior Langevin steps, default the training value) are compared with as many training images
+    in the features of a LeNet trained on the training part (with ``seed``, default
+    ``train.seed``). Also returns ``samples`` (n) and ``seconds`` (the wall time of all this).
+    """
+    n = config.train.sample_metrics if n is None else n
+    labels = data.train_labels
+    if n <= 0 or config.model.is_vector or labels is None or len(np.unique(labels)) < 2:
+        return None
+    t0 = time.perf_counter()
+    seed = config.train.seed if seed is None else seed
+    classifier = train_classifier(data.train, labels, seed=seed)
+    pr = config.train.prior_langevin
+    out = sample_quality(
+        model,
+        classifier,
+        data.train,
+        n=n,
+        steps=pr.steps if steps is None else steps,
+        step_size=pr.step_size,
+        seed=seed,
+    )
+    return {**out, "samples": float(n), "seconds": time.perf_counter() - t0}
+
+
+def model_sample_quality(
+    loaded: LoadedModel,
+    *,
+    n: int | None = None,
+    data: str | None = None,
+    data_dir: str | Path | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+) -> dict[str, float]:
+    """``fit_sample_quality`` for a saved model, on the training part it was fitted on.
+
+    The part is rebuilt from the model's record (data, hold-out digit, split, seed, cap);
+    ``data`` names the source where the record's is not loadable from here. Raises
+    ``DataError`` when the data has no class labels (folders, bare arrays) or the model
+    scores vectors.
+    """
+    from .pipeline import training_data_of
+
+    config = loaded.config
+    source = data or loaded.meta.get("data")
+    if config.model.is_vector:
+        raise DataError("sample quality is measured for image models; this model scores vectors")
+    td = training_data_of(loaded, data=data, data_dir=data_dir)
+    if td.train_labels is None or len(np.unique(td.train_labels)) < 2:
+        raise DataError(
+            f"{source}: no class labels, which the sample-quality classifier trains on "
+            "(MNIST, sklearn digits or a .npz with labels)"
+        )
+    n = config.train.sample_metrics if n is None else n
+    if n <= 0:
+        raise DataError(f"the number of samples must be positive, got {n}")
+    result = fit_sample_quality(loaded.model, config, td, n=n, steps=steps, seed=seed)
+    assert result is not None  # the conditions above are fit_sample_quality's
+    return result

@@ -65,3 +65,10 @@ def test_every_folder_of_the_library_is_in_the_packages_it_installs():
     }
     assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
     assert {"jebm_od.cli", "jebm_od.serving"} <= listed
+
+
+def test_no_library_module_is_over_500_lines():
+    long = {
+        str(p.relative_to(LIBRARY)): n for p in LIBRARY.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500
+    }
+    assert long == {}, "split these along their seams"
