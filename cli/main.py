@@ -665,21 +665,15 @@ def calibrate(
     from outlier_jebm.scoring import calibrate as calibrate_model
 
     loaded = _load_model_or_fail(model)
-    cfg = loaded.config
-    overrides = {
-        k: v for k, v in (("false_alarm_rate", false_alarm_rate), ("reference_size", reference_size)) if v is not None
-    }
-    if overrides:
-        cfg = cfg.with_overrides(score=overrides)
-        save_model(loaded.model, cfg, loaded.path, loaded.meta)
-        loaded.config = cfg
-    source = data or loaded.meta.get("data")
-    if not source:
-        fail("--data is needed: the model does not record its training data")
-    try:  # the split fit made: same seed, validation share and training cap
-        td = training_data_of(loaded, data=source, data_dir=data_dir)
+    try:  # the split fit made: same seed, validation share and training cap (read before anything is written)
+        td = training_data_of(loaded, data=data, data_dir=data_dir)
     except DataError as exc:
         fail(str(exc))
+    cfg = loaded.config
+    if false_alarm_rate is not None or reference_size is not None:
+        cfg = cfg.with_overrides(score={"false_alarm_rate": false_alarm_rate, "reference_size": reference_size})
+        save_model(loaded.model, cfg, loaded.path, loaded.meta)
+        loaded.config = cfg
     cal = calibrate_model(loaded, td.train, td.val, seed=cfg.train.seed)
     console.print(
         f"calibrated on {len(td.val)} held-in images: threshold {cal.threshold:.3f} at "

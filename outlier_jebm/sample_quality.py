@@ -252,7 +252,7 @@ def sample_quality(
     model : JointEBM
         The generator and prior to sample from.
     classifier : Classifier
-        From ``lenet_for``, trained on the same training part.
+        From ``train_classifier``, trained on the same training part.
     train01 : np.ndarray
         Training images in [0, 1], (N, H, W).
     n : int, default N_SAMPLES
@@ -281,6 +281,11 @@ def sample_quality(
     }
 
 
+def _has_classes(labels: np.ndarray | None) -> bool:
+    """Whether the training images have the class labels (two or more) that the classifier trains on."""
+    return labels is not None and len(np.unique(labels)) >= 2
+
+
 def fit_sample_quality(
     model: JointEBM,
     config: Config,
@@ -300,7 +305,7 @@ def fit_sample_quality(
     """
     n = config.train.sample_metrics if n is None else n
     labels = data.train_labels
-    if n <= 0 or config.model.is_vector or labels is None or len(np.unique(labels)) < 2:
+    if n <= 0 or config.model.is_vector or not _has_classes(labels):
         return None
     t0 = time.perf_counter()
     seed = config.train.seed if seed is None else seed
@@ -341,7 +346,7 @@ def model_sample_quality(
     if config.model.is_vector:
         raise DataError("sample quality is measured for image models; this model scores vectors")
     td = training_data_of(loaded, data=data, data_dir=data_dir)
-    if td.train_labels is None or len(np.unique(td.train_labels)) < 2:
+    if not _has_classes(td.train_labels):
         raise DataError(
             f"{source}: no class labels, which the sample-quality classifier trains on "
             "(MNIST, sklearn digits or a .npz with labels)"
