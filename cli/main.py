@@ -162,6 +162,8 @@ def fit(
         f"val -ELBO {last.get('val_neg_elbo', float('nan')):.1f})"
     )
     console.print(f"model:      [bold]{summary.out_dir}[/]")
+    if summary.sample_quality:
+        _print_sample_quality(summary.sample_quality)
     if summary.run_id:
         console.print(f"MLflow run: [bold]{summary.run_id}[/] at {summary.tracking_uri}")
     if summary.model_uri:
@@ -229,12 +231,16 @@ def sample(
             quality = model_sample_quality(loaded, n=metrics_n, data=data, data_dir=data_dir, steps=k, seed=seed)
         except DataError as exc:
             fail(str(exc))
-        console.print(f"FID (in-project LeNet features, not Inception FID): {quality['fid_lenet']:.3f}")
-        console.print(
-            f"LeNet mean confidence: samples {quality['lenet_confidence']:.3f}, "
-            f"training images {quality['lenet_confidence_training']:.3f} "
-            f"(LeNet accuracy {quality['lenet_accuracy']:.3f})"
-        )
+        _print_sample_quality(quality)
+
+
+def _print_sample_quality(quality: dict) -> None:
+    console.print(f"FID (in-project LeNet features, not Inception FID): {quality['fid_lenet']:.3f}")
+    console.print(
+        f"LeNet mean confidence: samples {quality['lenet_confidence']:.3f}, "
+        f"training images {quality['lenet_confidence_training']:.3f} "
+        f"(LeNet accuracy {quality['lenet_accuracy']:.3f})"
+    )
 
 
 def _load_model_or_fail(model: Optional[str], device: str = "cpu"):

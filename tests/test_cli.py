@@ -52,6 +52,10 @@ def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, d
     assert {"loss", "recon", "f_gap", "images_per_second", "seconds_per_epoch", "val_neg_elbo"} <= keys
     # sample quality at the end of the fit: the digits have labels, so the in-project LeNet is trained
     assert {"sample_fid_lenet", "sample_lenet_confidence", "sample_lenet_accuracy"} <= keys
+    # ... and printed on the console, the same figure as logged
+    with sqlite3.connect(db) as con:
+        ((fid,),) = con.execute("select value from metrics where key = 'sample_fid_lenet'").fetchall()
+    assert f"FID (in-project LeNet features, not Inception FID): {fid:.3f}" in res.output
 
     images, labels = digits01
     folder = tmp_path / "imgs"
