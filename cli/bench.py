@@ -65,6 +65,13 @@ def bench(
         "papers' loaders' split, whose test normals are mostly training images), "
         "or clean,published: both, side by side in one report.",
     ),
+    jobs: int = typer.Option(
+        1,
+        min=1,
+        help="Cells run at once, each in its own worker process with the cores shared out among them "
+        "(1: one after the other in this process). A jebm fit gains little from a second thread, so on "
+        "2 cores --jobs 2 runs two fits in about the time of one.",
+    ),
     list_detectors: bool = typer.Option(
         False, "--list-detectors", help="List the PyOD detectors and their settings, then exit."
     ),
@@ -117,6 +124,7 @@ def bench(
             tracking_uri=tracking_uri,
             track=track,
             split=split,
+            jobs=jobs,
             command="jebm-od " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "",
         )
         splits = spec.splits  # an unknown split name is an error before anything runs

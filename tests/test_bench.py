@@ -327,3 +327,76 @@ def test_both_splits_run_side_by_side_in_one_report(tmp_path):
         env={"COLUMNS": "200"},
     )
     assert res.exit_code == 2 and "split 'leaky'" in res.output and not (tmp_path / "x").exists()
+
+
+class CrashingDetector:
+    """Takes its worker process down, as the kernel's OOM killer would."""
+
+    def __init__(self, **_):
+        pass
+
+    def get_params(self):
+        return {}
+
+    def fit(self, X):
+        os._exit(3)
+
+    def decision_function(self, X):
+        return X.sum(1)
+
+
+def _spec(tmp_path, detectors, **kw):
+    return BenchSpec(
+        data="digits",
+        holdouts=[1, 3],
+        seeds=[0],
+        detectors=detectors,
+        base_config=tiny_config(),
+        out_dir=tmp_path,
+        track=False,
+        **kw,
+    )
+
+
+def test_cells_in_two_worker_processes_give_the_rows_of_one_process_in_the_same_order(tmp_path):
+    dets = parse_detectors("jebm,pca,knn", tiny_config(), components="recon")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker runs, so that the jebm fits are the same computation
+    try:
+        one = run_bench(_spec(tmp_path / "one", dets)).rows
+    finally:
+        torch.set_num_threads(threads)
+    messages = []
+    two = run_bench(_spec(tmp_path / "two", dets, jobs=2, job_threads=1), on_message=messages.append).rows
+
+    def key(rows):
+        return [(r["detector"], r["holdout"], r["split"], r["status"], r["auprc"], r["sample_fid_lenet"]) for r in rows]
+
+    assert len(one) == 2 * 4 and all(r["status"] == "ok" for r in one)
+    assert key(two) == key(one)  # bit for bit, and written in cell order
+    assert [r["detector"] for r in _read_csv(tmp_path / "two" / "results.csv")] == [r["detector"] for r in one]
+    assert "2 worker processes, 1 thread(s) each" in messages
+    # the workers' progress reaches the parent: the split and the jebm epochs
+    assert any(m.startswith("holdout 3 seed 0:") for m in messages)
+    assert any("jebm holdout 1 seed 0: epoch 1/" in m for m in messages)
+    assert json.loads((tmp_path / "two" / "settings.json").read_text())["jobs"] == 2
+
+
+def test_a_cell_that_kills_its_worker_gets_a_failed_row_and_the_other_cells_keep_theirs(tmp_path):
+    crash = PyODDetector("crash", f"{__name__}.CrashingDetector", {}, "test stand-in")
+    rows = run_bench(_spec(tmp_path, [crash, PYOD_DETECTORS["pca"]], jobs=2, job_threads=1)).rows
+    assert [(r["detector"], r["holdout"]) for r in rows] == [("crash", 1), ("pca", 1), ("crash", 3), ("pca", 3)]
+    for r in rows:
+        if r["detector"] == "crash":
+            assert r["status"] == "failed: its bench worker process died (exit code 3; killed for memory?)"
+        else:
+            assert r["status"] == "ok" and 0 < r["auprc"] <= 1
+
+
+def test_in_workers_cells_past_the_budget_are_skipped_and_bad_settings_are_refused(tmp_path):
+    rows = run_bench(_spec(tmp_path / "a", [PYOD_DETECTORS["pca"]], jobs=2, time_budget=0.0)).rows
+    assert [r["status"] for r in rows] == [SKIPPED_BUDGET, SKIPPED_BUDGET]
+    with pytest.raises(BenchError, match="at least 1"):
+        run_bench(_spec(tmp_path / "b", [PYOD_DETECTORS["pca"]], jobs=0))
+    with pytest.raises(BenchError, match="at least 1"):
+        run_bench(_spec(tmp_path / "c", [PYOD_DETECTORS["pca"]], jobs=2, job_threads=0))

@@ -252,6 +252,8 @@ def bench_settings(spec: BenchSpec) -> dict[str, Any]:
         "max_train": spec.max_train,
         "time_budget_seconds": spec.time_budget,
         "device": spec.device,
+        "jobs": spec.jobs,
+        "job_threads": spec.job_threads,
         "split_kind": spec.split,
         "split": (
             "published: the published loaders' split (splits.py: RandomState(42), a second permutation for "

@@ -16,7 +16,8 @@ import numpy as np
 from ..config import Config, for_vectors
 from ..evaluate import detection_metrics
 from ..fileio import atomic_path, write_text_atomic
-from .detectors import BenchError, JEBMVariant, PyODDetector, _plain, is_vector_split, pyod_inputs
+from .detectors import BenchError, JEBMVariant, PyODDetector, is_vector_split, pyod_inputs
+from .mlflow_rows import log_cell as _log_cell
 from .report import _now, bench_settings, pr_figure, render_markdown
 
 COLUMNS = [
@@ -62,6 +63,8 @@ class BenchSpec:
     track: bool = True
     command: str = ""
     split: str = "clean"  # or "published" (splits.py): the papers' loaders' MNIST split; "clean,published": both
+    jobs: int = 1  # cells run at once, each in its own worker process (parallel.py); 1: in this process
+    job_threads: int | None = None  # torch/BLAS threads per worker (None: the usable cores over jobs)
 
     @property
     def splits(self) -> list[str]:
@@ -101,118 +104,178 @@ def run_bench(
 ) -> BenchResult:
     """Run every (split, holdout, seed, detector) cell; write results.csv, results.md, settings.json and figures.
 
-    Rows are written after every cell, so a stopped run keeps what it did.
+    Rows are written after every cell, so a stopped run keeps what it did. With ``spec.jobs`` above 1
+    the cells run in that many worker processes (``parallel.py``); rows are then written as cells
+    finish, and once more in cell order at the end.
 
     Parameters
     ----------
     spec : BenchSpec
         The data, hold-outs, seeds, splits, detectors (parsed: ``PyODDetector`` and
-        ``JEBMVariant``), output folder, tracking and time budget.
+        ``JEBMVariant``), output folder, tracking, time budget and jobs.
     on_row, on_message, on_cell : callable, optional
-        Progress hooks: each result row, each message, and each cell started.
+        Progress hooks: each result row, each message, and each cell started (finished, with jobs).
 
     Returns
     -------
     BenchResult
         Every row, the output folder, the wall time and the figures written.
     """
-    from ..pipeline import prepare_data
-
     say = on_message or (lambda _m: None)
     t0 = time.perf_counter()
+    if spec.jobs < 1 or (spec.job_threads is not None and spec.job_threads < 1):
+        raise BenchError(f"jobs and threads per job must be at least 1, got {spec.jobs} and {spec.job_threads}")
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = bench_settings(spec)
     _write_json(out / "settings.json", settings)
-    rows: list[dict[str, Any]] = []
-    figures: list[Path] = []
-    splits = spec.splits
-    total = len(splits) * len(spec.holdouts) * len(spec.seeds) * len(spec.detectors)
-    done = 0
-    budget_start = time.perf_counter()  # the budget is for the cells (data loading included), not the set-up
+    cells = [
+        Cell(sp, h, seed, det)
+        for sp in spec.splits
+        for h in spec.holdouts
+        for seed in spec.seeds
+        for det in spec.detectors
+    ]
+    keyed: list[tuple[int, int, dict[str, Any]]] = []  # (cell index, row index within the cell, row)
+    curves: dict[tuple[str, int], dict[str, tuple[np.ndarray, np.ndarray]]] = {}
 
-    def emit(row: dict[str, Any]) -> None:
-        row["split"] = split
-        row["test_in_train"] = td.test_in_train if td is not None else ""
-        rows.append(row)
-        write_csv(out / "results.csv", rows)
-        (out / "results.md").write_text(render_markdown(rows, spec, settings))
-        if on_row is not None:
-            on_row(row)
+    def current_rows() -> list[dict[str, Any]]:
+        return [row for _, _, row in keyed]
 
-    def over_budget() -> bool:
-        return spec.time_budget is not None and time.perf_counter() - budget_start >= spec.time_budget
-
-    for split, holdout in ((sp, h) for sp in splits for h in spec.holdouts):
-        curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for seed in spec.seeds:
-            td = None
-            for det in spec.detectors:
-                if on_cell is not None:
-                    on_cell(
-                        done,
-                        total,
-                        f"holdout {holdout} seed {seed} {det.name}" + (f" ({split} split)" if len(splits) > 1 else ""),
-                    )
-                if over_budget():
-                    for row in _skipped_rows(det, holdout, seed):
-                        emit(row)
-                    done += 1
-                    continue
-                if td is None:
-                    td = prepare_data(
-                        spec.data,
-                        holdout=holdout,
-                        seed=seed,
-                        val_fraction=spec.base_config.train.val_fraction,
-                        max_train=spec.max_train,
-                        image_size=spec.base_config.model.image_size,
-                        data_dir=spec.data_dir,
-                        channels=spec.base_config.model.channels,
-                        data_kind=spec.base_config.model.data_kind,
-                        split=split,
-                    )
-                    unit = "vectors" if is_vector_split(td) else "images"
-                    say(
-                        f"holdout {holdout} seed {seed}: {len(td.train) + len(td.val)} training {unit} "
-                        f"({len(td.val)} of them held in for jebm's calibration), {len(td.test)} test {unit}, "
-                        f"{100 * float(np.mean(td.test_is_anomaly)):.1f} % anomalies"
-                    )
+    def record(index: int, outcome: CellOutcome) -> None:
+        cell = cells[index]
+        for j, (row, scores, params, extra) in enumerate(outcome.rows):
+            row["split"] = cell.split  # before MLflow sees the row
+            row["test_in_train"] = outcome.test_in_train
+            if spec.track and outcome.labels is not None:
                 try:
-                    if isinstance(det, JEBMVariant):
-                        cell = _jebm_cell(det, td, holdout, seed, spec, say, split)
-                    else:
-                        cell = _pyod_cell(det, td, seed)
-                except Exception as exc:  # one broken detector must not lose the others' rows
-                    cell = [_failed_row(det, holdout, seed, exc)]
-                for row, scores, params, extra in cell:
-                    row["split"] = split  # before MLflow sees the row
-                    if spec.track:
-                        try:
-                            row["mlflow_run_id"] = _log_cell(spec, row, params, extra, td, scores)
-                        except Exception as exc:  # the row is measured: keep it even if MLflow is unreachable
-                            row["note"] = "; ".join(filter(None, [row["note"], f"MLflow logging failed: {exc}"]))
-                            say(f"MLflow logging failed for {row['detector']}: {exc}")
-                    whole_score = not row["score"].startswith("component")
-                    if scores is not None and row["status"] == "ok" and seed == spec.seeds[0] and whole_score:
-                        curves[row["detector"]] = (td.test_is_anomaly, scores)
-                    emit(row)
-                done += 1
-        if curves:
-            import matplotlib.pyplot as plt
+                    row["mlflow_run_id"] = _log_cell(spec, row, params, extra, outcome.labels, scores)
+                except Exception as exc:  # the row is measured: keep it even if MLflow is unreachable
+                    row["note"] = "; ".join(filter(None, [row["note"], f"MLflow logging failed: {exc}"]))
+                    say(f"MLflow logging failed for {row['detector']}: {exc}")
+            whole_score = not row["score"].startswith("component")
+            if scores is not None and row["status"] == "ok" and cell.seed == spec.seeds[0] and whole_score:
+                curves.setdefault((cell.split, cell.holdout), {})[row["detector"]] = (outcome.labels, scores)
+            keyed.append((index, j, row))
+            write_csv(out / "results.csv", current_rows())
+            (out / "results.md").write_text(render_markdown(current_rows(), spec, settings))
+            if on_row is not None:
+                on_row(row)
 
-            tag = "" if split == "clean" else f"-{split}"
-            path = out / f"pr_holdout{holdout}{tag}.png"
-            fig = pr_figure(curves, f"holdout {holdout}, seed {spec.seeds[0]}" + (f", {split} split" if tag else ""))
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            figures.append(path)
+    # the budget is for the cells (data loading included), not the set-up
+    deadline = None if spec.time_budget is None else time.monotonic() + spec.time_budget
+    if spec.jobs > 1 and len(cells) > 1:
+        from .parallel import run_in_workers
+
+        run_in_workers(spec, cells, deadline, record, say, on_cell)
+    else:
+        cache: dict[tuple[str, int, int], Any] = {}
+        for i, cell in enumerate(cells):
+            if on_cell is not None:
+                on_cell(i, len(cells), cell.label(len(spec.splits) > 1))
+            record(i, run_cell(spec, cell, deadline, say, cache))
     if on_cell is not None:
-        on_cell(done, total, "done")
+        on_cell(len(cells), len(cells), "done")
+    keyed.sort(key=lambda t: t[:2])
+    rows = current_rows()
+    write_csv(out / "results.csv", rows)
+    (out / "results.md").write_text(render_markdown(rows, spec, settings))
+    figures = _figures(out, spec, curves)
     settings["finished"] = _now()
     settings["wall_seconds"] = time.perf_counter() - t0
     _write_json(out / "settings.json", settings)
     return BenchResult(rows=rows, out_dir=out, seconds=time.perf_counter() - t0, figures=figures)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (split, holdout, seed, detector) of the run."""
+
+    split: str
+    holdout: int
+    seed: int
+    detector: PyODDetector | JEBMVariant
+
+    def label(self, several_splits: bool) -> str:
+        return f"holdout {self.holdout} seed {self.seed} {self.detector.name}" + (
+            f" ({self.split} split)" if several_splits else ""
+        )
+
+
+@dataclass
+class CellOutcome:
+    """What a cell gives the run: its rows, the test labels (None: nothing was scored), the overlap flag."""
+
+    rows: CellRows
+    labels: np.ndarray | None
+    test_in_train: Any = ""
+
+
+def run_cell(
+    spec: BenchSpec, cell: Cell, deadline: float | None, say: MessageHook, cache: dict[tuple[str, int, int], Any]
+) -> CellOutcome:
+    """One cell, in this process: skipped past the deadline (``time.monotonic``), else fitted and scored.
+
+    ``cache`` keeps the last split prepared, so that the detectors of one (split, holdout, seed) share it.
+    A detector that raises gives a failed row; a data error (the split cannot be made) propagates.
+    """
+    det = cell.detector
+    if deadline is not None and time.monotonic() >= deadline:
+        return CellOutcome([(row, None, {}, {}) for row in _skipped_rows(det, cell.holdout, cell.seed)], None)
+    td = _prepared(spec, cell, say, cache)
+    try:
+        if isinstance(det, JEBMVariant):
+            rows = _jebm_cell(det, td, cell.holdout, cell.seed, spec, say, cell.split)
+        else:
+            rows = _pyod_cell(det, td, cell.seed)
+    except Exception as exc:  # one broken detector must not lose the others' rows
+        rows = [_failed_row(det, cell.holdout, cell.seed, exc)]
+    return CellOutcome(rows, td.test_is_anomaly, td.test_in_train)
+
+
+def _prepared(spec: BenchSpec, cell: Cell, say: MessageHook, cache: dict[tuple[str, int, int], Any]):
+    from ..pipeline import prepare_data
+
+    key = (cell.split, cell.holdout, cell.seed)
+    if key not in cache:
+        cache.clear()  # one split at a time: MNIST's is a few hundred MB
+        td = prepare_data(
+            spec.data,
+            holdout=cell.holdout,
+            seed=cell.seed,
+            val_fraction=spec.base_config.train.val_fraction,
+            max_train=spec.max_train,
+            image_size=spec.base_config.model.image_size,
+            data_dir=spec.data_dir,
+            channels=spec.base_config.model.channels,
+            data_kind=spec.base_config.model.data_kind,
+            split=cell.split,
+        )
+        unit = "vectors" if is_vector_split(td) else "images"
+        say(
+            f"holdout {cell.holdout} seed {cell.seed}: {len(td.train) + len(td.val)} training {unit} "
+            f"({len(td.val)} of them held in for jebm's calibration), {len(td.test)} test {unit}, "
+            f"{100 * float(np.mean(td.test_is_anomaly)):.1f} % anomalies"
+        )
+        cache[key] = td
+    return cache[key]
+
+
+def _figures(out: Path, spec: BenchSpec, curves: dict[tuple[str, int], dict[str, Any]]) -> list[Path]:
+    figures = []
+    for split, holdout in ((sp, h) for sp in spec.splits for h in spec.holdouts):
+        if not curves.get((split, holdout)):
+            continue
+        import matplotlib.pyplot as plt
+
+        tag = "" if split == "clean" else f"-{split}"
+        path = out / f"pr_holdout{holdout}{tag}.png"
+        title = f"holdout {holdout}, seed {spec.seeds[0]}" + (f", {split} split" if tag else "")
+        fig = pr_figure(curves[split, holdout], title)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        figures.append(path)
+    return figures
 
 
 # a cell yields (row, test scores or None, params to log, extra metrics to log)
@@ -376,65 +439,6 @@ def _failed_row(det, holdout: int, seed: int, exc: Exception):
     return row, None, params, {}
 
 
-def _log_cell(
-    spec: BenchSpec, row: dict[str, Any], params: dict[str, Any], extra: dict[str, Any], td, scores: np.ndarray | None
-) -> str:
-    """One MLflow run per row: tags, the detector's settings, metrics, and a PR curve for whole scores."""
-    from ..tracking import Tracker
-
-    status = "FINISHED" if row["status"] == "ok" else "FAILED"
-    split = row.get("split") or "clean"
-    run_name = f"bench-{row['detector']}-holdout{row['holdout']}-seed{row['seed']}" + (
-        "" if split == "clean" else f"-{split}"
-    )
-    with Tracker(spec.tracking_uri, run_name=run_name) as tr:
-        tr.set_tags(
-            {
-                "job": "bench",
-                "detector": row["detector"],
-                "holdout": row["holdout"],
-                "seed": row["seed"],
-                "split": split,
-                "family": row["family"],
-                "model": row["model"],
-                "score": row["score"],
-                "data": spec.data,
-                "status": row["status"],
-            }
-        )
-        tr.log_params(
-            {**{k: _plain(v) for k, v in params.items()}, "max_train": spec.max_train, "n_train": row["n_train"]}
-        )
-        tr.log_metrics(
-            {
-                k: row[k]
-                for k in (
-                    "auprc",
-                    "auroc",
-                    "fit_seconds",
-                    "score_images_per_second",
-                    "n_test",
-                    "anomaly_rate",
-                    "nonfinite_scores",
-                )
-                if row[k] != ""
-            }
-        )
-        for epoch, metrics in enumerate(extra.get("history", [])):
-            tr.log_metrics({f"fit.{k}": v for k, v in metrics.items() if _finite_number(v)}, step=epoch + 1)
-        if scores is not None and not row["score"].startswith("component"):
-            import matplotlib.pyplot as plt
-
-            fig = pr_figure(
-                {row["detector"]: (td.test_is_anomaly, scores)}, f"holdout {row['holdout']}, seed {row['seed']}"
-            )
-            tr.log_figure(fig, "pr_curve.png")
-            plt.close(fig)
-        if status != "FINISHED":
-            tr.end(status)
-        return tr.run_id
-
-
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """All rows so far, written to a temporary file and moved into place (a stopped run keeps a whole file)."""
     with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
@@ -446,10 +450,6 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "jebm"
-
-
-def _finite_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _csv_value(v: Any) -> Any:
