@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import queue as queue_module
+import pickle
+import threading
+import time
 from contextlib import contextmanager
 from multiprocessing.connection import wait
 from typing import Any, Callable, Iterator
@@ -26,7 +28,6 @@ from typing import Any, Callable, Iterator
 from .runner import BenchSpec, Cell, CellHook, CellOutcome, MessageHook, _base_row, run_cell
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
-WORKER_DIED = "failed: its bench worker process died (exit code {code}; killed for memory?)"
 
 
 def usable_cores() -> int:
@@ -37,9 +38,9 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def threads_per_job(spec: BenchSpec) -> int:
-    """``spec.job_threads``, or the usable cores shared out among the jobs (at least 1)."""
-    return spec.job_threads or max(1, usable_cores() // spec.jobs)
+def threads_per_job(spec: BenchSpec, workers: int) -> int:
+    """``spec.job_threads``, or the usable cores shared out among the workers that run (at least 1)."""
+    return spec.job_threads or max(1, usable_cores() // max(1, workers))
 
 
 @contextmanager
@@ -57,40 +58,45 @@ def _thread_environment(threads: int) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _worker(spec: BenchSpec, cell: Cell, deadline: float | None, threads: int, messages: Any, conn: Any) -> None:
-    """A worker process: run one cell and send its outcome (or the exception a data error raised)."""
+def _orphan_watch(parent: int) -> None:
+    """End this worker when the parent is gone (killed without running its clean-up)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _sendable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling, else a RuntimeError that says what it was."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _worker(spec: BenchSpec, cell: Cell, deadline: float | None, threads: int, parent: int, conn: Any) -> None:
+    """A worker process: run one cell, sending ("say", text) messages, then ("done", outcome) or ("raise", exc)."""
+    threading.Thread(target=_orphan_watch, args=(parent,), daemon=True).start()
     import torch
 
     torch.set_num_threads(threads)
     try:
-        outcome: Any = run_cell(spec, cell, deadline, messages.put, {})
+        result: tuple[str, Any] = ("done", run_cell(spec, cell, deadline, lambda m: conn.send(("say", m)), {}))
     except BaseException as exc:  # e.g. DataError: the parent raises it, as a sequential run would
-        outcome = exc
+        result = ("raise", _sendable(exc))
     try:
-        conn.send(outcome)
-    except Exception as exc:  # an exception that does not pickle
-        conn.send(RuntimeError(f"{type(outcome).__name__}: {outcome}; and it could not be sent: {exc}"))
+        conn.send(result)
+    except Exception as exc:  # an outcome that does not pickle: the cell fails, the run goes on
+        conn.send(("done", _failed(cell, f"failed: its result could not be sent from the worker: {exc}")))
     conn.close()
 
 
-def _relay(messages: Any, say: MessageHook, seen: set[str]) -> None:
-    """Say what the workers said, once: the cells of one split each prepare it and say so."""
-    while True:
-        try:
-            message = messages.get_nowait()
-        except queue_module.Empty:
-            return
-        if message not in seen:
-            seen.add(message)
-            say(message)
-
-
-def _died(cell: Cell, code: int | None) -> CellOutcome:
+def _failed(cell: Cell, status: str) -> CellOutcome:
     from .detectors import JEBMVariant
 
     family = "jebm" if isinstance(cell.detector, JEBMVariant) else "pyod"
     row = _base_row(cell.detector.name, cell.detector.name, "score", family, cell.holdout, cell.seed)
-    row["status"] = WORKER_DIED.format(code=code)
+    row["status"] = status
     return CellOutcome([(row, None, {}, {})], None)
 
 
@@ -101,52 +107,73 @@ def run_in_workers(
     record: Callable[[int, CellOutcome], None],
     say: MessageHook,
     on_cell: CellHook | None,
-) -> None:
-    """Run ``cells`` in up to ``spec.jobs`` worker processes at once; ``record(index, outcome)`` as each finishes."""
-    threads = threads_per_job(spec)
-    context = multiprocessing.get_context("spawn")
-    messages = context.Queue()
-    several = len({c.split for c in cells}) > 1
+) -> int:
+    """Run ``cells`` in up to ``spec.jobs`` worker processes at once; ``record(index, outcome)`` as each finishes.
+
+    Returns the threads each worker ran with. Cells past the deadline are skipped here, without a
+    process.
+    """
     jobs = min(spec.jobs, len(cells))
+    threads = threads_per_job(spec, jobs)
+    context = multiprocessing.get_context("spawn")
+    several = len({c.split for c in cells}) > 1
     say(f"{jobs} worker processes, {threads} thread(s) each")
     if on_cell is not None:
         on_cell(0, len(cells), f"{len(cells)} cells in {jobs} workers")
     waiting = list(range(len(cells)))
     running: dict[Any, tuple[int, Any]] = {}  # receiving end -> (cell index, process)
     finished = 0
-    seen: set[str] = set()
+    seen: set[str] = set()  # the cells of one split each prepare it and say so: say it once
+
+    def finish(i: int, outcome: CellOutcome) -> None:
+        nonlocal finished
+        record(i, outcome)
+        finished += 1
+        if on_cell is not None:
+            on_cell(finished, len(cells), f"{cells[i].label(several)} done, {len(running)} running")
+
     try:
         while waiting or running:
             while waiting and len(running) < jobs:
                 i = waiting.pop(0)
+                if deadline is not None and time.monotonic() >= deadline:
+                    finish(i, run_cell(spec, cells[i], deadline, say, {}))  # a skipped row, at once
+                    continue
                 receive, send = context.Pipe(duplex=False)
                 process = context.Process(
-                    target=_worker, args=(spec, cells[i], deadline, threads, messages, send), daemon=True
+                    target=_worker, args=(spec, cells[i], deadline, threads, os.getpid(), send), daemon=True
                 )
                 with _thread_environment(threads):
                     process.start()
                 send.close()  # the child holds its own copy: EOF here once the child is gone
                 running[receive] = (i, process)
-            ready = wait(list(running), timeout=0.25)
-            _relay(messages, say, seen)
-            for receive in ready:
-                i, process = running.pop(receive)
+            for receive in wait(list(running), timeout=0.25):
+                i, process = running[receive]
                 try:
-                    outcome = receive.recv()
-                except EOFError:  # the process ended without sending: it died
+                    kind, payload = receive.recv()
+                except (EOFError, OSError, pickle.UnpicklingError, TypeError, AttributeError) as exc:
+                    # the process ended without a whole result: it died (or sent what cannot be read)
                     process.join()
-                    outcome = _died(cells[i], process.exitcode)
+                    why = (
+                        f"its bench worker process died (exit code {process.exitcode}; killed for memory?)"
+                        if isinstance(exc, EOFError)
+                        else f"its result from the worker could not be read ({type(exc).__name__}: {exc})"
+                    )
+                    kind, payload = "done", _failed(cells[i], f"failed: {why}")
+                if kind == "say":
+                    if payload not in seen:
+                        seen.add(payload)
+                        say(payload)
+                    continue
+                del running[receive]
                 process.join()
                 receive.close()
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                record(i, outcome)
-                finished += 1
-                if on_cell is not None:
-                    on_cell(finished, len(cells), f"{cells[i].label(several)} done, {len(running)} running")
+                if kind == "raise":
+                    raise payload
+                finish(i, payload)
     finally:
         for _, process in running.values():  # an error or an interrupt: a running fit may take many minutes
             process.terminate()
         for _, process in running.values():
             process.join()
-        _relay(messages, say, seen)
+    return threads

@@ -164,23 +164,25 @@ def run_bench(
 
     # the budget is for the cells (data loading included), not the set-up
     deadline = None if spec.time_budget is None else time.monotonic() + spec.time_budget
-    if spec.jobs > 1 and len(cells) > 1:
-        from .parallel import run_in_workers
+    try:
+        if spec.jobs > 1 and len(cells) > 1:
+            from .parallel import run_in_workers
 
-        run_in_workers(spec, cells, deadline, record, say, on_cell)
-    else:
-        cache: dict[tuple[str, int, int], Any] = {}
-        for i, cell in enumerate(cells):
-            if on_cell is not None:
-                on_cell(i, len(cells), cell.label(len(spec.splits) > 1))
-            record(i, run_cell(spec, cell, deadline, say, cache))
-    if on_cell is not None:
-        on_cell(len(cells), len(cells), "done")
-    keyed.sort(key=lambda t: t[:2])
-    rows = current_rows()
-    write_csv(out / "results.csv", rows)
-    (out / "results.md").write_text(render_markdown(rows, spec, settings))
-    figures = _figures(out, spec, curves)
+            settings["job_threads"] = run_in_workers(spec, cells, deadline, record, say, on_cell)
+        else:
+            cache: dict[tuple[str, int, int], Any] = {}
+            for i, cell in enumerate(cells):
+                if on_cell is not None:
+                    on_cell(i, len(cells), cell.label(len(spec.splits) > 1))
+                record(i, run_cell(spec, cell, deadline, say, cache))
+        if on_cell is not None:
+            on_cell(len(cells), len(cells), "done")
+    finally:  # also when a data error or an interrupt stops the run: what was measured is kept whole
+        keyed.sort(key=lambda t: t[:2])
+        rows = current_rows()
+        write_csv(out / "results.csv", rows)
+        (out / "results.md").write_text(render_markdown(rows, spec, settings))
+        figures = _figures(out, spec, curves)
     settings["finished"] = _now()
     settings["wall_seconds"] = time.perf_counter() - t0
     _write_json(out / "settings.json", settings)
@@ -271,7 +273,9 @@ def _figures(out: Path, spec: BenchSpec, curves: dict[tuple[str, int], dict[str,
         tag = "" if split == "clean" else f"-{split}"
         path = out / f"pr_holdout{holdout}{tag}.png"
         title = f"holdout {holdout}, seed {spec.seeds[0]}" + (f", {split} split" if tag else "")
-        fig = pr_figure(curves[split, holdout], title)
+        order = {d.name: k for k, d in enumerate(spec.detectors)}
+        ranked = dict(sorted(curves[split, holdout].items(), key=lambda kv: order.get(kv[0], len(order))))
+        fig = pr_figure(ranked, title)
         fig.savefig(path, dpi=120)
         plt.close(fig)
         figures.append(path)
