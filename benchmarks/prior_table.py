@@ -1,7 +1,7 @@
 """The prior ablation over seeds: AUPRC and sample FID per prior, from the CSVs `jebm-od bench` wrote.
 
     python benchmarks/prior_table.py benchmarks/issue14/*/results.csv [--z-dims 32,8] [--score score] \
-        [--sample-metrics benchmarks/issue14/joint-z32-8/sample_metrics.txt]
+        [--sample-metrics benchmarks/issue14/joint-z32-8/sample_metrics.txt] [--seeds 1,2]
 
 Reads every jebm row with the given ``--score`` (``score``: the default score; or a component such
 as ``component:neg_log_joint``) whose variant has the given latent sizes. The prior is read from the
@@ -115,8 +115,11 @@ def main() -> None:
     ap.add_argument("--z-dims", default="32,8")
     ap.add_argument("--score", default="score")
     ap.add_argument("--sample-metrics", type=Path, nargs="*", default=[])
+    ap.add_argument("--seeds", default="", help="only these seeds, comma-separated (default: all found)")
     args = ap.parse_args()
     d = load(args.csv, args.z_dims, args.score)
+    if args.seeds:
+        d = d[d.seed.isin([int(t) for t in args.seeds.split(",")])]
     for path in args.sample_metrics:
         d = fill_fid(d, path)
     print(f"AUPRC ({args.score}), z_dims [{args.z_dims}], clean split: mean ± std over seeds (n)\n")
