@@ -403,6 +403,10 @@ def test_in_workers_cells_past_the_budget_are_skipped_and_bad_settings_are_refus
         run_bench(_spec(tmp_path / "b", [PYOD_DETECTORS["pca"]], jobs=0))
     with pytest.raises(BenchError, match="at least 1"):
         run_bench(_spec(tmp_path / "c", [PYOD_DETECTORS["pca"]], jobs=2, job_threads=0))
+    (a,) = parse_detectors("jebm:prior=gaussian", tiny_config())
+    b = JEBMVariant("jebm_prior_gaussian", a.overrides, a.config)  # a --jebm-variant named like a's folder
+    with pytest.raises(BenchError, match="would share model folders"):
+        run_bench(_spec(tmp_path / "d", [a, b], jobs=2))
 
 
 def test_a_data_error_in_a_worker_reaches_the_caller_as_in_one_process(tmp_path):

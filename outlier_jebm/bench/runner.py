@@ -125,6 +125,11 @@ def run_bench(
     t0 = time.perf_counter()
     if spec.jobs < 1 or (spec.job_threads is not None and spec.job_threads < 1):
         raise BenchError(f"jobs and threads per job must be at least 1, got {spec.jobs} and {spec.job_threads}")
+    folders = [_slug(d.name) for d in spec.detectors if isinstance(d, JEBMVariant)]
+    shared = sorted({f for f in folders if folders.count(f) > 1})
+    if shared:  # one model folder per variant: two fits must not write (or, with jobs, race on) one
+        names = [d.name for d in spec.detectors if _slug(d.name) == shared[0]]
+        raise BenchError(f"jebm variants {' and '.join(map(repr, names))} would share model folders: rename one")
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = bench_settings(spec)
