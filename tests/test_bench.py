@@ -329,20 +329,11 @@ def test_both_splits_run_side_by_side_in_one_report(tmp_path):
     assert res.exit_code == 2 and "split 'leaky'" in res.output and not (tmp_path / "x").exists()
 
 
-class CrashingDetector:
+class CrashingDetector(SlowDetector):
     """Takes its worker process down, as the kernel's OOM killer would."""
-
-    def __init__(self, **_):
-        pass
-
-    def get_params(self):
-        return {}
 
     def fit(self, X):
         os._exit(3)
-
-    def decision_function(self, X):
-        return X.sum(1)
 
 
 def _spec(tmp_path, detectors, **kw):

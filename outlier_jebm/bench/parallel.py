@@ -1,11 +1,11 @@
 """The bench's cells in worker processes (``BenchSpec.jobs`` above 1).
 
-A jebm fit is a stream of small matrix products that one torch thread runs nearly as fast as two:
-on the 2-core machine of RESULTS.md one process trained at 917 images/s with one thread and 999
-with two, while two one-thread processes side by side trained at 715 each (1 430 in all). So
-cells run in up to ``jobs`` processes at once, started with ``spawn`` (no fork of a process that
-holds torch's threads), each limited to ``job_threads`` threads (default: the usable cores over
-``jobs``) for torch, OpenMP, BLAS and numba.
+A jebm fit is a stream of small matrix products that a second torch thread speeds up little (6 %
+for the MLP default on an idle 2-core machine; RESULTS.md). So cells run in up to ``jobs``
+processes at once, started with ``spawn`` (no fork of a process that holds torch's threads), each
+limited to ``job_threads`` threads (default: the usable cores over the workers that run) for
+torch, OpenMP, BLAS and numba. On 2 cores, two jebm cells with ``jobs=2`` took 0.68x the wall
+time of ``jobs=1``, measured interleaved.
 
 Each cell gets a process of its own: it prepares its split, runs ``runner.run_cell`` and sends back
 the rows with the test scores and labels. Starting a process costs a few seconds against minutes
@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from multiprocessing.connection import wait
 from typing import Any, Callable, Iterator
 
-from .runner import BenchSpec, Cell, CellHook, CellOutcome, MessageHook, _base_row, run_cell
+from .runner import BenchSpec, Cell, CellHook, CellOutcome, MessageHook, _status_row, run_cell
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
@@ -92,12 +92,7 @@ def _worker(spec: BenchSpec, cell: Cell, deadline: float | None, threads: int, p
 
 
 def _failed(cell: Cell, status: str) -> CellOutcome:
-    from .detectors import JEBMVariant
-
-    family = "jebm" if isinstance(cell.detector, JEBMVariant) else "pyod"
-    row = _base_row(cell.detector.name, cell.detector.name, "score", family, cell.holdout, cell.seed)
-    row["status"] = status
-    return CellOutcome([(row, None, {}, {})], None)
+    return CellOutcome([(_status_row(cell.detector, cell.holdout, cell.seed, status), None, {}, {})], None)
 
 
 def run_in_workers(

@@ -423,8 +423,19 @@ def _scored_row(
     return row
 
 
+def _family(det: PyODDetector | JEBMVariant) -> str:
+    return "jebm" if isinstance(det, JEBMVariant) else "pyod"
+
+
+def _status_row(det: PyODDetector | JEBMVariant, holdout: int, seed: int, status: str) -> dict[str, Any]:
+    """The whole-score row of a cell that gave no scores (failed, skipped), with its status."""
+    row = _base_row(det.name, det.name, "score", _family(det), holdout, seed)
+    row["status"] = status
+    return row
+
+
 def _skipped_rows(det: PyODDetector | JEBMVariant, holdout: int, seed: int) -> list[dict[str, Any]]:
-    family = "jebm" if isinstance(det, JEBMVariant) else "pyod"
+    family = _family(det)
     rows = [_base_row(det.name, det.name, "score", family, holdout, seed)]
     if isinstance(det, JEBMVariant):
         rows += [
@@ -437,10 +448,8 @@ def _skipped_rows(det: PyODDetector | JEBMVariant, holdout: int, seed: int) -> l
 
 
 def _failed_row(det, holdout: int, seed: int, exc: Exception):
-    family = "jebm" if isinstance(det, JEBMVariant) else "pyod"
-    row = _base_row(det.name, det.name, "score", family, holdout, seed)
     message = " ".join(str(exc).split())[:300]
-    row["status"] = f"failed: {type(exc).__name__}: {message}"
+    row = _status_row(det, holdout, seed, f"failed: {type(exc).__name__}: {message}")
     if isinstance(det, JEBMVariant):
         params = det.describe()
     else:
