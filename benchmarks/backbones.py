@@ -1,6 +1,6 @@
 """Training and scoring throughput of several configs (backbones), interleaved in one run.
 
-    python benchmarks/backbones.py --configs configs/mnist.yaml,configs/mnist-conv.yaml,configs/color32.yaml \
+    python benchmarks/backbones.py --configs configs/mnist-mlp.yaml,configs/mnist.yaml,configs/color32.yaml \
         [--train-steps 40] [--score-n 10000] [--reference 47000] [--repeats 2]
 
 For each config: training images/s (``speed.bench_train``: steps of the real loss, batch of
@@ -51,7 +51,7 @@ def images_for(cfg: Config, mnist: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default="configs/mnist.yaml,configs/mnist-conv.yaml,configs/color32.yaml")
+    ap.add_argument("--configs", default="configs/mnist-mlp.yaml,configs/mnist.yaml,configs/color32.yaml")
     ap.add_argument("--train-steps", type=int, default=40)
     ap.add_argument("--score-n", type=int, default=10000)
     ap.add_argument("--reference", type=int, default=47000)

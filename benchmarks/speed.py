@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import subprocess
 import time
@@ -43,9 +44,44 @@ def matmul_gflops(trials: int = 7) -> float:
     return best
 
 
-def linear_flops(module: torch.nn.Module) -> int:
-    """2 * in * out per image for every Linear in the module (forward)."""
-    return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+_LAYERS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+
+
+def _layer_flops(layer: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> int:
+    """Multiply-add FLOPs (2 per product) of one call of a Linear or (transposed) conv layer."""
+    if isinstance(layer, torch.nn.Linear):
+        return 2 * layer.in_features * layer.out_features * (output.numel() // layer.out_features)
+    kernel = math.prod(layer.kernel_size) * layer.in_channels * layer.out_channels // layer.groups
+    if isinstance(layer, torch.nn.ConvTranspose2d):  # each input pixel scatters one kernel
+        return 2 * kernel * (inputs[0].numel() // layer.in_channels)
+    return 2 * kernel * (output.numel() // layer.out_channels)
+
+
+def forward_flops(scorer: Scorer, images: np.ndarray) -> dict[str, float]:
+    """FLOPs per image of one K = 0 scoring pass, per part of the model (encoder, generator, ebm).
+
+    Counted from the shapes seen by the Linear and conv layers during the pass, so a conv
+    backbone is counted like an MLP; activations, norms and the kNN search are not counted.
+    """
+    m = scorer.model
+    totals = {"encoder": 0, "generator": 0, "ebm": 0}
+    hooks = []
+    for part in totals:
+        for layer in getattr(m, part).modules():
+            if isinstance(layer, _LAYERS):
+
+                def hook(layer, inputs, output, part=part):
+                    totals[part] += _layer_flops(layer, inputs, output)
+
+                hooks.append(layer.register_forward_hook(hook))
+    steps, scorer.score_cfg.steps = scorer.score_cfg.steps, 0
+    try:
+        scorer.components_of(images)
+    finally:
+        scorer.score_cfg.steps = steps
+        for h in hooks:
+            h.remove()
+    return {part: n / len(images) for part, n in totals.items()}
 
 
 def bench_train(cfg: Config, images: np.ndarray, steps: int) -> dict:
@@ -87,7 +123,8 @@ def bench_score(model_dir: str, images: np.ndarray, k: int, batch_size: int | No
     scorer.components_of(images)
     sec = time.perf_counter() - t
     m = scorer.model
-    fwd = linear_flops(m.encoder) + linear_flops(m.generator) + linear_flops(m.ebm)
+    parts = forward_flops(scorer, images[:256])
+    fwd = sum(parts.values())
     # latent_knn and latent_knn_cos: one shared product against the reference set (2 R Z), or one
     # each (4 R Z) for a reference holding a zero row; the per-entry key transforms, the top-k
     # and the exact distances of the k + 1 candidates are not counted
@@ -95,7 +132,7 @@ def bench_score(model_dir: str, images: np.ndarray, k: int, batch_size: int | No
     knn = (2 if ref.shared_product else 4) * len(ref) * m.z_dim if ref is not None else 0
     # each Langevin step: a forward and a backward for the input gradient only (no weight
     # gradients), about 2x a forward, through generator (with T and T^-1) and EBM
-    per_image = fwd + knn + k * 2 * (linear_flops(m.generator) + linear_flops(m.ebm))
+    per_image = fwd + knn + k * 2 * (parts["generator"] + parts["ebm"])
     return {
         "k": k,
         "batch_size": scorer.score_cfg.batch_size,

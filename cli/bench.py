@@ -35,7 +35,9 @@ def bench(
     ),
     seeds: str = typer.Option("0", help="Split seeds, comma-separated (also each jebm model's train.seed)."),
     config: Optional[Path] = typer.Option(
-        None, help="Base jebm config (default: configs/mnist.yaml for images, configs/vectors.yaml for vectors)."
+        None,
+        help="Base jebm config (default: configs/mnist.yaml, the conv backbone, for images; "
+        "configs/vectors.yaml for vectors).",
     ),
     epochs: Optional[int] = typer.Option(
         None, help="Override train.epochs of the base config (variants may override it)."

@@ -33,7 +33,9 @@ def fit(
     ),
     holdout: Optional[int] = typer.Option(None, help="Class held out as the anomaly class (hold-out protocol)."),
     config: Optional[Path] = typer.Option(
-        None, help="YAML config (default: configs/mnist.yaml for images, configs/vectors.yaml for vectors)."
+        None,
+        help="YAML config (default: configs/mnist.yaml, the conv backbone, for images; "
+        "configs/vectors.yaml for vectors).",
     ),
     epochs: Optional[int] = typer.Option(None, help="Override train.epochs."),
     max_train: Optional[int] = typer.Option(None, help="Use at most this many training images."),

@@ -330,10 +330,21 @@ class Config:
         )
 
 
-def default_config_path(data_kind: str = "image") -> Path:
-    """The packaged default config: ``mnist.yaml`` for images, ``vectors.yaml`` for feature vectors."""
+def default_config_path(data_kind: str = "image", image_size: int | None = None) -> Path:
+    """The packaged default config.
+
+    ``vectors.yaml`` for feature vectors; ``mnist.yaml`` (the conv backbone) for images, or
+    ``mnist-mlp.yaml`` (the same latents, prior and score on the MLP backbone) when ``image_size`` is given and the conv
+    backbone does not support it (it supports 28, 32 and 64 pixels).
+    """
     _choice("data kind", data_kind, DATA_KINDS)
-    return Path(__file__).parent / "configs" / ("vectors.yaml" if data_kind == "vector" else "mnist.yaml")
+    if data_kind == "vector":
+        name = "vectors.yaml"
+    elif image_size is not None and int(image_size) not in CONV_IMAGE_SIZES:
+        name = "mnist-mlp.yaml"
+    else:
+        name = "mnist.yaml"
+    return Path(__file__).parent / "configs" / name
 
 
 def for_vectors(config: Config, n_features: int) -> Config:

@@ -37,7 +37,8 @@ class JEBMDetector(BaseDetector):
         ``threshold_``, the (1 - contamination) quantile of ``decision_scores_``.
     config : Config, str or Path, optional (default=None)
         Model, training and scoring configuration, or a YAML file. None: the packaged
-        ``vectors.yaml`` for vectors, ``mnist.yaml`` for images.
+        ``vectors.yaml`` for vectors, ``mnist.yaml`` (conv backbone) for images of 28, 32 or
+        64 pixels, ``mnist-mlp.yaml`` (MLP backbone) for images of other sizes.
     preprocessing : {'standardize', 'none'}, optional (default='standardize')
         Vectors only. ``'standardize'`` centres and scales each feature by the mean and
         standard deviation of the training data (a constant feature is only centred); the
@@ -174,7 +175,7 @@ class JEBMDetector(BaseDetector):
                 model={"standardize": self.preprocessing == "standardize"}
             )
         elif X.ndim in (3, 4) and X.shape[1] == X.shape[2]:
-            cfg = self._base_config("image")
+            cfg = self._base_config("image", X.shape[1])
             channels = 1 if X.ndim == 3 else X.shape[3]
             cfg = cfg.with_overrides(model={"image_size": int(X.shape[1]), "channels": int(channels)})
         else:
@@ -187,10 +188,10 @@ class JEBMDetector(BaseDetector):
             train={"epochs": self.epochs, "seed": self.random_state},
         )
 
-    def _base_config(self, kind: str) -> Config:
+    def _base_config(self, kind: str, image_size: int | None = None) -> Config:
         if isinstance(self.config, Config):
             return self.config
-        return Config.from_yaml(self.config if self.config is not None else default_config_path(kind))
+        return Config.from_yaml(self.config if self.config is not None else default_config_path(kind, image_size))
 
     @staticmethod
     def _validated(X: np.ndarray, cfg: Config) -> np.ndarray:

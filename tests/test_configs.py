@@ -12,9 +12,25 @@ def test_every_shipped_config_is_valid(path):
     Config.from_yaml(path)
 
 
-def test_the_packaged_default_is_configs_mnist_yaml():
-    assert default_config_path().resolve() == (Path(__file__).parent.parent / "configs" / "mnist.yaml").resolve()
-    assert Config.from_yaml(default_config_path()) == Config()
+def test_the_packaged_default_is_configs_mnist_yaml_on_the_conv_backbone():
+    configs = Path(__file__).parent.parent / "configs"
+    assert default_config_path().resolve() == (configs / "mnist.yaml").resolve()
+    assert Config.from_yaml(default_config_path()).model.backbone == "conv"
+    for size in (28, 32, 64):
+        assert default_config_path(image_size=size) == default_config_path()
+    # sizes the conv backbone cannot take get the same model on the MLP backbone, whose fields are
+    # the schema's defaults (a config written before the backbone field existed reads as MLP)
+    for size in (8, 16, 100):
+        assert default_config_path(image_size=size).resolve() == (configs / "mnist-mlp.yaml").resolve()
+    assert Config.from_yaml(configs / "mnist-mlp.yaml") == Config()
+    conv, mlp = Config.from_yaml(configs / "mnist.yaml"), Config()
+    assert (conv.model.z_dims, conv.model.prior, conv.train.scheme, conv.score) == (
+        mlp.model.z_dims,
+        mlp.model.prior,
+        mlp.train.scheme,
+        mlp.score,
+    )
+    assert default_config_path("vector").name == "vectors.yaml"
 
 
 def test_a_bad_config_names_the_field(tmp_path):

@@ -6,7 +6,7 @@ from pyod.utils.data import generate_data
 from sklearn.base import clone
 from sklearn.metrics import roc_auc_score
 
-from outlier_jebm.config import Config
+from outlier_jebm.config import Config, ConfigError, default_config_path
 from outlier_jebm.detector import JEBMDetector
 
 
@@ -168,3 +168,16 @@ def test_images_fit_with_the_configs_backbone(digits01):
     assert det.decision_function(images[labels == 0]).mean() > det.decision_function(X).mean()
     with pytest.raises(ValueError, match="looks like vectors"):
         det.decision_function(X.reshape(len(X), -1))
+
+
+def test_without_a_config_images_get_the_conv_default_where_it_fits_and_the_mlp_elsewhere():
+    det = JEBMDetector(epochs=1, random_state=0)
+    mnist_sized, colour, small = (
+        det._config_for(np.zeros(shape, dtype=np.float32)) for shape in ((4, 28, 28), (4, 32, 32, 3), (4, 8, 8))
+    )
+    assert (mnist_sized.model.backbone, mnist_sized.model.image_size) == ("conv", 28)
+    assert (colour.model.backbone, colour.model.image_size, colour.model.channels) == ("conv", 32, 3)
+    assert (small.model.backbone, small.model.image_size) == ("mlp", 8)
+    conv_given = Config.from_yaml(default_config_path())
+    with pytest.raises(ConfigError, match="image_size 8 is not supported by the conv backbone"):
+        JEBMDetector(config=conv_given)._config_for(np.zeros((4, 8, 8), dtype=np.float32))
