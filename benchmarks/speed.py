@@ -57,30 +57,27 @@ def _layer_flops(layer: torch.nn.Module, inputs: tuple, output: torch.Tensor) ->
     return 2 * kernel * (output.numel() // layer.out_channels)
 
 
-def forward_flops(scorer: Scorer, images: np.ndarray) -> dict[str, float]:
+def forward_flops(model_dir: str, images: np.ndarray) -> dict[str, float]:
     """FLOPs per image of one K = 0 scoring pass, per part of the model (encoder, generator, ebm).
 
     Counted from the shapes seen by the Linear and conv layers during the pass, so a conv
     backbone is counted like an MLP; activations, norms and the kNN search are not counted.
+    (torch's ``FlopCounterMode`` gives the same total; it does not split it by these parts.)
     """
-    m = scorer.model
+    scorer = Scorer(load_model(model_dir), steps=0)
     totals = {"encoder": 0, "generator": 0, "ebm": 0}
     hooks = []
     for part in totals:
-        for layer in getattr(m, part).modules():
+        for layer in getattr(scorer.model, part).modules():
             if isinstance(layer, _LAYERS):
 
                 def hook(layer, inputs, output, part=part):
                     totals[part] += _layer_flops(layer, inputs, output)
 
                 hooks.append(layer.register_forward_hook(hook))
-    steps, scorer.score_cfg.steps = scorer.score_cfg.steps, 0
-    try:
-        scorer.components_of(images)
-    finally:
-        scorer.score_cfg.steps = steps
-        for h in hooks:
-            h.remove()
+    scorer.components_of(images)
+    for h in hooks:
+        h.remove()
     return {part: n / len(images) for part, n in totals.items()}
 
 
@@ -123,7 +120,7 @@ def bench_score(model_dir: str, images: np.ndarray, k: int, batch_size: int | No
     scorer.components_of(images)
     sec = time.perf_counter() - t
     m = scorer.model
-    parts = forward_flops(scorer, images[:256])
+    parts = forward_flops(model_dir, images[:256])
     fwd = sum(parts.values())
     # latent_knn and latent_knn_cos: one shared product against the reference set (2 R Z), or one
     # each (4 R Z) for a reference holding a zero row; the per-entry key transforms, the top-k
