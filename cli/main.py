@@ -255,6 +255,18 @@ def _load_model_or_fail(model: Optional[str], device: str = "cpu"):
         fail(str(exc))
 
 
+def _warn_steps_off_calibration(loaded, steps: Optional[int]) -> None:
+    """Say so when --steps differs from the K the model's calibration was fitted at."""
+    fitted = (loaded.calibration or {}).get("score_steps")
+    if steps is None or steps < 0 or fitted is None or steps == fitted:
+        return
+    console.print(
+        f"[yellow]warning:[/] the calibration was fitted at K = {fitted}; at K = {steps} the score, threshold and "
+        f"kNN reference keep K = {fitted}'s scales. `jebm-od calibrate --steps {steps}` refits them.",
+        soft_wrap=True,
+    )
+
+
 @app.command()
 def score(
     paths: list[Path] = typer.Argument(
@@ -323,6 +335,7 @@ def score(
         scorer = Scorer(loaded, steps=steps)
     except ConfigError as exc:
         fail(f"--steps: {exc}")
+    _warn_steps_off_calibration(loaded, steps)
     columns = scorer.component_names
     writer = None
     if out is not None:
@@ -548,6 +561,7 @@ def evaluate(
     holdout = holdout if holdout is not None else loaded.meta.get("holdout")
     if holdout is None:
         fail("--holdout is needed: the model was not trained with a held-out digit")
+    _warn_steps_off_calibration(loaded, steps)
     if loaded.meta.get("holdout") not in (None, holdout):
         console.print(
             f"[yellow]warning:[/] the model was trained with digit {loaded.meta['holdout']} held out, not {holdout}",
@@ -647,6 +661,7 @@ def serve(
         )
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+    _warn_steps_off_calibration(loaded, steps)
     console.print(
         f"serving [bold]{ref}[/] (loaded in {seconds:.2f} s) on http://{host}:{port}  "
         "- POST /v1/score, GET /health /v1/model /metrics"
@@ -664,10 +679,25 @@ def calibrate(
     reference_size: Optional[int] = typer.Option(
         None, min=0, help="Override score.reference_size: training images the latent kNN searches (0 = all)."
     ),
+    steps: Optional[int] = typer.Option(
+        None, help="Override score.steps: posterior Langevin steps K the model scores with from now on."
+    ),
+    step_size: Optional[float] = typer.Option(None, help="Override score.step_size (posterior Langevin)."),
+    chains: Optional[int] = typer.Option(None, help="Override score.chains: posterior chains per input."),
+    noise: Optional[bool] = typer.Option(
+        None, "--noise/--no-noise", help="Override score.noise: Langevin noise in the posterior chains."
+    ),
     data_dir: Optional[Path] = typer.Option(None),
 ) -> None:
-    """Recompute calibration.json from the model's held-in validation data (never from anomaly labels)."""
+    """Recompute calibration.json from the model's held-in validation data (never from anomaly labels).
+
+    The score settings given are written into the model's config.json first, and the reference
+    latents and the calibration are refitted with them: a model recalibrated with --steps 10 scores
+    at K = 10 in score, evaluate and serve, on scales fitted at K = 10 (a copy logged to MLflow
+    before keeps its own settings).
+    """
     from outlier_jebm.checkpoint import save_model
+    from outlier_jebm.config import ConfigError
     from outlier_jebm.data import DataError
     from outlier_jebm.pipeline import training_data_of
     from outlier_jebm.scoring import calibrate as calibrate_model
@@ -678,14 +708,27 @@ def calibrate(
     except DataError as exc:
         fail(str(exc))
     cfg = loaded.config
-    if false_alarm_rate is not None or reference_size is not None:
-        cfg = cfg.with_overrides(score={"false_alarm_rate": false_alarm_rate, "reference_size": reference_size})
+    overrides = {
+        "false_alarm_rate": false_alarm_rate,
+        "reference_size": reference_size,
+        "steps": steps,
+        "step_size": step_size,
+        "chains": chains,
+        "noise": noise,
+    }
+    if any(v is not None for v in overrides.values()):
+        try:  # validated before anything is written
+            cfg = cfg.with_overrides(score=overrides)
+        except ConfigError as exc:
+            fail(str(exc))
         save_model(loaded.model, cfg, loaded.path, loaded.meta)
         loaded.config = cfg
-    cal = calibrate_model(loaded, td.train, td.val, seed=cfg.train.seed)
+    with console.status(f"calibrating at K = {cfg.score.steps} ..."):
+        cal = calibrate_model(loaded, td.train, td.val, seed=cfg.train.seed)
     console.print(
-        f"calibrated on {len(td.val)} held-in images: threshold {cal.threshold:.3f} at "
-        f"{100 * cal.false_alarm_rate:.1f} % false alarms -> {loaded.path / 'calibration.json'}"
+        f"calibrated on {len(td.val)} held-in images at K = {cal.score_steps}: threshold {cal.threshold:.3f} at "
+        f"{100 * cal.false_alarm_rate:.1f} % false alarms -> {loaded.path / 'calibration.json'}",
+        soft_wrap=True,
     )
 
 

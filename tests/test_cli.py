@@ -108,6 +108,23 @@ def test_score_exits_non_zero_when_nothing_could_be_scored(tmp_path, monkeypatch
     assert runner.invoke(app, ["calibrate", "--model", "m", "--reference-size", "0"]).exit_code == 0
     assert load_file(str(tmp_path / "m" / "reference_latents.safetensors"))["eps"].shape[0] == 300
 
+    # recalibrating at K = 2 writes K into the config and fits the scales at K = 2; scoring at another K says so
+    config_of = lambda: json.loads((tmp_path / "m" / "config.json").read_text())["config"]["score"]  # noqa: E731
+    res = runner.invoke(app, ["calibrate", "--model", "m", "--steps", "-1"])
+    assert res.exit_code == 2 and "score.steps must be >= 0, got -1" in res.output
+    assert config_of()["steps"] == 0  # nothing written
+    res = runner.invoke(app, ["calibrate", "--model", "m", "--steps", "2", "--chains", "2", "--noise"])
+    assert res.exit_code == 0, res.output
+    assert "at K = 2" in res.output
+    assert {k: config_of()[k] for k in ("steps", "chains", "noise")} == {"steps": 2, "chains": 2, "noise": True}
+    assert json.loads((tmp_path / "m" / "calibration.json").read_text())["score_steps"] == 2
+    digit = tmp_path / "d.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(digit)
+    assert "calibration was fitted" not in runner.invoke(app, ["score", str(digit), "--model", "m"]).output
+    res = runner.invoke(app, ["score", str(digit), "--model", "m", "--steps", "0"])
+    assert res.exit_code == 0, res.output
+    assert "the calibration was fitted at K = 2" in res.output and "calibrate --steps 0" in res.output
+
 
 @pytest.mark.parametrize("columns", ["40", "80", "200"])
 def test_a_missing_data_path_or_model_gives_a_clear_error_on_one_line(tmp_path, monkeypatch, columns):
