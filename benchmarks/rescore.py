@@ -1,7 +1,8 @@
 """Re-score models fitted by `jebm-od bench` with other score settings, without refitting.
 
     python benchmarks/rescore.py --bench-dir BENCH_OUT [--set score.llr_samples=8] [--combine a+b,c]
-                                 [--reference-size N] [--holdout 1,4] [--out rescore.csv]
+                                 [--reference-size N] [--holdout 1,4] [--seeds 0]
+                                 [--out rescore.csv]
 
 For every model ``BENCH_OUT/models/<variant>-holdout<D>-seed<S>`` (``jebm``, ``jebm_prior_gaussian``, ...) it rebuilds the same split
 (``prepare_data(mnist, holdout=D, seed=S)``, as the bench did), scores the test part with the
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="score.KEY=VALUE override (repeatable)")
     ap.add_argument("--combine", default="", help="comma-separated combinations, components joined by +")
     ap.add_argument("--holdout", default="", help="only these held-out digits (default: every model found)")
+    ap.add_argument("--seeds", default="", help="only these seeds (default: every model found)")
     ap.add_argument(
         "--reference-size",
         type=int,
@@ -64,13 +66,14 @@ def main() -> None:
     settings = dict(overrides) | ({} if args.reference_size is None else {"reference_size": args.reference_size})
     combos = [c.split("+") for c in args.combine.split(",") if c]
     only = {int(d) for d in args.holdout.split(",") if d}
+    only_seeds = {int(s) for s in args.seeds.split(",") if s}
     rows = []
     for model_dir in sorted((args.bench_dir / "models").glob("*-holdout*-seed*")):
         m = re.match(r"(.+)-holdout(\d+)-seed(\d+)$", model_dir.name)
         if not m or not (model_dir / "calibration.json").is_file():
             continue
         variant, holdout, seed = m.group(1), int(m.group(2)), int(m.group(3))
-        if only and holdout not in only:
+        if (only and holdout not in only) or (only_seeds and seed not in only_seeds):
             continue
         loaded = load_model(model_dir)
         cfg = loaded.config.with_overrides(score=overrides) if overrides else loaded.config
