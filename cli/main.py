@@ -16,6 +16,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .bench import bench
 from .common import console, fail, load_config
 
+# MLflow's artifact progress bars and INFO lines (table creation, signature validation) interleave with
+# the command's own output, which already names the run and the store. Either variable set brings them back.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
 app = typer.Typer(
     help="Image anomaly detection with a joint latent-space EBM prior on a multi-layer generator.",
     no_args_is_help=True,

@@ -36,6 +36,8 @@ def _fit(tmp_path, *options: str, db: str = "db.sqlite"):
     ]
     res = runner.invoke(app, [*args, *options])
     assert res.exit_code == 0, res.output
+    # MLflow's progress bar and INFO lines stay out of ours
+    assert "Downloading artifacts" not in res.output and "INFO mlflow" not in res.output
     return res
 
 
