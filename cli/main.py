@@ -17,7 +17,8 @@ from .bench import bench
 from .common import console, fail, load_config
 
 # MLflow's artifact progress bars and INFO lines (table creation, signature validation) interleave with
-# the command's own output, which already names the run and the store. Either variable set brings them back.
+# the command's own output, which already names the run and the store. MLFLOW_LOGGING_LEVEL=INFO and
+# MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true bring them back.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
@@ -261,9 +262,10 @@ def _load_model_or_fail(model: Optional[str], device: str = "cpu"):
 
 
 def _warn_steps_off_calibration(loaded, steps: Optional[int]) -> None:
-    """Say so when --steps differs from the K the model's calibration was fitted at."""
+    """Say so when the K scored at (--steps, else the model's score.steps) is not the calibration's K."""
     fitted = (loaded.calibration or {}).get("score_steps")
-    if steps is None or steps < 0 or fitted is None or steps == fitted:
+    steps = loaded.config.score.steps if steps is None else steps
+    if steps < 0 or fitted is None or steps == fitted:
         return
     console.print(
         f"[yellow]warning:[/] the calibration was fitted at K = {fitted}; at K = {steps} the score, threshold and "
@@ -705,14 +707,20 @@ def calibrate(
     from outlier_jebm.config import ConfigError
     from outlier_jebm.data import DataError
     from outlier_jebm.pipeline import training_data_of
+    from outlier_jebm.registry import is_model_uri
     from outlier_jebm.scoring import calibrate as calibrate_model
 
+    if is_model_uri(model):  # it would recalibrate a downloaded copy and leave the registered model as it was
+        fail(
+            f"--model {model}: calibrate writes into a model directory, not into MLflow; download the model "
+            "(mlflow artifacts download) and calibrate that directory"
+        )
     loaded = _load_model_or_fail(model)
     try:  # the split fit made: same seed, validation share and training cap (read before anything is written)
         td = training_data_of(loaded, data=data, data_dir=data_dir)
     except DataError as exc:
         fail(str(exc))
-    cfg = loaded.config
+    cfg = old_cfg = loaded.config
     overrides = {
         "false_alarm_rate": false_alarm_rate,
         "reference_size": reference_size,
@@ -726,10 +734,11 @@ def calibrate(
             cfg = cfg.with_overrides(score=overrides)
         except ConfigError as exc:
             fail(str(exc))
-        save_model(loaded.model, cfg, loaded.path, loaded.meta)
-        loaded.config = cfg
+    loaded.config = cfg
     with console.status(f"calibrating at K = {cfg.score.steps} ..."):
         cal = calibrate_model(loaded, td.train, td.val, seed=cfg.train.seed)
+    if cfg is not old_cfg:  # the settings are written once their calibration is (an interrupted run changes none)
+        save_model(loaded.model, cfg, loaded.path, loaded.meta)
     console.print(
         f"calibrated on {len(td.val)} held-in images at K = {cal.score_steps}: threshold {cal.threshold:.3f} at "
         f"{100 * cal.false_alarm_rate:.1f} % false alarms -> {loaded.path / 'calibration.json'}",

@@ -3,6 +3,7 @@ import sqlite3
 
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_config
 from PIL import Image
 from typer.testing import CliRunner
@@ -36,7 +37,7 @@ def _fit(tmp_path, *options: str, db: str = "db.sqlite"):
     ]
     res = runner.invoke(app, [*args, *options])
     assert res.exit_code == 0, res.output
-    # MLflow's progress bar and INFO lines stay out of ours
+    # MLflow's progress bar (fit downloads the logged model to validate it) and INFO lines stay out of ours
     assert "Downloading artifacts" not in res.output and "INFO mlflow" not in res.output
     return res
 
@@ -115,11 +116,19 @@ def test_score_exits_non_zero_when_nothing_could_be_scored(tmp_path, monkeypatch
     res = runner.invoke(app, ["calibrate", "--model", "m", "--steps", "-1"])
     assert res.exit_code == 2 and "score.steps must be >= 0, got -1" in res.output
     assert config_of()["steps"] == 0  # nothing written
-    res = runner.invoke(app, ["calibrate", "--model", "m", "--steps", "2", "--chains", "2", "--noise"])
+    reference_at_0 = load_file(str(tmp_path / "m" / "reference_latents.safetensors"))["eps"]
+    res = runner.invoke(app, ["calibrate", "--model", "m", "--steps", "2", "--chains", "2"])
     assert res.exit_code == 0, res.output
     assert "at K = 2" in res.output
-    assert {k: config_of()[k] for k in ("steps", "chains", "noise")} == {"steps": 2, "chains": 2, "noise": True}
+    assert {k: config_of()[k] for k in ("steps", "chains", "noise")} == {"steps": 2, "chains": 2, "noise": False}
     assert json.loads((tmp_path / "m" / "calibration.json").read_text())["score_steps"] == 2
+    # the reference latents are the training images' codes after 2 posterior steps now
+    assert not torch.equal(load_file(str(tmp_path / "m" / "reference_latents.safetensors"))["eps"], reference_at_0)
+    assert runner.invoke(app, ["calibrate", "--model", "m", "--noise"]).exit_code == 0
+    assert {k: config_of()[k] for k in ("steps", "chains", "noise")} == {"steps": 2, "chains": 2, "noise": True}
+    # a registered model is not recalibrated behind the user's back (it would change a downloaded copy)
+    res = runner.invoke(app, ["calibrate", "--model", "models:/some-model/1", "--steps", "2"])
+    assert res.exit_code == 2 and "calibrate writes into a model directory" in res.output
     digit = tmp_path / "d.png"
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(digit)
     assert "calibration was fitted" not in runner.invoke(app, ["score", str(digit), "--model", "m"]).output
