@@ -1,6 +1,6 @@
 """Re-score models fitted by `jebm-od bench` with other score settings, without refitting.
 
-    python benchmarks/rescore.py --bench-dir BENCH_OUT [--set score.llr_samples=8] [--combine a+b,c]
+    python benchmarks/rescore.py --bench-dir BENCH_OUT [--set score.llr_samples=8] [--combine a+b,c+0.5*d]
                                  [--reference-size N] [--holdout 1,4] [--seeds 0]
                                  [--out rescore.csv]
 
@@ -9,7 +9,7 @@ For every model ``BENCH_OUT/models/<variant>-holdout<D>-seed<S>`` (``jebm``, ``j
 model's score settings plus ``--set`` overrides, and reports AUPRC/AUROC per component and
 per combination. A combination is calibrated exactly like the default score (robust z-scores
 fitted on the held-in validation part, never on test labels), so its figure is what the
-model would give with ``calibration.combine`` set to it. Prints a markdown table and writes
+model would give with ``calibration.combine`` set to it (``0.5*d``: the weight of d in the mean). Prints a markdown table and writes
 ``--out`` CSV (one row per model and score).
 """
 
@@ -41,6 +41,17 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
+def parse_combination(text: str) -> tuple[str, tuple[list[str], dict[str, float]]]:
+    """``a+b+0.25*c`` -> (its name, (components, weights)); a component without a factor weighs 1."""
+    names, weights = [], {}
+    for term in text.split("+"):
+        factor, star, name = term.rpartition("*")
+        names.append(name if star else term)
+        if star:
+            weights[name] = float(factor)
+    return text, (names, weights)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench-dir", type=Path, required=True)
@@ -64,7 +75,7 @@ def main() -> None:
 
     overrides = parse_set(args.set)
     settings = dict(overrides) | ({} if args.reference_size is None else {"reference_size": args.reference_size})
-    combos = [c.split("+") for c in args.combine.split(",") if c]
+    combos = [parse_combination(c) for c in args.combine.split(",") if c]
     only = {int(d) for d in args.holdout.split(",") if d}
     only_seeds = {int(s) for s in args.seeds.split(",") if s}
     rows = []
@@ -95,11 +106,15 @@ def main() -> None:
         y = td.test_is_anomaly
         scores = {f"[{k}]": v for k, v in test.items() if np.ptp(v) > 0}
         scores["default (" + "+".join(scorer.calibration.combine) + ")"] = scorer.calibration.score(test)
-        for combo in combos:
+        for name, (combo, weights) in combos:
             cal = fit_calibration(
-                val, combine=combo, false_alarm_rate=cfg.score.false_alarm_rate, score_steps=cfg.score.steps
+                val,
+                combine=combo,
+                weights=weights,
+                false_alarm_rate=cfg.score.false_alarm_rate,
+                score_steps=cfg.score.steps,
             )
-            scores["+".join(combo)] = cal.score(test)
+            scores[name] = cal.score(test)
         for name, values in scores.items():
             met = detection_metrics(y, values)
             rows.append(

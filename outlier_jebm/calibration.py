@@ -25,8 +25,12 @@ class Calibration:
     false_alarm_rate: float
     n_validation: int
     score_steps: int
-    notes: str = "score = mean robust z-score of `combine`; normalized = logistic((score - threshold) / score_scale)"
+    notes: str = (
+        "score = mean robust z-score of `combine`, weighted by `weights` (1 where absent); "
+        "normalized = logistic((score - threshold) / score_scale)"
+    )
     extra: dict = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)  # per combined component; absent = 1
 
     def robust_z(self, components: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """(component - held-in median) / held-in robust scale, for each calibrated component.
@@ -42,7 +46,7 @@ class Calibration:
         return {k: (components[k] - self.median[k]) / self.scale[k] for k in self.median if k in components}
 
     def score(self, components: dict[str, np.ndarray]) -> np.ndarray:
-        """The score: the mean robust z-score of ``combine`` (higher = more anomalous).
+        """The score: the mean robust z-score of ``combine``, weighted by ``weights`` (higher = more anomalous).
 
         Parameters
         ----------
@@ -53,7 +57,8 @@ class Calibration:
         np.ndarray
         """
         z = self.robust_z(components)
-        return np.mean([z[k] for k in self.combine], axis=0)
+        w = [self.weights.get(k, 1.0) for k in self.combine]
+        return np.average([z[k] for k in self.combine], axis=0, weights=w)
 
     def normalize(self, score: np.ndarray) -> np.ndarray:
         """A score in [0, 1]: logistic((score - threshold) / score_scale); 0.5 at the threshold.
@@ -110,7 +115,12 @@ def _robust_scale(v: np.ndarray) -> float:
 
 
 def fit_calibration(
-    components: dict[str, np.ndarray], *, combine: Iterable[str], false_alarm_rate: float, score_steps: int
+    components: dict[str, np.ndarray],
+    *,
+    combine: Iterable[str],
+    false_alarm_rate: float,
+    score_steps: int,
+    weights: dict[str, float] | None = None,
 ) -> Calibration:
     """Fit the calibration on held-in validation components only (never on anomaly labels).
 
@@ -124,6 +134,8 @@ def fit_calibration(
         Share of held-in images above the threshold.
     score_steps : int
         The posterior Langevin steps the components were computed with (recorded).
+    weights : dict of str to float, optional
+        Weights of combined components in the mean (absent: 1); each >= 0, not all 0.
 
     Returns
     -------
@@ -134,6 +146,13 @@ def fit_calibration(
     combine = [c for c in combine if c in components]
     if not combine:
         raise ValueError("none of the components to combine were computed")
+    weights = dict(weights or {})
+    if set(weights) - set(combine):
+        raise ValueError(f"weights for components that are not combined: {sorted(set(weights) - set(combine))}")
+    if any(not np.isfinite(v) or v < 0 for v in weights.values()):
+        raise ValueError(f"weights must be finite and >= 0, got {weights}")
+    if sum(weights.get(k, 1.0) for k in combine) <= 0:
+        raise ValueError("the weights of the combined components are all 0")
     median = {k: float(np.median(v)) for k, v in components.items()}
     scale = {k: _robust_scale(v) for k, v in components.items()}
     cal = Calibration(
@@ -145,6 +164,7 @@ def fit_calibration(
         false_alarm_rate=false_alarm_rate,
         n_validation=len(next(iter(components.values()))),
         score_steps=score_steps,
+        weights={k: float(v) for k, v in weights.items()},
     )
     s = cal.score(components)
     cal.threshold = float(np.quantile(s, 1.0 - false_alarm_rate))

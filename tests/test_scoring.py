@@ -71,6 +71,26 @@ def test_the_stored_calibration_is_refitted_from_held_in_validation_components_a
     assert cal.normalize(np.array([cal.threshold]))[0] == pytest.approx(0.5)
 
 
+def test_a_weighted_combination_is_the_weighted_mean_of_robust_z_scores_and_old_files_weigh_one():
+    rng = np.random.default_rng(0)
+    comps = {"a": rng.normal(3, 2, 400), "b": rng.exponential(1, 400), "c": rng.normal(0, 1, 400)}
+    cal = fit_calibration(comps, combine=["a", "b", "c"], weights={"c": 0.25}, false_alarm_rate=0.1, score_steps=0)
+    z = cal.robust_z(comps)
+    assert z["a"] == pytest.approx((comps["a"] - np.median(comps["a"])) / cal.scale["a"])
+    assert cal.score(comps) == pytest.approx((z["a"] + z["b"] + 0.25 * z["c"]) / 2.25)
+    assert np.mean(cal.score(comps) > cal.threshold) == pytest.approx(0.1, abs=0.01)
+    # a calibration.json written before weights existed reads back with every weight 1
+    old = cal.to_dict()
+    del old["weights"]
+    assert type(cal).from_dict(old).score(comps) == pytest.approx((z["a"] + z["b"] + z["c"]) / 3)
+    with pytest.raises(ValueError, match="not combined"):
+        fit_calibration(comps, combine=["a"], weights={"c": 1.0}, false_alarm_rate=0.1, score_steps=0)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        fit_calibration(comps, combine=["a", "c"], weights={"c": -1.0}, false_alarm_rate=0.1, score_steps=0)
+    with pytest.raises(ValueError, match="all 0"):
+        fit_calibration(comps, combine=["a"], weights={"a": 0.0}, false_alarm_rate=0.1, score_steps=0)
+
+
 class _Tripwire:
     """Stands in for the test part and its labels: any use of it fails the test."""
 
