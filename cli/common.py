@@ -1,4 +1,4 @@
-"""What every command shares: the error console, failing with a message, reading a config."""
+"""What every command shares: the error console, failing with a message, reading a config or a model."""
 
 from __future__ import annotations
 
@@ -28,3 +28,26 @@ def load_config(path: Optional[Path]):
         return Config.from_yaml(path or default_config_path())
     except ConfigError as exc:
         fail(str(exc))
+
+
+def load_model_or_fail(model: Optional[str], device: str = "cpu"):
+    from outlier_jebm.checkpoint import CheckpointError, load_model
+    from outlier_jebm.pipeline import resolve_model_dir
+
+    try:
+        return load_model(resolve_model_dir(model), device=device)
+    except (CheckpointError, FileNotFoundError) as exc:
+        fail(str(exc))
+
+
+def warn_steps_off_calibration(loaded, steps: Optional[int]) -> None:
+    """Say so when the K scored at (--steps, else the model's score.steps) is not the calibration's K."""
+    fitted = (loaded.calibration or {}).get("score_steps")
+    steps = loaded.config.score.steps if steps is None else steps
+    if steps < 0 or fitted is None or steps == fitted:
+        return
+    console.print(
+        f"[yellow]warning:[/] the calibration was fitted at K = {fitted}; at K = {steps} the score, threshold and "
+        f"kNN reference keep K = {fitted}'s scales. `jebm-od calibrate --steps {steps}` refits them.",
+        soft_wrap=True,
+    )
