@@ -41,15 +41,15 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def parse_combination(text: str) -> tuple[str, tuple[list[str], dict[str, float]]]:
-    """``a+b+0.25*c`` -> (its name, (components, weights)); a component without a factor weighs 1."""
+def parse_combination(text: str) -> tuple[list[str], dict[str, float]]:
+    """``a+b+0.25*c`` -> (components, weights); a component without a factor weighs 1."""
     names, weights = [], {}
     for term in text.split("+"):
         factor, star, name = term.rpartition("*")
-        names.append(name if star else term)
+        names.append(name)
         if star:
             weights[name] = float(factor)
-    return text, (names, weights)
+    return names, weights
 
 
 def main() -> None:
@@ -75,7 +75,7 @@ def main() -> None:
 
     overrides = parse_set(args.set)
     settings = dict(overrides) | ({} if args.reference_size is None else {"reference_size": args.reference_size})
-    combos = [parse_combination(c) for c in args.combine.split(",") if c]
+    combos = {c: parse_combination(c) for c in args.combine.split(",") if c}
     only = {int(d) for d in args.holdout.split(",") if d}
     only_seeds = {int(s) for s in args.seeds.split(",") if s}
     rows = []
@@ -106,7 +106,7 @@ def main() -> None:
         y = td.test_is_anomaly
         scores = {f"[{k}]": v for k, v in test.items() if np.ptp(v) > 0}
         scores["default (" + "+".join(scorer.calibration.combine) + ")"] = scorer.calibration.score(test)
-        for name, (combo, weights) in combos:
+        for name, (combo, weights) in combos.items():
             cal = fit_calibration(
                 val,
                 combine=combo,

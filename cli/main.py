@@ -441,7 +441,6 @@ def calibrate(
         td = training_data_of(loaded, data=data, data_dir=data_dir)
     except DataError as exc:
         fail(str(exc))
-    cfg = old_cfg = loaded.config
     overrides = {
         "false_alarm_rate": false_alarm_rate,
         "reference_size": reference_size,
@@ -450,15 +449,14 @@ def calibrate(
         "chains": chains,
         "noise": noise,
     }
-    if any(v is not None for v in overrides.values()):
-        try:  # validated before anything is written
-            cfg = cfg.with_overrides(score=overrides)
-        except ConfigError as exc:
-            fail(str(exc))
-    loaded.config = cfg
+    try:  # validated before anything is written; options not given (None) are skipped
+        cfg = loaded.config.with_overrides(score=overrides)
+    except ConfigError as exc:
+        fail(str(exc))
+    changed, loaded.config = cfg != loaded.config, cfg
     with console.status(f"calibrating at K = {cfg.score.steps} ..."):
         cal = calibrate_model(loaded, td.train, td.val, seed=cfg.train.seed)
-    if cfg is not old_cfg:  # the settings are written once their calibration is (an interrupted run changes none)
+    if changed:  # written after their calibration: an interrupted run leaves the old settings, which score warns of
         save_model(loaded.model, cfg, loaded.path, loaded.meta)
     console.print(
         f"calibrated on {len(td.val)} held-in images at K = {cal.score_steps}: threshold {cal.threshold:.3f} at "
