@@ -1,6 +1,6 @@
 """Re-score models fitted by `jebm-od bench` with other score settings, without refitting.
 
-    python benchmarks/rescore.py --bench-dir BENCH_OUT [--set score.llr_samples=8] [--combine a+b,c+0.5*d]
+    python benchmarks/rescore.py --bench-dir BENCH_OUT [--set score.llr_samples=8] [--combine a+b,c+0.5*d,a+b|c]
                                  [--reference-size N] [--holdout 1,4] [--seeds 0]
                                  [--out rescore.csv]
 
@@ -9,8 +9,9 @@ For every model ``BENCH_OUT/models/<variant>-holdout<D>-seed<S>`` (``jebm``, ``j
 model's score settings plus ``--set`` overrides, and reports AUPRC/AUROC per component and
 per combination. A combination is calibrated exactly like the default score (robust z-scores
 fitted on the held-in validation part, never on test labels), so its figure is what the
-model would give with ``calibration.combine`` set to it (``0.5*d``: the weight of d in the mean). Prints a markdown table and writes
-``--out`` CSV (one row per model and score).
+model would give with ``calibration.combine`` set to it (``0.5*d``: the weight of d in the mean).
+``a+b|c`` is the larger of two such scores, each calibrated on its own (``|`` separates the groups).
+Prints one line per model and score and writes ``--out`` CSV (one row per model and score).
 """
 
 from __future__ import annotations
@@ -52,11 +53,20 @@ def parse_combination(text: str) -> tuple[list[str], dict[str, float]]:
     return names, weights
 
 
+def parse_groups(text: str) -> list[tuple[list[str], dict[str, float]]]:
+    """``a+b|c`` -> one (components, weights) per group; the score is the largest group score."""
+    return [parse_combination(group) for group in text.split("|")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench-dir", type=Path, required=True)
     ap.add_argument("--set", action="append", default=[], help="score.KEY=VALUE override (repeatable)")
-    ap.add_argument("--combine", default="", help="comma-separated combinations, components joined by +")
+    ap.add_argument(
+        "--combine",
+        default="",
+        help="comma-separated combinations: components joined by +, groups (the larger score) by |",
+    )
     ap.add_argument("--holdout", default="", help="only these held-out digits (default: every model found)")
     ap.add_argument("--seeds", default="", help="only these seeds (default: every model found)")
     ap.add_argument(
@@ -75,7 +85,7 @@ def main() -> None:
 
     overrides = parse_set(args.set)
     settings = dict(overrides) | ({} if args.reference_size is None else {"reference_size": args.reference_size})
-    combos = {c: parse_combination(c) for c in args.combine.split(",") if c}
+    combos = {c: parse_groups(c) for c in args.combine.split(",") if c}
     only = {int(d) for d in args.holdout.split(",") if d}
     only_seeds = {int(s) for s in args.seeds.split(",") if s}
     rows = []
@@ -106,15 +116,18 @@ def main() -> None:
         y = td.test_is_anomaly
         scores = {f"[{k}]": v for k, v in test.items() if np.ptp(v) > 0}
         scores["default (" + "+".join(scorer.calibration.combine) + ")"] = scorer.calibration.score(test)
-        for name, (combo, weights) in combos.items():
-            cal = fit_calibration(
-                val,
-                combine=combo,
-                weights=weights,
-                false_alarm_rate=cfg.score.false_alarm_rate,
-                score_steps=cfg.score.steps,
-            )
-            scores[name] = cal.score(test)
+        for name, groups in combos.items():
+            group_scores = [
+                fit_calibration(
+                    val,
+                    combine=combo,
+                    weights=weights,
+                    false_alarm_rate=cfg.score.false_alarm_rate,
+                    score_steps=cfg.score.steps,
+                ).score(test)
+                for combo, weights in groups
+            ]
+            scores[name] = np.max(group_scores, axis=0)
         for name, values in scores.items():
             met = detection_metrics(y, values)
             rows.append(
