@@ -1,10 +1,11 @@
 """The prior ablation over seeds: AUPRC and sample FID per prior, from the CSVs `jebm-od bench` wrote.
 
     python benchmarks/prior_table.py benchmarks/issue14/*/results.csv [--z-dims 32,8] [--score score] \
-        [--sample-metrics benchmarks/issue14/joint-z32-8/sample_metrics.txt] [--seeds 1,2]
+        [--sample-metrics benchmarks/issue14/joint-z32-8/sample_metrics.txt] [--seeds 1,2] [--split published]
 
 Reads every jebm row with the given ``--score`` (``score``: the default score; or a component such
-as ``component:neg_log_joint``) whose variant has the given latent sizes. The prior is read from the
+as ``component:neg_log_joint``) whose variant has the given latent sizes, on the given ``--split``
+(default: clean). The prior is read from the
 variant's ``prior=`` setting (none: joint). A (prior, digit, seed) cell found in several CSVs must
 agree, or the script stops. ``--sample-metrics`` reads the FIDs of bench models measured afterwards
 (the output of ``jebm-od sample --model DIR --metrics``, each after a line ``== DIR``) for the
@@ -37,7 +38,7 @@ def z_dims_of(model: str) -> str:
     return m.group(1).replace(" ", "") if m else "32,16"
 
 
-def load(paths: list[Path], z_dims: str, score: str) -> pd.DataFrame:
+def load(paths: list[Path], z_dims: str, score: str, split: str = "clean") -> pd.DataFrame:
     frames = []
     for p in paths:
         d = pd.read_csv(p)
@@ -47,7 +48,9 @@ def load(paths: list[Path], z_dims: str, score: str) -> pd.DataFrame:
     d = pd.concat(frames, ignore_index=True)
     d = d[d.model.map(z_dims_of) == z_dims].copy()
     d["prior"] = d.model.map(prior_of)
-    d = d[d.split == "clean"]
+    d = d[d.split == split]
+    if d.empty:
+        raise SystemExit(f"no jebm rows with score {score!r}, z_dims [{z_dims}] and split {split!r}")
     keys = ["prior", "holdout", "seed"]
     spread = d.groupby(keys).auprc.agg(lambda v: v.max() - v.min())
     if (spread > 1e-9).any():
@@ -116,13 +119,14 @@ def main() -> None:
     ap.add_argument("--score", default="score")
     ap.add_argument("--sample-metrics", type=Path, nargs="*", default=[])
     ap.add_argument("--seeds", default="", help="only these seeds, comma-separated (default: all found)")
+    ap.add_argument("--split", default="clean", choices=["clean", "published"])
     args = ap.parse_args()
-    d = load(args.csv, args.z_dims, args.score)
+    d = load(args.csv, args.z_dims, args.score, args.split)
     if args.seeds:
         d = d[d.seed.isin([int(t) for t in args.seeds.split(",")])]
     for path in args.sample_metrics:
         d = fill_fid(d, path)
-    print(f"AUPRC ({args.score}), z_dims [{args.z_dims}], clean split: mean ± std over seeds (n)\n")
+    print(f"AUPRC ({args.score}), z_dims [{args.z_dims}], {args.split} split: mean ± std over seeds (n)\n")
     print("\n".join(table(d, "auprc", 3)))
     if args.score == "score":
         print("\nSample FID (in-project LeNet features; lower is better)\n")
