@@ -453,7 +453,8 @@ def calibrate(
         cfg = loaded.config.with_overrides(score=overrides)
     except ConfigError as exc:
         fail(str(exc))
-    changed, loaded.config = cfg != loaded.config, cfg
+    changed = cfg != loaded.config
+    loaded.config = cfg
     with console.status(f"calibrating at K = {cfg.score.steps} ..."):
         cal = calibrate_model(loaded, td.train, td.val, seed=cfg.train.seed)
     if changed:  # written after their calibration: an interrupted run leaves the old settings, which score warns of
