@@ -188,8 +188,14 @@ def sample(
     out: Path = typer.Option(Path("samples.png"), help="Where to write the grid (PNG)."),
     kind: str = typer.Option("prior", help="prior, hierarchical, or chains (short-run vs long-run)."),
     n: int = typer.Option(64, help="Number of prior samples."),
-    steps: Optional[int] = typer.Option(None, help="Prior Langevin steps (default: the training value)."),
-    seed: int = typer.Option(0),
+    steps: Optional[int] = typer.Option(
+        None, help="Prior Langevin steps (default: the model's train.sample_steps, else its training value)."
+    ),
+    seed: Optional[int] = typer.Option(
+        None,
+        help="Seed of the sampler (and of --metrics' classifier and image pick); default: the model's train.seed, "
+        "so that --metrics repeats the figure its fit logged.",
+    ),
     metrics: bool = typer.Option(
         False,
         "--metrics",
@@ -216,9 +222,10 @@ def sample(
     from outlier_jebm.viz import image_grid
 
     loaded = load_model_or_fail(model)
+    seed = loaded.config.train.seed if seed is None else seed
     torch.manual_seed(seed)
     pr = loaded.config.train.prior_langevin
-    k = steps if steps is not None else pr.steps
+    k = steps if steps is not None else loaded.config.train.sampler_steps
     if kind == "prior":
         grid = image_grid(prior_samples(loaded.model, n, steps=k, step_size=pr.step_size), 8)
     elif kind == "hierarchical":

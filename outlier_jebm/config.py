@@ -135,7 +135,16 @@ class TrainConfig:
     # prior samples for the fit-end sample quality (FID in in-project LeNet features), logged to
     # MLflow when the training images have class labels; 0 = off
     sample_metrics: int = 10_000
+    # prior Langevin steps of the samples drawn from a fitted model (`jebm-od sample`, the fit-end
+    # sample quality, the sample grids); None = prior_langevin.steps. Training always uses the latter:
+    # its short-run chain can give better samples when run longer (benchmarks/RESULTS.md).
+    sample_steps: int | None = None
     seed: int = 0
+
+    @property
+    def sampler_steps(self) -> int:
+        """Prior Langevin steps for samples of the fitted model: ``sample_steps``, else the training value."""
+        return self.prior_langevin.steps if self.sample_steps is None else self.sample_steps
 
     def validate(self) -> None:
         _choice("train.scheme", self.scheme, SCHEMES)
@@ -147,6 +156,8 @@ class TrainConfig:
             raise ConfigError(f"train.min_steps must be >= 0, got {self.min_steps}")
         if self.sample_metrics < 0:
             raise ConfigError(f"train.sample_metrics must be >= 0 (0: off), got {self.sample_metrics}")
+        if self.sample_steps is not None and self.sample_steps < 0:
+            raise ConfigError(f"train.sample_steps must be >= 0 (or null: the training value), got {self.sample_steps}")
         for name in ("lr_ebm", "lr_gen", "lr_enc", "grad_clip", "max_abs_loss"):
             _positive(f"train.{name}", getattr(self, name))
         if not 0.0 < self.val_fraction < 0.5:

@@ -286,7 +286,8 @@ def run_fit(
         pictures = not config.model.is_vector  # sample grids and reconstructions are for images
         if pictures and ((epoch + 1) % max(config.train.sample_every, 1) == 0 or last):
             pr = config.train.prior_langevin
-            for name, image in sample_figures(m, steps=pr.steps, step_size=pr.step_size).items():
+            steps = config.train.sampler_steps
+            for name, image in sample_figures(m, steps=steps, step_size=pr.step_size).items():
                 tracker.log_image(image, f"samples/epoch{epoch + 1:03d}_{name}.png")
             tracker.log_image(reconstructions(m, probe), f"samples/epoch{epoch + 1:03d}_reconstructions.png")
 

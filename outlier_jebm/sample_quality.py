@@ -258,7 +258,7 @@ def sample_quality(
     n : int, default N_SAMPLES
         Number of samples (and of training images, at most).
     steps, step_size : int, float
-        Prior Langevin settings of the sampler (``train.prior_langevin``).
+        Prior Langevin settings of the sampler (``train.sampler_steps`` and ``train.prior_langevin``).
     seed : int, default 0
         Seed of the sampler and of the pick of training images.
 
@@ -299,7 +299,7 @@ def fit_sample_quality(
 
     Needs class labels for the training images (MNIST, sklearn digits, labelled arrays) and an
     image model; ``n`` (default ``train.sample_metrics``, 0 = off) prior samples (``steps``
-    prior Langevin steps, default the training value) are compared with as many training images
+    prior Langevin steps, default ``train.sampler_steps``) are compared with as many training images
     in the features of a LeNet trained on the training part (with ``seed``, default
     ``train.seed``). Also returns ``samples`` (n) and ``seconds`` (the wall time of all this).
     """
@@ -316,7 +316,7 @@ def fit_sample_quality(
         classifier,
         data.train,
         n=n,
-        steps=pr.steps if steps is None else steps,
+        steps=config.train.sampler_steps if steps is None else steps,
         step_size=pr.step_size,
         seed=seed,
     )

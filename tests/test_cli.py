@@ -92,6 +92,27 @@ def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, d
     assert "LeNet mean confidence: samples" in res.output
 
 
+def test_sample_metrics_repeat_the_fit_figure_with_the_models_sample_steps_and_seed(tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(epochs=1, sample_steps=25, seed=3).to_dict()
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    db = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    res = runner.invoke(app, ["fit", "--data", "digits", "--config", "s.yaml", "--out", "m", "--tracking-uri", db])
+    assert res.exit_code == 0, res.output
+    with sqlite3.connect(tmp_path / "db.sqlite") as con:
+        ((fid,),) = con.execute("select value from metrics where key = 'sample_fid_lenet'").fetchall()
+    # no --steps, no --seed: the model's train.sample_steps (25, not its training value 10) and train.seed
+    res = runner.invoke(app, ["sample", "--model", "m", "--out", "a.png", "--metrics"])
+    assert res.exit_code == 0, res.output
+    assert f"FID (in-project LeNet features, not Inception FID): {fid:.3f}" in res.output
+    for other in (["--steps", "10"], ["--seed", "0"]):
+        res = runner.invoke(app, ["sample", "--model", "m", "--out", "b.png", "--metrics", *other])
+        assert res.exit_code == 0, res.output
+        assert f"Inception FID): {fid:.3f}" not in res.output
+
+
 def test_score_exits_non_zero_when_nothing_could_be_scored(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _fit(tmp_path, "--epochs", "1", "--max-train", "300")

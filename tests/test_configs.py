@@ -58,3 +58,15 @@ def test_overrides_are_dotted_paths_validated_every_time():
     with pytest.raises(ConfigError, match="steps"):  # the section form goes through the same checks
         base.with_overrides(score={"steps": -3})
     assert base.with_overrides(train={"epochs": None}) == base  # None: an option that was not given
+
+
+def test_sample_steps_default_to_the_training_chain_and_are_checked():
+    base = Config()
+    assert base.train.sample_steps is None and base.train.sampler_steps == base.train.prior_langevin.steps
+    assert base.override({"train.sample_steps": 100}).train.sampler_steps == 100
+    assert base.override({"train.sample_steps": 0}).train.sampler_steps == 0  # the Gaussian base alone
+    with pytest.raises(ConfigError, match="train.sample_steps"):
+        base.override({"train.sample_steps": -1})
+    # the default config trains with 40 prior steps and samples with 100 (benchmarks/RESULTS.md)
+    conv = Config.from_yaml(default_config_path())
+    assert (conv.train.prior_langevin.steps, conv.train.sampler_steps) == (40, 100)
