@@ -249,7 +249,10 @@ def sample(
 
 
 def _print_sample_quality(quality: dict) -> None:
-    console.print(f"FID (in-project LeNet features, not Inception FID): {quality['fid_lenet']:.3f}")
+    console.print(
+        f"FID (in-project LeNet features, not Inception FID): {quality['fid_lenet']:.3f} "
+        f"({int(quality['samples'])} samples, {int(quality['steps'])} prior Langevin steps)"
+    )
     console.print(
         f"LeNet mean confidence: samples {quality['lenet_confidence']:.3f}, "
         f"training images {quality['lenet_confidence_training']:.3f} "

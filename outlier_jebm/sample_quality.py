@@ -301,7 +301,7 @@ def fit_sample_quality(
     image model; ``n`` (default ``train.sample_metrics``, 0 = off) prior samples (``steps``
     prior Langevin steps, default ``train.sampler_steps``) are compared with as many training images
     in the features of a LeNet trained on the training part (with ``seed``, default
-    ``train.seed``). Also returns ``samples`` (n) and ``seconds`` (the wall time of all this).
+    ``train.seed``). Also returns ``samples`` (n), ``steps`` and ``seconds`` (the wall time of all this).
     """
     n = config.train.sample_metrics if n is None else n
     labels = data.train_labels
@@ -309,18 +309,11 @@ def fit_sample_quality(
         return None
     t0 = time.perf_counter()
     seed = config.train.seed if seed is None else seed
+    steps = config.train.sampler_steps if steps is None else steps
     classifier = train_classifier(data.train, labels, seed=seed)
     pr = config.train.prior_langevin
-    out = sample_quality(
-        model,
-        classifier,
-        data.train,
-        n=n,
-        steps=config.train.sampler_steps if steps is None else steps,
-        step_size=pr.step_size,
-        seed=seed,
-    )
-    return {**out, "samples": float(n), "seconds": time.perf_counter() - t0}
+    out = sample_quality(model, classifier, data.train, n=n, steps=steps, step_size=pr.step_size, seed=seed)
+    return {**out, "samples": float(n), "steps": float(steps), "seconds": time.perf_counter() - t0}
 
 
 def model_sample_quality(

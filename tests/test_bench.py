@@ -129,6 +129,8 @@ def test_one_jebm_fit_gives_rows_for_the_score_and_each_component(bench_run):
     # the fit's sample quality is on the model's own row, not on its components' rows or PyOD's
     assert float(by_name["jebm"]["sample_fid_lenet"]) > 0 and 0 < float(by_name["jebm"]["sample_confidence"]) <= 1
     assert by_name["jebm[recon]"]["sample_fid_lenet"] == ""
+    saved = load_model(model_dir).config.train
+    assert int(by_name["jebm"]["sample_steps"]) == saved.sampler_steps  # the chain length behind the figure
     assert all(r["sample_fid_lenet"] == "" for r in rows if r["family"] == "pyod")
 
 

@@ -33,6 +33,7 @@ COLUMNS = [
     "score_images_per_second",
     "sample_fid_lenet",
     "sample_confidence",
+    "sample_steps",
     "n_train",
     "n_test",
     "anomaly_rate",
@@ -355,6 +356,7 @@ def _jebm_cell(
     if summary.sample_quality is not None:
         row["sample_fid_lenet"] = summary.sample_quality["fid_lenet"]
         row["sample_confidence"] = summary.sample_quality["lenet_confidence"]
+        row["sample_steps"] = int(summary.sample_quality["steps"])  # prior Langevin steps of those samples
     out: CellRows = [(row, table["score"], params, extra)]
     names = scorer.component_names
     chosen = (
