@@ -194,7 +194,7 @@ def sample(
     seed: Optional[int] = typer.Option(
         None,
         help="Seed of the sampler (and of --metrics' classifier and image pick); default: the model's train.seed, "
-        "so that --metrics repeats the figure its fit logged.",
+        "so that --metrics measures the samples as its fit did.",
     ),
     metrics: bool = typer.Option(
         False,

@@ -1,0 +1,76 @@
+"""The backbone ablation over seeds: AUPRC, sample FID, fit time and scoring speed per labelled group of bench CSVs.
+
+    python benchmarks/backbone_table.py A/results.csv=mlp B/results.csv=conv C/results.csv=conv \
+        [--scores score,component:neg_log_joint] [--split clean]
+
+Each CSV (as `jebm-od bench` wrote it) is read with the label after ``=`` (the config the bench ran with is not in
+its rows, so the caller names it). Only jebm rows of the plain ``jebm`` variant (the base config, no ablation
+setting) with status ok on ``--split`` are read. A (label, score, digit, seed) cell found twice must agree, or the
+script stops. Prints one markdown table per metric: mean ± std over the seeds found (n) per digit, and the mean
+over digits of the cells that every label has.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+from prior_table import fmt
+
+
+def load(items: list[str], split: str) -> pd.DataFrame:
+    frames = []
+    for item in items:
+        path, _, label = item.partition("=")
+        if not label:
+            raise SystemExit(f"{item}: expected PATH=LABEL")
+        d = pd.read_csv(path)
+        d = d[(d.family == "jebm") & (d.model == "jebm") & (d.status == "ok") & (d.split == split)].copy()
+        d["label"] = label
+        frames.append(d)
+    d = pd.concat(frames, ignore_index=True)
+    keys = ["label", "score", "holdout", "seed"]
+    spread = d.groupby(keys).auprc.agg(lambda v: v.max() - v.min())
+    if (spread > 1e-9).any():
+        raise SystemExit(f"cells disagree between CSVs:\n{spread[spread > 1e-9]}")
+    return d.drop_duplicates(keys)
+
+
+def table(d: pd.DataFrame, metric: str, digits: int) -> list[str]:
+    holdouts = sorted(d.holdout.unique())
+    labels = list(dict.fromkeys(d.label))
+    have = d[d[metric].notna()]
+    common = set.intersection(*(set(zip(g.holdout, g.seed)) for _, g in have.groupby("label")))
+    lines = ["| backbone | " + " | ".join(str(h) for h in holdouts) + " | mean of common cells |"]
+    lines.append("|" + "---|" * (len(holdouts) + 2))
+    for label in labels:
+        g = d[d.label == label]
+        cells = [fmt(g[g.holdout == h][metric], digits) for h in holdouts]
+        c = g[[(h, s) in common for h, s in zip(g.holdout, g.seed)]][metric]
+        cells.append(f"{c.mean():.{digits}f} ({len(c)} cells)" if len(c) else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("csv", nargs="+", help="PATH=LABEL")
+    ap.add_argument("--scores", default="score,component:neg_log_joint")
+    ap.add_argument("--split", default="clean", choices=["clean", "published"])
+    args = ap.parse_args()
+    d = load(args.csv, args.split)
+    for score in [s for s in args.scores.split(",") if s]:
+        print(f"\nAUPRC ({score}), {args.split} split: mean ± std over seeds (n)\n")
+        print("\n".join(table(d[d.score == score], "auprc", 3)))
+    own = d[d.score == "score"]
+    for metric, digits, what in [
+        ("sample_fid_lenet", 1, "Sample FID (in-project LeNet features; lower is better)"),
+        ("fit_seconds", 0, "Fit seconds (training, calibration)"),
+        ("score_images_per_second", 0, "Scoring images/s (test part, as the bench scored it)"),
+    ]:
+        print(f"\n{what}\n")
+        print("\n".join(table(own, metric, digits)))
+
+
+if __name__ == "__main__":
+    main()
