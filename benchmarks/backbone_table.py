@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import pandas as pd
-from prior_table import fmt
+from prior_table import table as group_table
 
 
 def load(items: list[str], split: str) -> pd.DataFrame:
@@ -26,10 +26,10 @@ def load(items: list[str], split: str) -> pd.DataFrame:
             raise SystemExit(f"{item}: expected PATH=LABEL")
         d = pd.read_csv(path)
         d = d[(d.family == "jebm") & (d.model == "jebm") & (d.status == "ok") & (d.split == split)].copy()
-        d["label"] = label
+        d["backbone"] = label
         frames.append(d)
     d = pd.concat(frames, ignore_index=True)
-    keys = ["label", "score", "holdout", "seed"]
+    keys = ["backbone", "score", "holdout", "seed"]
     spread = d.groupby(keys).auprc.agg(lambda v: v.max() - v.min())
     if (spread > 1e-9).any():
         raise SystemExit(f"cells disagree between CSVs:\n{spread[spread > 1e-9]}")
@@ -37,19 +37,7 @@ def load(items: list[str], split: str) -> pd.DataFrame:
 
 
 def table(d: pd.DataFrame, metric: str, digits: int) -> list[str]:
-    holdouts = sorted(d.holdout.unique())
-    labels = list(dict.fromkeys(d.label))
-    have = d[d[metric].notna()]
-    common = set.intersection(*(set(zip(g.holdout, g.seed)) for _, g in have.groupby("label")))
-    lines = ["| backbone | " + " | ".join(str(h) for h in holdouts) + " | mean of common cells |"]
-    lines.append("|" + "---|" * (len(holdouts) + 2))
-    for label in labels:
-        g = d[d.label == label]
-        cells = [fmt(g[g.holdout == h][metric], digits) for h in holdouts]
-        c = g[[(h, s) in common for h, s in zip(g.holdout, g.seed)]][metric]
-        cells.append(f"{c.mean():.{digits}f} ({len(c)} cells)" if len(c) else "-")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
+    return group_table(d, metric, digits, by="backbone", groups=list(dict.fromkeys(d.backbone)))
 
 
 def main() -> None:

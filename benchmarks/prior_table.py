@@ -81,15 +81,16 @@ def fmt(v: pd.Series, digits: int) -> str:
     return f"{v.mean():.{digits}f}{sd} ({len(v)})"
 
 
-def table(d: pd.DataFrame, metric: str, digits: int) -> list[str]:
+def table(d: pd.DataFrame, metric: str, digits: int, by: str = "prior", groups: list[str] | None = None) -> list[str]:
+    """One markdown row per group of column ``by`` (``groups``: which, in order; default the three priors)."""
     holdouts = sorted(d.holdout.unique())
-    priors = [p for p in ("joint", "layerwise", "gaussian") if p in set(d.prior)]
-    # the cells (digit, seed) every prior has, for a fair mean over digits
-    common = set.intersection(*(set(zip(g.holdout, g.seed)) for _, g in d[d[metric].notna()].groupby("prior")))
-    lines = ["| prior | " + " | ".join(str(h) for h in holdouts) + " | mean of common cells |"]
+    groups = [p for p in (groups or ["joint", "layerwise", "gaussian"]) if p in set(d[by])]
+    # the cells (digit, seed) every group has, for a fair mean over digits
+    common = set.intersection(*(set(zip(g.holdout, g.seed)) for _, g in d[d[metric].notna()].groupby(by)))
+    lines = [f"| {by} | " + " | ".join(str(h) for h in holdouts) + " | mean of common cells |"]
     lines.append("|" + "---|" * (len(holdouts) + 2))
-    for p in priors:
-        g = d[d.prior == p]
+    for p in groups:
+        g = d[d[by] == p]
         cells = [fmt(g[g.holdout == h][metric], digits) for h in holdouts]
         c = g[[(h, s) in common for h, s in zip(g.holdout, g.seed)]][metric]
         cells.append(f"{c.mean():.{digits}f} ({len(c)} cells)" if len(c) else "-")
