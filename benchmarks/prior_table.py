@@ -86,7 +86,10 @@ def table(d: pd.DataFrame, metric: str, digits: int, by: str = "prior", groups: 
     holdouts = sorted(d.holdout.unique())
     groups = [p for p in (groups or ["joint", "layerwise", "gaussian"]) if p in set(d[by])]
     # the cells (digit, seed) every group has, for a fair mean over digits
-    common = set.intersection(*(set(zip(g.holdout, g.seed)) for _, g in d[d[metric].notna()].groupby(by)))
+    cells = [set(zip(g.holdout, g.seed)) for _, g in d[d[metric].notna()].groupby(by)]
+    if not cells:
+        return [f"(no {metric} figures in these rows)"]
+    common = set.intersection(*cells)
     lines = [f"| {by} | " + " | ".join(str(h) for h in holdouts) + " | mean of common cells |"]
     lines.append("|" + "---|" * (len(holdouts) + 2))
     for p in groups:

@@ -45,7 +45,8 @@ def _digits_split(holdout=1, seed=0):
 def bench_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     cfg = tmp / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config().to_dict()))
+    # samples of the fitted models run 12 prior Langevin steps (training runs 10)
+    cfg.write_text(yaml.safe_dump(tiny_config(sample_steps=12).to_dict()))
     db = tmp / "mlflow.db"
     args = [
         "bench",
@@ -129,8 +130,11 @@ def test_one_jebm_fit_gives_rows_for_the_score_and_each_component(bench_run):
     # the fit's sample quality is on the model's own row, not on its components' rows or PyOD's
     assert float(by_name["jebm"]["sample_fid_lenet"]) > 0 and 0 < float(by_name["jebm"]["sample_confidence"]) <= 1
     assert by_name["jebm[recon]"]["sample_fid_lenet"] == ""
-    saved = load_model(model_dir).config.train
-    assert int(by_name["jebm"]["sample_steps"]) == saved.sampler_steps  # the chain length behind the figure
+    # the chain length behind the figure: the config's sample_steps, and none for the Gaussian prior's exact samples
+    assert load_model(model_dir).config.train.prior_langevin.steps == 10
+    assert by_name["jebm"]["sample_steps"] == "12"
+    (gauss,) = [r for r in rows if r["detector"] == "gauss" and r["seed"] == "0"]
+    assert gauss["sample_steps"] == "0" and float(gauss["sample_fid_lenet"]) > 0
     assert all(r["sample_fid_lenet"] == "" for r in rows if r["family"] == "pyod")
 
 

@@ -107,6 +107,10 @@ def test_sample_metrics_repeat_the_fit_figure_with_the_models_sample_steps_and_s
     res = runner.invoke(app, ["sample", "--model", "m", "--out", "a.png", "--metrics"])
     assert res.exit_code == 0, res.output
     assert f"FID (in-project LeNet features, not Inception FID): {fid:.3f}" in res.output
+    assert "(300 samples, 25 prior Langevin steps)" in " ".join(res.output.split())
+    with sqlite3.connect(tmp_path / "db.sqlite") as con:
+        ((logged,),) = con.execute("select value from metrics where key = 'sample_steps'").fetchall()
+    assert logged == 25  # the fit logs the chain length behind its figure
     for other in (["--steps", "10"], ["--seed", "0"]):
         res = runner.invoke(app, ["sample", "--model", "m", "--out", "b.png", "--metrics", *other])
         assert res.exit_code == 0, res.output
