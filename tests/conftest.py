@@ -2,6 +2,7 @@ import os
 import shutil
 import socket
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,24 @@ def pytest_configure(config):
     if "JEBM_OD_CACHE" not in os.environ:
         config._jebm_cache = tempfile.mkdtemp(prefix="jebm-od-kernel-")
         os.environ["JEBM_OD_CACHE"] = config._jebm_cache
+
+
+def _latest_pointer(path):
+    return path.read_text() if path.is_file() else None
+
+
+def pytest_sessionstart(session):
+    # `fit` records its model in ./models/latest, the default of score and serve: a test that fits
+    # without moving to a tmp dir would point the user's (or the repository's) last model elsewhere
+    session.config._latest = os.path.abspath(os.path.join("models", "latest"))
+    session.config._latest_before = _latest_pointer(Path(session.config._latest))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = Path(session.config._latest)
+    if _latest_pointer(path) != session.config._latest_before:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nA test changed {path}: every test that fits must run in a tmp dir (monkeypatch.chdir).")
 
 
 def pytest_unconfigure(config):

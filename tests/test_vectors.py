@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -43,20 +44,25 @@ def vector_model(tmp_path_factory) -> dict:
     table(400, 0).to_csv(train, index=False)
     cfg = work / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tiny_vector_config(min_steps=200).to_dict()))
-    res = runner.invoke(
-        app,
-        [
-            "fit",
-            "--data",
-            str(train),
-            "--config",
-            str(cfg),
-            "--out",
-            str(work / "m"),
-            "--tracking-uri",
-            f"sqlite:///{work / 'db.sqlite'}",
-        ],
-    )
+    cwd = os.getcwd()
+    os.chdir(work)  # models/latest lands in the tmp dir
+    try:
+        res = runner.invoke(
+            app,
+            [
+                "fit",
+                "--data",
+                str(train),
+                "--config",
+                str(cfg),
+                "--out",
+                str(work / "m"),
+                "--tracking-uri",
+                f"sqlite:///{work / 'db.sqlite'}",
+            ],
+        )
+    finally:
+        os.chdir(cwd)
     assert res.exit_code == 0, res.output
     assert "vectors" in res.output
     return {"dir": work / "m", "work": work}
