@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
-import os
 import sys
 from pathlib import Path
 
@@ -44,9 +44,7 @@ def vector_model(tmp_path_factory) -> dict:
     table(400, 0).to_csv(train, index=False)
     cfg = work / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tiny_vector_config(min_steps=200).to_dict()))
-    cwd = os.getcwd()
-    os.chdir(work)  # models/latest lands in the tmp dir
-    try:
+    with contextlib.chdir(work):  # models/latest lands in the tmp dir
         res = runner.invoke(
             app,
             [
@@ -61,8 +59,6 @@ def vector_model(tmp_path_factory) -> dict:
                 f"sqlite:///{work / 'db.sqlite'}",
             ],
         )
-    finally:
-        os.chdir(cwd)
     assert res.exit_code == 0, res.output
     assert "vectors" in res.output
     return {"dir": work / "m", "work": work}
