@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.nn.utils import parametrize
 
 from .model import JointEBM
 
@@ -80,7 +81,10 @@ def prior_langevin(
     if not model.has_ebm:
         # p_alpha is the Gaussian hierarchy itself, sampled exactly by T(eps)
         steps = 0 if mask is None else steps
-    eps, tr = langevin(model.log_prior_eps, eps, steps=steps, step_size=step_size, noise=noise, mask=mask, trace=trace)
+    with parametrize.cached():  # the EBM's spectral-norm weights once per chain, not once per step
+        eps, tr = langevin(
+            model.log_prior_eps, eps, steps=steps, step_size=step_size, noise=noise, mask=mask, trace=trace
+        )
     with torch.no_grad():
         return model.generator.from_eps(eps), tr
 
@@ -98,8 +102,9 @@ def posterior_langevin(
     """Samples of p(z | x) from ``init_z`` (e.g. the inference network's guess); returns z, detached."""
     with torch.no_grad():
         eps0 = model.generator.to_eps(init_z)
-    eps, tr = langevin(
-        lambda e: model.log_joint_eps(x, e), eps0, steps=steps, step_size=step_size, noise=noise, trace=trace
-    )
+    with parametrize.cached():  # as in prior_langevin
+        eps, tr = langevin(
+            lambda e: model.log_joint_eps(x, e), eps0, steps=steps, step_size=step_size, noise=noise, trace=trace
+        )
     with torch.no_grad():
         return model.generator.from_eps(eps), tr

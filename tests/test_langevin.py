@@ -1,7 +1,7 @@
 import torch
 from conftest import tiny_config
 
-from outlier_jebm.langevin import langevin, prior_langevin
+from outlier_jebm.langevin import langevin, posterior_langevin, prior_langevin
 from outlier_jebm.model import JointEBM
 
 MEAN = torch.tensor([1.0, -2.0])
@@ -56,3 +56,40 @@ def test_prior_langevin_in_reference_coordinates_keeps_the_gaussian_hierarchy_in
     z, _ = prior_langevin(model, 4000, steps=300, step_size=0.2)
     assert torch.allclose(z.mean(0), exact.mean(0), atol=0.1)
     assert torch.allclose(z.std(0), exact.std(0), rtol=0.1, atol=0.02)
+
+
+def test_chains_reuse_the_spectral_norm_weights_without_changing_an_eval_model_s_samples():
+    # prior_langevin and posterior_langevin compute the EBM's spectral-norm weights once per chain; in eval mode
+    # the weights do not change between steps, so the chains must equal plain per-step ones to the last bit
+    cfg = tiny_config().model
+    assert cfg.ebm_spectral_norm
+    model = JointEBM(cfg).eval()
+    torch.manual_seed(3)
+    eps0 = torch.randn(64, model.z_dim)
+    x = torch.rand(64, model.cfg.data_dim) * 2 - 1
+
+    torch.manual_seed(4)
+    z_cached, _ = prior_langevin(model, 64, steps=15, step_size=0.1, init_eps=eps0)
+    zp_cached, _ = posterior_langevin(model, x, z_cached, steps=5, step_size=0.05)
+    torch.manual_seed(4)
+    e, _ = langevin(model.log_prior_eps, eps0, steps=15, step_size=0.1)
+    z_plain = model.generator.from_eps(e).detach()
+    e, _ = langevin(
+        lambda v: model.log_joint_eps(x, v), model.generator.to_eps(z_plain).detach(), steps=5, step_size=0.05
+    )
+    zp_plain = model.generator.from_eps(e).detach()
+    assert torch.equal(z_cached, z_plain) and torch.equal(zp_cached, zp_plain)
+    assert not torch.equal(z_cached, model.generator.from_eps(eps0))  # the chain moved
+
+
+def test_a_training_chain_runs_the_spectral_norm_s_power_iteration_once_not_once_per_step():
+    import copy
+
+    model = JointEBM(tiny_config().model).train()
+    twin = copy.deepcopy(model)
+    first = model.ebm.nets[0][0].parametrizations.weight[0]
+    before = first._u.clone()
+    prior_langevin(model, 32, steps=15, step_size=0.1)
+    twin.ebm(torch.zeros(1, twin.z_dim))  # one forward in training mode: one power iteration
+    assert not torch.equal(first._u, before)
+    assert torch.equal(first._u, twin.ebm.nets[0][0].parametrizations.weight[0]._u)
