@@ -186,6 +186,8 @@ class ScoreConfig:
     # latent_knn_top / latent_knn_cos_top: the kNN searches in the top latent layer alone. Off: on
     # MNIST they did not help any score (benchmarks/RESULTS.md, issue 14) and cost ~20 % of K = 0 speed.
     top_knn: bool = False
+    # Neighbours averaged by every latent_knn search (PyOD's KNN also defaults to 5).
+    knn_k: int = 5
 
     def validate(self) -> None:
         if self.steps < 0:
@@ -198,6 +200,8 @@ class ScoreConfig:
             )
         _positive("score.step_size", self.step_size)
         _positive("score.chains", self.chains)
+        if isinstance(self.knn_k, bool) or not isinstance(self.knn_k, int) or self.knn_k < 1:
+            raise ConfigError(f"score.knn_k must be a whole number >= 1, got {self.knn_k!r}")
         if not 0.0 < self.false_alarm_rate < 1.0:
             raise ConfigError(f"score.false_alarm_rate must be in (0, 1), got {self.false_alarm_rate}")
 

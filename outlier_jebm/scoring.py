@@ -14,7 +14,7 @@ steps (noise off by default, so a score is a deterministic function of x), over
                        chains' final samples, rather than taken at their mean
 - ``energy_drop``      how much K steps raised log p(x, z) above the encoder's guess
 - ``chain_spread``     spread of z over chains (0 with one chain)
-- ``latent_knn``       mean distance, in reference coordinates eps, to the k nearest
+- ``latent_knn``       mean distance, in reference coordinates eps, to the k (``score.knn_k``) nearest
                        posterior means of training images (the latent space is where
                        the classes' modes separate)
 - ``latent_knn_cos``   the same on directions eps / ||eps||: mean distance between unit
@@ -170,10 +170,12 @@ def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referen
         terms["chain_spread"] = spread.to(x.device)
         eps = model.generator.to_eps(z)
         if reference is not None:
-            terms["latent_knn"], terms["latent_knn_cos"] = knn_points_and_directions(eps, reference)
+            terms["latent_knn"], terms["latent_knn_cos"] = knn_points_and_directions(eps, reference, cfg.knn_k)
             if reference.top is not None:
                 top = eps[:, -reference.top_dim :].contiguous()
-                terms["latent_knn_top"], terms["latent_knn_cos_top"] = knn_points_and_directions(top, reference.top)
+                terms["latent_knn_top"], terms["latent_knn_cos_top"] = knn_points_and_directions(
+                    top, reference.top, cfg.knn_k
+                )
         if cfg.llr_samples > 0:
             terms.update(likelihood_ratios(model, x, z, cfg.llr_samples))
     sq = terms.pop("_sq")

@@ -70,3 +70,11 @@ def test_sample_steps_default_to_the_training_chain_and_are_checked():
     # the default config trains with 40 prior steps and samples with 100 (benchmarks/RESULTS.md)
     conv = Config.from_yaml(default_config_path())
     assert (conv.train.prior_langevin.steps, conv.train.sampler_steps) == (40, 100)
+
+
+def test_knn_k_defaults_to_five_and_must_be_a_whole_number_of_neighbours():
+    assert Config().score.knn_k == 5
+    assert Config().override({"score.knn_k": 20}).score.knn_k == 20
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="score.knn_k"):
+            Config().override({"score.knn_k": bad})

@@ -391,6 +391,25 @@ def test_latent_knn_top_searches_the_top_layer_alone_by_brute_force(trained):
     assert not np.allclose(bs.components["latent_knn_top"], bs.components["latent_knn"])
 
 
+@pytest.mark.parametrize("k", [1, 12])
+def test_knn_k_sets_how_many_neighbours_both_searches_average(trained, k):
+    import copy
+
+    loaded, split = trained
+    loaded = copy.copy(loaded)
+    loaded.config = loaded.config.with_overrides(score={"knn_k": k})
+    bs = Scorer(loaded).components_of(split.test[:40])
+    ref = Scorer(loaded).reference.eps.double().numpy()
+    e = bs.eps.astype(np.float64)
+    dist = np.sqrt(((e[:, None, :] - ref[None, :, :]) ** 2).sum(-1))
+    np.testing.assert_allclose(bs.components["latent_knn"], np.sort(dist, axis=1)[:, :k].mean(1), rtol=1e-4, atol=1e-4)
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    chord = np.sqrt(np.clip(2.0 - 2.0 * unit(e) @ unit(ref).T, 0.0, None))
+    np.testing.assert_allclose(
+        bs.components["latent_knn_cos"], np.sort(chord, axis=1)[:, :k].mean(1), rtol=1e-4, atol=1e-4
+    )
+
+
 def test_reference_size_sets_how_many_training_images_latent_knn_searches(trained, tmp_path):
     import shutil
 
