@@ -7,6 +7,7 @@ with step size d (not the observation noise s of p(x | z)).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +17,18 @@ from torch.nn.utils import parametrize
 from .model import JointEBM
 
 LogDensity = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _spectral_norm_once_per_chain(model: JointEBM) -> contextlib.AbstractContextManager:
+    """In eval mode, the EBM's spectral-norm weights computed once for a whole chain rather than at every step.
+
+    Eval-mode weights do not change between steps, so the chain is bit-identical and about twice as fast
+    (sampling, the fit-end FID, scoring with K > 0). In training mode each weight computation also runs a power
+    iteration; caching would change how training goes (one iteration per chain instead of one per step: a step
+    about 0.9x as long, benchmarks/RESULTS.md), which no benchmark of the default has validated, so training keeps
+    the per-step weights.
+    """
+    return contextlib.nullcontext() if model.training else parametrize.cached()
 
 
 @dataclass
@@ -81,7 +94,7 @@ def prior_langevin(
     if not model.has_ebm:
         # p_alpha is the Gaussian hierarchy itself, sampled exactly by T(eps)
         steps = 0 if mask is None else steps
-    with parametrize.cached():  # the EBM's spectral-norm weights once per chain, not once per step
+    with _spectral_norm_once_per_chain(model):
         eps, tr = langevin(
             model.log_prior_eps, eps, steps=steps, step_size=step_size, noise=noise, mask=mask, trace=trace
         )
@@ -102,7 +115,7 @@ def posterior_langevin(
     """Samples of p(z | x) from ``init_z`` (e.g. the inference network's guess); returns z, detached."""
     with torch.no_grad():
         eps0 = model.generator.to_eps(init_z)
-    with parametrize.cached():  # as in prior_langevin
+    with _spectral_norm_once_per_chain(model):
         eps, tr = langevin(
             lambda e: model.log_joint_eps(x, e), eps0, steps=steps, step_size=step_size, noise=noise, trace=trace
         )
