@@ -143,7 +143,9 @@ def test_results_markdown_settings_figures_and_mlflow_runs(bench_run):
     out = tmp / "out"
     md = (out / "results.md").read_text()
     assert "## Summary: AUPRC" in md and "## Holdout 1" in md and "| knn |" in md and " ± " in md
-    assert "## Sample quality: FID (in-project LeNet features) / LeNet confidence" in md and "| gauss |" in md
+    assert "## Sample quality: FID (in-project LeNet features) / LeNet confidence" in md
+    # each model's row names the prior chain's length behind its samples: the config's 12, none for the Gaussian
+    assert "| jebm | 12 | " in md and "| gauss | 0 | " in md
     assert (out / "pr_holdout1.png").stat().st_size > 1000
     settings = json.loads((out / "settings.json").read_text())
     assert settings["detectors"]["pca"]["changed_from_defaults"]["standardization"] is False

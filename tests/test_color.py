@@ -7,9 +7,9 @@ anomalies. A grayscale model keeps reading colour as luminance, as it always has
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -87,9 +87,7 @@ def color_model(tmp_path_factory) -> dict:
     cfg = tiny_config(epochs=3, batch_size=32, sample_every=100).to_dict()
     cfg["model"].update(image_size=S, channels=3)
     (root / "color.yaml").write_text(yaml.safe_dump(cfg))
-    cwd = os.getcwd()
-    os.chdir(root)  # models/latest lands in the tmp dir
-    try:
+    with contextlib.chdir(root):  # models/latest lands in the tmp dir
         res = runner.invoke(
             app,
             [
@@ -104,8 +102,6 @@ def color_model(tmp_path_factory) -> dict:
                 f"sqlite:///{root / 'mlflow.db'}",
             ],
         )
-    finally:
-        os.chdir(cwd)
     assert res.exit_code == 0, res.output
     return {
         "root": root,

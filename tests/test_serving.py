@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import subprocess
@@ -36,12 +37,8 @@ def fitted(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     cfg = tiny_config(epochs=2)
     data = prepare_data("digits", holdout=3, seed=0, val_fraction=cfg.train.val_fraction, image_size=8)
-    cwd = os.getcwd()
-    os.chdir(root)  # models/latest lands in the tmp dir
-    try:
+    with contextlib.chdir(root):  # models/latest lands in the tmp dir
         summary = run_fit(cfg, data, out_dir=root / "model", tracking_uri=uri, register=REGISTERED)
-    finally:
-        os.chdir(cwd)
     return {"root": root, "uri": uri, "dir": root / "model", "model_uri": summary.model_uri, "data": data}
 
 

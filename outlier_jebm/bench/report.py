@@ -77,6 +77,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any
             "n_test",
             "sample_fid_lenet",
             "sample_confidence",
+            "sample_steps",
         ):
             values = np.array([float(r[col]) for r in ok if r.get(col, "") not in ("", None)], dtype=np.float64)
             entry[col] = float(values.mean()) if len(values) else None
@@ -162,8 +163,9 @@ def _sample_quality_table(agg, detectors: list[str], holdouts: list[int]) -> lis
         cells = [agg.get((d, h)) for h in holdouts]
         if not any(e is not None and e.get("sample_fid_lenet") is not None for e in cells):
             continue
+        steps = sorted({round(e["sample_steps"]) for e in cells if e is not None and e.get("sample_steps") is not None})
         rows.append(
-            f"| {d} | "
+            f"| {d} | {', '.join(map(str, steps)) or '-'} | "
             + " | ".join(
                 "-"
                 if e is None or e.get("sample_fid_lenet") is None
@@ -180,10 +182,11 @@ def _sample_quality_table(agg, detectors: list[str], holdouts: list[int]) -> lis
         "",
         "Prior samples (train.sample_metrics of them, 10 000 by default) against as many training images, in the "
         "penultimate features of a LeNet trained on the split's training part (sample_quality.py); lower FID is "
-        "better. Not comparable with Inception FID. Left out of fit s.",
+        "better. Not comparable with Inception FID. Left out of fit s. Prior steps: the prior Langevin chain's "
+        "length behind the samples (train.sample_steps; 0 for a Gaussian prior, whose samples are exact).",
         "",
-        "| | " + " | ".join(str(h) for h in holdouts) + " |",
-        "| --- |" + " --- |" * len(holdouts),
+        "| | prior steps | " + " | ".join(str(h) for h in holdouts) + " |",
+        "| --- | --- |" + " --- |" * len(holdouts),
     ] + rows
 
 
