@@ -22,8 +22,9 @@ LogDensity = Callable[[torch.Tensor], torch.Tensor]
 def _spectral_norm_once_per_chain(model: JointEBM) -> contextlib.AbstractContextManager:
     """In eval mode, the EBM's spectral-norm weights computed once for a whole chain rather than at every step.
 
-    Eval-mode weights do not change between steps, so the chain is bit-identical and about twice as fast
-    (sampling, the fit-end FID, scoring with K > 0). In training mode each weight computation also runs a power
+    Eval-mode weights do not change between steps, so the chain is bit-identical; it saves per-step overhead on
+    small batches (``jebm-od sample --kind chains`` 0.91x) and nothing measurable on large ones (``--metrics``'
+    10 000 samples 1.00x, benchmarks/RESULTS.md). In training mode each weight computation also runs a power
     iteration; caching would change how training goes (one iteration per chain instead of one per step: a step
     about 0.9x as long, benchmarks/RESULTS.md), which no benchmark of the default has validated, so training keeps
     the per-step weights.

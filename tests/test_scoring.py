@@ -365,6 +365,14 @@ def test_latent_knn_cos_is_the_mean_chordal_distance_to_the_nearest_directions_a
     )
 
 
+def _brute_force_knn(e: np.ndarray, ref: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean Euclidean distance to the k nearest reference rows, and the same between unit directions."""
+    dist = np.sqrt(((e[:, None, :] - ref[None, :, :]) ** 2).sum(-1))
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    chord = np.sqrt(np.clip(2.0 - 2.0 * unit(e) @ unit(ref).T, 0.0, None))
+    return np.sort(dist, axis=1)[:, :k].mean(1), np.sort(chord, axis=1)[:, :k].mean(1)
+
+
 def test_latent_knn_top_searches_the_top_layer_alone_by_brute_force(trained):
     import copy
 
@@ -377,16 +385,9 @@ def test_latent_knn_top_searches_the_top_layer_alone_by_brute_force(trained):
     assert {"latent_knn_top", "latent_knn_cos_top"} <= set(scorer.component_names)
     bs = scorer.components_of(split.test[:40])
     ref = scorer.reference.eps.double().numpy()[:, -top:]  # the top layer's coordinates: the last of eps
-    e = bs.eps.astype(np.float64)[:, -top:]
-    dist = np.sqrt(((e[:, None, :] - ref[None, :, :]) ** 2).sum(-1))
-    np.testing.assert_allclose(
-        bs.components["latent_knn_top"], np.sort(dist, axis=1)[:, :5].mean(1), rtol=1e-4, atol=1e-4
-    )
-    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
-    chord = np.sqrt(np.clip(2.0 - 2.0 * unit(e) @ unit(ref).T, 0.0, None))
-    np.testing.assert_allclose(
-        bs.components["latent_knn_cos_top"], np.sort(chord, axis=1)[:, :5].mean(1), rtol=1e-4, atol=1e-4
-    )
+    points, directions = _brute_force_knn(bs.eps.astype(np.float64)[:, -top:], ref, 5)
+    np.testing.assert_allclose(bs.components["latent_knn_top"], points, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bs.components["latent_knn_cos_top"], directions, rtol=1e-4, atol=1e-4)
     # not the full code's search: the lower layer changes latent_knn but not latent_knn_top
     assert not np.allclose(bs.components["latent_knn_top"], bs.components["latent_knn"])
 
@@ -398,16 +399,11 @@ def test_knn_k_sets_how_many_neighbours_both_searches_average(trained, k):
     loaded, split = trained
     loaded = copy.copy(loaded)
     loaded.config = loaded.config.with_overrides(score={"knn_k": k})
-    bs = Scorer(loaded).components_of(split.test[:40])
-    ref = Scorer(loaded).reference.eps.double().numpy()
-    e = bs.eps.astype(np.float64)
-    dist = np.sqrt(((e[:, None, :] - ref[None, :, :]) ** 2).sum(-1))
-    np.testing.assert_allclose(bs.components["latent_knn"], np.sort(dist, axis=1)[:, :k].mean(1), rtol=1e-4, atol=1e-4)
-    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
-    chord = np.sqrt(np.clip(2.0 - 2.0 * unit(e) @ unit(ref).T, 0.0, None))
-    np.testing.assert_allclose(
-        bs.components["latent_knn_cos"], np.sort(chord, axis=1)[:, :k].mean(1), rtol=1e-4, atol=1e-4
-    )
+    scorer = Scorer(loaded)
+    bs = scorer.components_of(split.test[:40])
+    points, directions = _brute_force_knn(bs.eps.astype(np.float64), scorer.reference.eps.double().numpy(), k)
+    np.testing.assert_allclose(bs.components["latent_knn"], points, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bs.components["latent_knn_cos"], directions, rtol=1e-4, atol=1e-4)
 
 
 def test_reference_size_sets_how_many_training_images_latent_knn_searches(trained, tmp_path):
