@@ -71,8 +71,8 @@ def bench(
         1,
         min=1,
         help="Cells run at once, each in its own worker process with the cores shared out among them "
-        "(1: one after the other in this process). A jebm fit gains little from a second thread: on "
-        "2 cores, --jobs 2 ran two jebm cells in 0.68x the time of --jobs 1.",
+        "(1: one after the other in this process). On 2 cores, --jobs 2 ran two jebm cells in 0.68x "
+        "the time of --jobs 1 (a second thread helps one fit only while no other process holds a core).",
     ),
     list_detectors: bool = typer.Option(
         False, "--list-detectors", help="List the PyOD detectors and their settings, then exit."
