@@ -127,15 +127,17 @@ def score(
         rows_scored, n_flagged, errors, top_rows, loaded, out, maps, inputs=paths, skipped=skipped, verbose=verbose
     )
     if light:
-        Console().print(
-            f"{len(light)} of the images are dark on light; "
-            + (
-                "they were inverted to light-on-dark before scoring (--polarity auto)"
-                if polarity == "auto"
-                else "they were scored as they are (--polarity auto would invert them first)"
-            ),
-            soft_wrap=True,
+        one = len(light) == 1
+        subject = "1 image is" if one else f"{len(light)} images are"
+        pronoun = "it was" if one else "they were"
+        action = (
+            "inverted to light-on-dark before scoring (--polarity auto)"
+            if polarity == "auto"
+            else f"scored as {'it is' if one else 'they are'} (--polarity auto would invert "
+            + ("it" if one else "them")
+            + " first)"
         )
+        Console().print(f"{subject} dark on light; {pronoun} {action}", soft_wrap=True)
     raise typer.Exit(0 if rows_scored else 1)
 
 

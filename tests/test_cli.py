@@ -230,8 +230,8 @@ def test_polarity_keep_scores_dark_on_light_as_it_is_and_auto_inverts_it_everywh
         )
         assert res.exit_code == 0, res.output
         said = " ".join(res.output.split())
-        assert "1 of the images are dark on light" in said
-        assert ("inverted to light-on-dark before scoring" if polarity == "auto" else "scored as they are") in said
+        assert "1 image is dark on light; it was" in said
+        assert ("inverted to light-on-dark before scoring" if polarity == "auto" else "scored as it is") in said
         rows[polarity] = {
             r["path"].rsplit("/", 1)[-1]: r for r in json.loads((tmp_path / f"{polarity}.json").read_text())
         }
