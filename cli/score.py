@@ -127,17 +127,15 @@ def score(
         rows_scored, n_flagged, errors, top_rows, loaded, out, maps, inputs=paths, skipped=skipped, verbose=verbose
     )
     if light:
-        one = len(light) == 1
-        subject = "1 image is" if one else f"{len(light)} images are"
-        pronoun = "it was" if one else "they were"
+        n = len(light)
+        subject, obj = ("1 image is", "it") if n == 1 else (f"{n} images are", "them")
+        was, now = ("it was", "it is") if n == 1 else ("they were", "they are")
         action = (
             "inverted to light-on-dark before scoring (--polarity auto)"
             if polarity == "auto"
-            else f"scored as {'it is' if one else 'they are'} (--polarity auto would invert "
-            + ("it" if one else "them")
-            + " first)"
+            else f"scored as {now} (--polarity auto would invert {obj} first)"
         )
-        Console().print(f"{subject} dark on light; {pronoun} {action}", soft_wrap=True)
+        Console().print(f"{subject} dark on light; {was} {action}", soft_wrap=True)
     raise typer.Exit(0 if rows_scored else 1)
 
 

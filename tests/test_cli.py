@@ -204,6 +204,14 @@ def test_score_shows_paths_from_the_input_folder_and_counts_skipped_files(tmp_pa
     assert f"skipped (not an image): {folder / 'notes.txt'}" in res.output
     res = runner.invoke(app, ["score", str(folder), "--model", "m", "--steps", "-3"])
     assert res.exit_code == 2 and "score.steps must be >= 0, got -3" in res.output
+    # `--model models/latest` (the pointer file fit writes) names the same model as `--model m`
+    for name, model in (("a.json", "m"), ("b.json", "models/latest")):
+        res = runner.invoke(app, ["score", str(folder), "--model", model, "--out", name])
+        assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())
+    (tmp_path / "models" / "latest").write_text(str(tmp_path / "gone") + "\n")
+    res = runner.invoke(app, ["score", str(folder), "--model", "models/latest"])
+    assert res.exit_code == 2 and "the model directory it names no longer exists" in res.output
 
 
 def test_polarity_keep_scores_dark_on_light_as_it_is_and_auto_inverts_it_everywhere(tmp_path, monkeypatch, digits01):
