@@ -128,8 +128,9 @@ def score(
     )
     if light:
         n = len(light)
-        subject, obj = ("1 image is", "it") if n == 1 else (f"{n} images are", "them")
-        was, now = ("it was", "it is") if n == 1 else ("they were", "they are")
+        subject, was, now, obj = (
+            ("1 image is", "it was", "it is", "it") if n == 1 else (f"{n} images are", "they were", "they are", "them")
+        )
         action = (
             "inverted to light-on-dark before scoring (--polarity auto)"
             if polarity == "auto"
