@@ -29,23 +29,27 @@ def spin(stop) -> None:
         x += 1
 
 
-def step_seconds(cfg: Config, threads: int, steps: int) -> float:
+def step_seconds(cfg: Config, threads: int, steps: int, device: str = "cpu") -> float:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = JointEBM(cfg.model)
+    model = JointEBM(cfg.model).to(device)
     opt = make_optimizer(model, cfg)
-    x = torch.randn(cfg.train.batch_size, cfg.model.data_dim).clamp(-1, 1)
+    x = torch.randn(cfg.train.batch_size, cfg.model.data_dim, device=device).clamp(-1, 1)
     for _ in range(3):
         loss, _ = loss_terms(model, x, cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if device != "cpu":
+        torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):
         loss, _ = loss_terms(model, x, cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if device != "cpu":
+        torch.cuda.synchronize()
     return (time.perf_counter() - t) / steps
 
 
