@@ -6,7 +6,7 @@ Run from a checkout on a machine that has the libraries but no install of jebm-o
 it puts the checkout's ``cli`` and ``serving`` under the ``jebm_od`` name for the processes it starts.
 
 1. Probe: ``train_step.py --device cuda`` for the MLE scheme in k processes at once (k = 3, 6, 9, one
-   GPU shared), the median step time of each k.
+   GPU shared, stopping at the first k that would not finish), the median step time of each k.
 2. Plan, by the rule written in RESULTS.md before the run: one cell is ``epochs x steps per epoch`` steps
    at the probed step time, times 1.25 for validation, calibration and scoring, plus 60 s. The run takes
    the most seeds (of ``--seeds``, in order) whose cells all finish, at that many cells at once, before
@@ -94,22 +94,21 @@ def main() -> None:
     holdouts = args.holdout.split(",")
     seeds = args.seeds.split(",")
 
+    # probe one seed's cells at once, then two, ...; stop at the first count that would not finish in time
     probes: dict[int, float] = {}
-    for k in sorted({len(holdouts) * n for n in range(1, len(seeds) + 1)}):
+    n_seeds = 0
+    for n in range(1, len(seeds) + 1):
+        k = len(holdouts) * n
         ms = probe(env, k, args.probe_steps, args.device)
         probes[k] = statistics.median(ms)
         say(f"probe: {k} processes at once, MLE step {probes[k]:.0f} ms (each: {', '.join(f'{m:.0f}' for m in ms)})")
-    (out / "probe.json").write_text(json.dumps({str(k): v for k, v in probes.items()}))
-
-    left = args.limit - (time.monotonic() - T0) - 30
-    n_seeds = 0
-    for n in range(len(seeds), 0, -1):
-        k = len(holdouts) * n
+        left = args.limit - (time.monotonic() - T0) - 30
         cell = args.epochs * args.steps_per_epoch * probes[k] / 1000 * 1.25 + 60
         say(f"plan: {n} seed(s), {k} cells at once: about {cell:.0f} s each, {left:.0f} s left")
-        if cell <= left:
-            n_seeds = n
+        if cell > left:
             break
+        n_seeds = n
+    (out / "probe.json").write_text(json.dumps({str(k): v for k, v in probes.items()}))
     if not n_seeds:
         say("plan: not even one seed's cells fit in the time left; nothing run")
         return
