@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_mle import ROOT, say, shim_env  # noqa: E402
+from gpu_mle import ROOT, run_until, say, shim_env  # noqa: E402
 
 DEVICE = "cuda"  # --device: cpu only to try this script out
 
@@ -37,20 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def bench(env: dict[str, str], args: list[str], log: Path, stop_at: float) -> int | None:
-    cmd = [sys.executable, "-m", "jebm_od.cli.main", "bench", *args]
-    say("run: " + " ".join(cmd))
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=dict(env, COLUMNS="200"), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        while proc.poll() is None and time.monotonic() < stop_at:
-            time.sleep(2)
-        if proc.poll() is None:
-            say("limit reached: stopping the bench")
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    say(f"bench exit {proc.returncode}")
-    return proc.returncode
+    return run_until([sys.executable, "-m", "jebm_od.cli.main", "bench", *args], env, log, stop_at)
 
 
 def cuda_path(env: dict[str, str], work: Path, out: Path, data_dir: str, stop_at: float) -> dict:

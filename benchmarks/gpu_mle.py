@@ -53,6 +53,24 @@ def shim_env() -> dict[str, str]:
     return env
 
 
+def run_until(cmd: list[str], env: dict[str, str], log: Path, stop_at: float) -> int | None:
+    """Run cmd (output to log) until it ends or the monotonic clock reaches stop_at; then stop it and its workers."""
+    say("run: " + " ".join(cmd))
+    with open(log, "w") as fh:
+        # its own process group, so that the bench's spawned workers can be stopped with it
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=dict(env, COLUMNS="200"), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        while proc.poll() is None and time.monotonic() < stop_at:
+            time.sleep(2)
+        if proc.poll() is None:
+            say("limit reached: stopping it (the bench's rows finished so far are kept)")
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    say(f"exit {proc.returncode}")
+    return proc.returncode
+
+
 def probe(env: dict[str, str], k: int, steps: int, device: str) -> list[float]:
     cmd = [
         sys.executable,
@@ -140,21 +158,7 @@ def main() -> None:
         str(bench_dir),
         *args.extra.split(),
     ]
-    say("run: " + " ".join(cmd))
-    log = open(out / "bench.log", "w")
-    # its own process group, so that the spawned workers can be stopped with it
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=dict(env, COLUMNS="200"), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    stop_at = T0 + args.limit - 25
-    while proc.poll() is None and time.monotonic() < stop_at:
-        time.sleep(2)
-    if proc.poll() is None:
-        say("limit reached: stopping the bench (rows finished so far are kept)")
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    say(f"bench exit {proc.returncode}")
-    log.close()
+    run_until(cmd, env, out / "bench.log", T0 + args.limit - 25)
     for name in ("results.csv", "results.md", "settings.json"):
         if (bench_dir / name).is_file():
             shutil.copy(bench_dir / name, out / name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -163,6 +164,12 @@ def fit(
     if not main:
         return
     last = summary.history[-1] if summary.history else {}
+    if summary.stopped:
+        from rich.markup import escape
+
+        console.print(f"[yellow]breakdown guard:[/] {escape(summary.stopped)}")
+        # the guard keeps the epoch with the lowest held-in -ELBO of this run
+        last = min(summary.history, key=lambda m: m.get("val_neg_elbo", math.inf))
     console.print(
         f"[green]done[/] in {summary.wall_seconds:.0f} s "
         f"({last.get('images_per_second', 0):.0f} images/s in training, "

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 from pyod.models.base import BaseDetector
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
 from .config import Config, default_config_path, for_vectors
@@ -72,6 +74,9 @@ class JEBMDetector(BaseDetector):
         The shape of one sample, ``(n_features,)``, ``(H, W)`` or ``(H, W, C)``.
     model_dir_ : Path
         The fitted model directory (config, weights, standardisation, calibration).
+    stopped_early_ : str
+        Empty, or why the breakdown guard (``train.max_val_rise``) stopped training and which epoch it kept;
+        ``fit`` then also warns with a ``ConvergenceWarning``.
 
     Examples
     --------
@@ -141,7 +146,10 @@ class JEBMDetector(BaseDetector):
         else:
             out = Path(self.model_dir)
         device = resolve_device(self.device)
-        run_fit(cfg, td, out_dir=out, device=self.device, track=False, remember=False)
+        summary = run_fit(cfg, td, out_dir=out, device=self.device, track=False, remember=False)
+        self.stopped_early_ = summary.stopped
+        if summary.stopped:
+            warnings.warn(f"JEBMDetector.fit: {summary.stopped}", ConvergenceWarning, stacklevel=2)
         self._scorer = Scorer(load_model(out, device=device), device=device)
         self.model_dir_ = out
         self.config_ = self._scorer.config

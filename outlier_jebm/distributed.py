@@ -140,6 +140,13 @@ def share_buffers_of_rank0(model: torch.nn.Module) -> None:
         dist.broadcast(buffer, src=0)
 
 
+def broadcast_value(value: float, device: torch.device) -> float:
+    """Rank 0's number on every rank (every rank must call this at the same point)."""
+    box = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(box, src=0)
+    return float(box.item())
+
+
 def agree_on_step(finite: torch.Tensor, stats: dict[str, torch.Tensor]) -> tuple[bool, dict[str, torch.Tensor]]:
     """One all-reduce per step: is the loss finite on every rank, and the stats averaged over ranks.
 

@@ -173,6 +173,8 @@ class FitSummary:
     history: list[dict[str, float]]
     model_uri: str | None = None
     sample_quality: dict[str, float] | None = None  # FID (in-project LeNet features) etc., where labels exist
+    stopped: str = ""  # the breakdown guard's message when it stopped training early (train.max_val_rise)
+    epochs_done: int = 0  # epochs of the model's weights
 
 
 def run_fit(
@@ -318,6 +320,8 @@ def run_fit(
             tracking_uri=None,
             wall_seconds=time.perf_counter() - t0,
             history=result.history,
+            stopped=result.stopped,
+            epochs_done=result.epochs_done,
         )
     train_seconds = time.perf_counter() - t0
     loaded = load_model(out_dir, device=dev)
@@ -335,6 +339,9 @@ def run_fit(
         )
         if quality is not None:
             tracker.log_metrics({f"sample_{k}": v for k, v in quality.items()})
+        if result.stopped:
+            tracker.set_tags({"stopped_early": result.stopped})
+            tracker.log_metrics({"kept_epoch": result.epochs_done})
         tracker.log_dict(cal.to_dict(), "calibration.json")
         from .registry import log_pyfunc
 
@@ -351,6 +358,8 @@ def run_fit(
         history=result.history,
         model_uri=model_uri,
         sample_quality=quality,
+        stopped=result.stopped,
+        epochs_done=result.epochs_done,
     )
 
 

@@ -183,6 +183,27 @@ def test_fit_resume_trains_on_to_the_epochs_asked_for(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "m" / "config.json").read_text())["meta"]["epochs_done"] == 2
 
 
+def test_fit_reports_a_stop_by_the_breakdown_guard_and_mlflow_records_it(tmp_path, monkeypatch):
+    from outlier_jebm.train import BestEpoch
+
+    real = BestEpoch.check
+    message = "held-in -ELBO rose (a test); stopped, keeping epoch 1's weights"
+
+    def check(self, epoch, value, *args):  # the real guard records epoch 1 as the best, then epoch 2 "breaks down"
+        return message if epoch == 1 else real(self, epoch, value, *args)
+
+    monkeypatch.setattr(BestEpoch, "check", check)
+    monkeypatch.chdir(tmp_path)
+    res = _fit(tmp_path)  # the tiny config asks for 3 epochs
+    assert f"breakdown guard: {message}" in " ".join(res.output.split())
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())["meta"]
+    assert meta["epochs_done"] == 1 and meta["stopped_early"] == message
+    with sqlite3.connect(tmp_path / "db.sqlite") as con:
+        assert con.execute("select value from tags where key = 'stopped_early'").fetchall() == [(message,)]
+        assert con.execute("select value from metrics where key = 'kept_epoch'").fetchall() == [(1.0,)]
+        assert con.execute("select max(step) from metrics where key = 'val_neg_elbo'").fetchall() == [(2,)]
+
+
 @pytest.mark.parametrize("columns", ["80", "200"])
 def test_score_shows_paths_from_the_input_folder_and_counts_skipped_files(tmp_path, monkeypatch, digits01, columns):
     monkeypatch.chdir(tmp_path)

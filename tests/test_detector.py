@@ -62,6 +62,7 @@ def test_the_detector_is_a_pyod_detector_with_its_fitted_attributes(fitted, vect
         assert getattr(fitted, name, None) is not None, name
     assert fitted.decision_scores_.shape == (len(X_train),) and fitted.labels_.shape == (len(X_train),)
     assert fitted.data_kind_ == "vector" and fitted.data_shape_ == (6,)
+    assert fitted.stopped_early_ == ""  # the breakdown guard did not act
     # the threshold is the (1 - contamination) quantile of the training scores, as in every PyOD detector
     assert fitted.threshold_ == pytest.approx(np.percentile(fitted.decision_scores_, 90))
     assert fitted.labels_.mean() == pytest.approx(0.1, abs=0.01)
@@ -73,6 +74,21 @@ def test_it_ranks_the_outliers_of_pyods_own_synthetic_data_above_the_inliers(fit
     scores = fitted.decision_function(X_test)
     assert scores.shape == (len(X_test),) and np.isfinite(scores).all()
     assert roc_auc_score(y_test, scores) > 0.9
+
+
+def test_a_stop_by_the_breakdown_guard_is_a_convergence_warning_and_an_attribute(vectors, monkeypatch):
+    from sklearn.exceptions import ConvergenceWarning
+
+    from outlier_jebm.train import BestEpoch
+
+    real = BestEpoch.check
+    message = "held-in -ELBO rose (a test); stopped, keeping epoch 1's weights"
+    monkeypatch.setattr(BestEpoch, "check", lambda self, epoch, *a: message if epoch == 1 else real(self, epoch, *a))
+    det = JEBMDetector(contamination=0.1, config=tiny_vector_config(), random_state=0)
+    with pytest.warns(ConvergenceWarning, match="keeping epoch 1's weights"):
+        det.fit(vectors[0])
+    assert det.stopped_early_ == message
+    assert det.decision_function(vectors[1]).shape == (len(vectors[1]),)
 
 
 def test_predict_proba_and_confidence_follow_pyods_methods(fitted, vectors):

@@ -57,6 +57,20 @@ def _rank_main(rank: int, world: int, port: int, tmp: str) -> None:
                     {k: v.contiguous() for k, v in model.state_dict().items()},
                     str(tmp / f"{scheme}-{run}-rank{rank}.safetensors"),
                 )
+        # the breakdown guard, made to stop at epoch 2 on both ranks: both go back to epoch 1's weights
+        from outlier_jebm.train import BestEpoch
+
+        real = BestEpoch.check
+        BestEpoch.check = lambda self, epoch, *a: "stop (a test)" if epoch == 1 else real(self, epoch, *a)
+        cfg = tiny_config(epochs=3, max_val_rise=0.02)
+        torch.manual_seed(cfg.train.seed)
+        model = JointEBM(cfg.model)
+        result = fit(model, cfg, images, images[:64], tmp / "guard")
+        BestEpoch.check = real
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()},
+            str(tmp / f"guard-rank{rank}-epochs{result.epochs_done}.safetensors"),
+        )
         poisoned = np.full_like(images, np.nan) if rank == 1 else images  # only rank 1's data
         try:
             fit(JointEBM(tiny_config().model), tiny_config(), poisoned, None, tmp / "nan")
@@ -101,6 +115,14 @@ def test_both_ranks_end_with_the_same_model_and_the_same_seed_repeats_it(two_ran
         loaded = load_model(two_rank_runs / f"{scheme}-a")
         assert loaded.meta["epochs_done"] == 2
         assert all(torch.equal(reference[k], v) for k, v in loaded.model.state_dict().items())
+
+
+def test_the_breakdown_guard_takes_every_rank_back_to_the_same_epoch(two_rank_runs):
+    states = [load_file(str(two_rank_runs / f"guard-rank{rank}-epochs1.safetensors")) for rank in (0, 1)]
+    loaded = load_model(two_rank_runs / "guard")
+    assert loaded.meta["epochs_done"] == 1 and loaded.meta["stopped_early"] == "stop (a test)"
+    for state in states[1:] + [loaded.model.state_dict()]:
+        assert all(torch.equal(states[0][k], state[k]) for k in states[0])
 
 
 def test_a_nan_on_one_rank_stops_every_rank_with_the_message(two_rank_runs):

@@ -1,4 +1,5 @@
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from conftest import tiny_config
 from outlier_jebm.checkpoint import load_model
 from outlier_jebm.config import ConfigError
 from outlier_jebm.model import JointEBM
-from outlier_jebm.train import TrainingDiverged, fit, loss_terms, make_optimizer, to_model_space
+from outlier_jebm.train import BestEpoch, TrainingDiverged, fit, loss_terms, make_optimizer, to_model_space
 
 COMBOS = list(itertools.product(["chain", "ladder"], ["gaussian", "layerwise", "joint"], ["variational", "mle"]))
 
@@ -109,6 +110,81 @@ def test_a_diverging_step_stops_training_with_a_message_and_keeps_the_last_good_
         fit(model, cfg2, images, None, out, resume=True)
     assert (out / "weights.safetensors").read_bytes() == good
     assert load_model(out).meta["epochs_done"] == 1
+
+
+def _fit_with_a_breakdown(images, out, max_val_rise):
+    """Four epochs; the generator's weights are wrecked at the first step of epoch 3, as a fit that breaks down.
+
+    Returns the fit's result and every epoch's weights as they were at its end.
+    """
+    cfg = tiny_config(epochs=4, max_val_rise=max_val_rise)
+    torch.manual_seed(0)
+    model = JointEBM(cfg.model)
+    ends = {}
+
+    def wreck(epoch, step, stats):
+        if epoch == 2 and step == 0:
+            with torch.no_grad():
+                for p in model.generator.parameters():
+                    p.add_(0.5 * torch.randn_like(p))
+
+    def snapshot(epoch, metrics, m):
+        ends[epoch + 1] = _state(m)
+
+    result = fit(model, cfg, images[:512], images[512:640], out, on_step=wreck, on_epoch=snapshot)
+    return model, result, ends
+
+
+def test_a_fit_that_breaks_down_stops_and_keeps_its_best_epoch(digits01, tmp_path):
+    out = tmp_path / "m"
+    model, result, ends = _fit_with_a_breakdown(digits01[0], out, max_val_rise=0.02)
+    vals = [h["val_neg_elbo"] for h in result.history]
+    assert len(vals) == 3  # epoch 3 was trained and measured, epoch 4 never ran
+    kept = int(np.argmin(vals[:2])) + 1
+    assert vals[2] - vals[kept - 1] > 0.02 * 64
+    assert result.epochs_done == kept
+    assert "at epoch 3" in result.stopped and f"keeping epoch {kept}'s weights" in result.stopped
+    loaded = load_model(out)
+    assert loaded.meta["epochs_done"] == kept and loaded.meta["stopped_early"] == result.stopped
+    for state in (loaded.model.state_dict(), model.state_dict()):  # on disk and in memory
+        assert all(torch.equal(state[k], ends[kept][k]) for k in state)
+    assert json.loads((out / "train_state.json").read_text())["epoch"] == kept
+
+
+def test_with_the_guard_off_a_breakdown_trains_to_the_end(digits01, tmp_path):
+    model, result, ends = _fit_with_a_breakdown(digits01[0], tmp_path / "m", max_val_rise=0)
+    assert len(result.history) == 4 and result.epochs_done == 4 and result.stopped == ""
+    state = load_model(tmp_path / "m").model.state_dict()
+    assert all(torch.equal(state[k], ends[4][k]) for k in state)
+
+
+def test_the_guard_keeps_the_best_epoch_and_stops_past_its_margin():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam(model.parameters())
+    best = BestEpoch(max_rise_per_dim=0.5, data_dim=4)  # margin: 2 nats
+    assert best.check(0, 10.0, model, opt, 5) == ""
+    kept = _state(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert best.check(1, 11.9, model, opt, 10) == ""  # within the margin: go on, epoch 1 stays the best
+    assert best.check(2, 9.5, model, opt, 15) == "" and best.epoch == 2  # a new best
+    assert best.check(3, 11.4, model, opt, 20) == ""
+    assert "epoch 5, +2.1 above epoch 3's 9.5" in best.check(4, 11.6, model, opt, 25)
+    assert "keeping epoch 3's weights" in best.check(4, float("nan"), model, opt, 25)  # NaN counts as a breakdown
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    best.restore(model, opt)
+    assert best.global_step == 15 and not torch.equal(model.weight, kept["weight"] + 2.0)
+    assert torch.equal(model.weight, kept["weight"] + 1.0)
+
+
+def test_the_guard_is_on_for_mle_and_off_for_variational_unless_set():
+    assert tiny_config(scheme="mle").train.val_rise_guard == 0.02
+    assert tiny_config(scheme="variational").train.val_rise_guard == 0.0
+    assert tiny_config(scheme="variational", max_val_rise=0.05).train.val_rise_guard == 0.05
+    assert tiny_config(scheme="mle", max_val_rise=0).train.val_rise_guard == 0.0
+    with pytest.raises(ConfigError, match="max_val_rise"):
+        tiny_config(max_val_rise=-1)
 
 
 def test_max_abs_loss_must_be_positive():

@@ -352,6 +352,9 @@ def _jebm_cell(
 
     train_seconds = sum(h.get("seconds_per_epoch", 0.0) for h in summary.history)
     note = f"training {train_seconds:.1f} s of the fit; model {model_dir}"
+    if summary.stopped:
+        note += f"; breakdown guard: {summary.stopped}"
+        say(f"  {variant.name} holdout {holdout} seed {seed}: breakdown guard: {summary.stopped}")
     params = {**variant.describe(), "config": cfg.to_dict(), "model_dir": str(model_dir)}
     extra = {"history": summary.history}
     row = _scored_row(
