@@ -208,11 +208,14 @@ class BestEpoch:
             return ""
         if math.isfinite(value) and value - self.value <= self.margin:
             return ""
-        return (
+        what = (
             f"held-in -ELBO {value:.1f} at epoch {epoch + 1}, {value - self.value:+.1f} above epoch "
             f"{self.epoch + 1}'s {self.value:.1f} (train.max_val_rise {self.max_rise_per_dim:g} nats per dimension "
-            f"x {self.data_dim} = {self.margin:.1f}); stopped, keeping epoch {self.epoch + 1}'s weights"
+            f"x {self.data_dim} = {self.margin:.1f})"
+            if math.isfinite(value)
+            else f"held-in -ELBO not finite at epoch {epoch + 1} (epoch {self.epoch + 1}'s: {self.value:.1f})"
         )
+        return f"{what}; stopped, keeping epoch {self.epoch + 1}'s weights"
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         assert self.model_state is not None and self.optimizer_state is not None

@@ -170,7 +170,9 @@ def test_the_guard_keeps_the_best_epoch_and_stops_past_its_margin():
     assert best.check(2, 9.5, model, opt, 15) == "" and best.epoch == 2  # a new best
     assert best.check(3, 11.4, model, opt, 20) == ""
     assert "epoch 5, +2.1 above epoch 3's 9.5" in best.check(4, 11.6, model, opt, 25)
-    assert "keeping epoch 3's weights" in best.check(4, float("nan"), model, opt, 25)  # NaN counts as a breakdown
+    assert best.check(4, float("nan"), model, opt, 25) == (  # NaN counts as a breakdown
+        "held-in -ELBO not finite at epoch 5 (epoch 3's: 9.5); stopped, keeping epoch 3's weights"
+    )
     with torch.no_grad():
         model.weight.add_(1.0)
     best.restore(model, opt)
