@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -168,12 +167,14 @@ def fit(
         from rich.markup import escape
 
         console.print(f"[yellow]breakdown guard:[/] {escape(summary.stopped)}")
-        # the guard keeps the epoch with the lowest held-in -ELBO of this run
-        last = min(summary.history, key=lambda m: m.get("val_neg_elbo", math.inf))
     console.print(
         f"[green]done[/] in {summary.wall_seconds:.0f} s "
         f"({last.get('images_per_second', 0):.0f} images/s in training, "
-        f"val -ELBO {last.get('val_neg_elbo', float('nan')):.1f})"
+        + (
+            f"the model is epoch {summary.epochs_done}'s)"
+            if summary.stopped
+            else f"val -ELBO {last.get('val_neg_elbo', float('nan')):.1f})"
+        )
     )
     console.print(f"model:      [bold]{summary.out_dir}[/]")
     if summary.sample_quality:

@@ -106,8 +106,8 @@ class LangevinConfig:
         _positive(f"{where}.step_size", self.step_size)
 
 
-# train.max_val_rise under scheme mle when the config leaves it unset (nats per data dimension; see TrainConfig)
-MLE_VAL_RISE = 0.02
+# train.max_recon_rise for images under scheme mle when the config leaves it unset (nats per data dimension)
+MLE_RECON_RISE = 0.02
 
 
 @dataclass
@@ -135,11 +135,11 @@ class TrainConfig:
     # last good checkpoint stays. Normal losses on 28x28 images stay within about 1e3; a runaway EBM
     # (seen with scheme mle) reaches 1e10 while staying finite.
     max_abs_loss: float = 1.0e8
-    # The breakdown guard: an epoch whose held-in -ELBO is more than this many nats per data dimension above
-    # the best epoch's stops training, and the best epoch's weights become the model (0 = off; None = on at
-    # MLE_VAL_RISE under scheme mle, off under variational). A fit can go wrong while every value stays finite:
-    # seen with scheme mle (reconstruction 79 -> 104 in the last epoch), never with variational (see README).
-    max_val_rise: float | None = None
+    # The breakdown guard: an epoch whose held-in reconstruction error (at the inference network's mean codes)
+    # is more than this many nats per data dimension above the best epoch's stops training, and the best
+    # epoch's weights become the model (0 = off; None = MLE_RECON_RISE for images under scheme mle, else off).
+    # A fit can go wrong with every value finite: one mle fit's reconstruction went 80 -> 104 in its last epoch.
+    max_recon_rise: float | None = None
     sample_every: int = 2  # epochs between sample grids logged to MLflow
     # prior samples for the fit-end sample quality (FID in in-project LeNet features), logged to
     # MLflow when the training images have class labels; 0 = off
@@ -149,13 +149,6 @@ class TrainConfig:
     # its short-run chain can give better samples when run longer (benchmarks/RESULTS.md).
     sample_steps: int | None = None
     seed: int = 0
-
-    @property
-    def val_rise_guard(self) -> float:
-        """``max_val_rise`` in effect: as set, else MLE_VAL_RISE under scheme mle and 0 (off) under variational."""
-        if self.max_val_rise is not None:
-            return self.max_val_rise
-        return MLE_VAL_RISE if self.scheme == "mle" else 0.0
 
     @property
     def sampler_steps(self) -> int:
@@ -170,8 +163,8 @@ class TrainConfig:
             raise ConfigError(f"train.threads must be >= 0 (0: torch's own setting), got {self.threads}")
         if self.min_steps < 0:
             raise ConfigError(f"train.min_steps must be >= 0, got {self.min_steps}")
-        if self.max_val_rise is not None and self.max_val_rise < 0:
-            raise ConfigError(f"train.max_val_rise must be >= 0 (0: off), got {self.max_val_rise}")
+        if self.max_recon_rise is not None and self.max_recon_rise < 0:
+            raise ConfigError(f"train.max_recon_rise must be >= 0 (0: off), got {self.max_recon_rise}")
         if self.sample_metrics < 0:
             raise ConfigError(f"train.sample_metrics must be >= 0 (0: off), got {self.sample_metrics}")
         if self.sample_steps is not None and self.sample_steps < 0:
@@ -234,6 +227,13 @@ class Config:
         self.model.validate()
         self.train.validate()
         self.score.validate()
+
+    @property
+    def recon_rise_guard(self) -> float:
+        """``train.max_recon_rise`` in effect: as set, else MLE_RECON_RISE for images under scheme mle, else 0 (off)."""
+        if self.train.max_recon_rise is not None:
+            return self.train.max_recon_rise
+        return MLE_RECON_RISE if self.train.scheme == "mle" and not self.model.is_vector else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dicts, one per section (what ``from_dict`` reads back)."""

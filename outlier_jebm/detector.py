@@ -75,7 +75,7 @@ class JEBMDetector(BaseDetector):
     model_dir_ : Path
         The fitted model directory (config, weights, standardisation, calibration).
     stopped_early_ : str
-        Empty, or why the breakdown guard (``train.max_val_rise``) stopped training and which epoch it kept;
+        Empty, or why the breakdown guard (``train.max_recon_rise``) stopped training and which epoch it kept;
         ``fit`` then also warns with a ``ConvergenceWarning``.
 
     Examples

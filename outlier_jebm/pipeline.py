@@ -173,7 +173,7 @@ class FitSummary:
     history: list[dict[str, float]]
     model_uri: str | None = None
     sample_quality: dict[str, float] | None = None  # FID (in-project LeNet features) etc., where labels exist
-    stopped: str = ""  # the breakdown guard's message when it stopped training early (train.max_val_rise)
+    stopped: str = ""  # the breakdown guard's message when it stopped training early (train.max_recon_rise)
     epochs_done: int = 0  # epochs of the model's weights
 
 

@@ -84,7 +84,7 @@ def test_a_stop_by_the_breakdown_guard_is_a_convergence_warning_and_an_attribute
     real = BestEpoch.check
     message = "held-in -ELBO rose (a test); stopped, keeping epoch 1's weights"
     monkeypatch.setattr(BestEpoch, "check", lambda self, epoch, *a: message if epoch == 1 else real(self, epoch, *a))
-    det = JEBMDetector(contamination=0.1, config=tiny_vector_config(), random_state=0)
+    det = JEBMDetector(contamination=0.1, config=tiny_vector_config(max_recon_rise=0.5), random_state=0)
     with pytest.warns(ConvergenceWarning, match="keeping epoch 1's weights"):
         det.fit(vectors[0])
     assert det.stopped_early_ == message

@@ -62,10 +62,16 @@ def _rank_main(rank: int, world: int, port: int, tmp: str) -> None:
 
         real = BestEpoch.check
         BestEpoch.check = lambda self, epoch, *a: "stop (a test)" if epoch == 1 else real(self, epoch, *a)
-        cfg = tiny_config(epochs=3, max_val_rise=0.02)
+        cfg = tiny_config(epochs=3, max_recon_rise=0.02)
         torch.manual_seed(cfg.train.seed)
         model = JointEBM(cfg.model)
-        result = fit(model, cfg, images, images[:64], tmp / "guard")
+
+        def epoch_end(epoch, metrics, m):  # rank 0 only: the weights each epoch ended with
+            save_file(
+                {k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp / f"guard-epoch{epoch + 1}.safetensors")
+            )
+
+        result = fit(model, cfg, images, images[:64], tmp / "guard", on_epoch=epoch_end)
         BestEpoch.check = real
         save_file(
             {k: v.contiguous() for k, v in model.state_dict().items()},
@@ -118,11 +124,13 @@ def test_both_ranks_end_with_the_same_model_and_the_same_seed_repeats_it(two_ran
 
 
 def test_the_breakdown_guard_takes_every_rank_back_to_the_same_epoch(two_rank_runs):
+    epoch1, epoch2 = (load_file(str(two_rank_runs / f"guard-epoch{e}.safetensors")) for e in (1, 2))
+    assert not all(torch.equal(epoch1[k], epoch2[k]) for k in epoch1)
     states = [load_file(str(two_rank_runs / f"guard-rank{rank}-epochs1.safetensors")) for rank in (0, 1)]
     loaded = load_model(two_rank_runs / "guard")
     assert loaded.meta["epochs_done"] == 1 and loaded.meta["stopped_early"] == "stop (a test)"
-    for state in states[1:] + [loaded.model.state_dict()]:
-        assert all(torch.equal(states[0][k], state[k]) for k in states[0])
+    for state in states + [loaded.model.state_dict()]:
+        assert all(torch.equal(epoch1[k], state[k]) for k in epoch1)
 
 
 def test_a_nan_on_one_rank_stops_every_rank_with_the_message(two_rank_runs):

@@ -112,12 +112,12 @@ def test_a_diverging_step_stops_training_with_a_message_and_keeps_the_last_good_
     assert load_model(out).meta["epochs_done"] == 1
 
 
-def _fit_with_a_breakdown(images, out, max_val_rise):
+def _fit_with_a_breakdown(images, out, max_recon_rise):
     """Four epochs; the generator's weights are wrecked at the first step of epoch 3, as a fit that breaks down.
 
     Returns the fit's result and every epoch's weights as they were at its end.
     """
-    cfg = tiny_config(epochs=4, max_val_rise=max_val_rise)
+    cfg = tiny_config(epochs=4, max_recon_rise=max_recon_rise)
     torch.manual_seed(0)
     model = JointEBM(cfg.model)
     ends = {}
@@ -137,8 +137,8 @@ def _fit_with_a_breakdown(images, out, max_val_rise):
 
 def test_a_fit_that_breaks_down_stops_and_keeps_its_best_epoch(digits01, tmp_path):
     out = tmp_path / "m"
-    model, result, ends = _fit_with_a_breakdown(digits01[0], out, max_val_rise=0.02)
-    vals = [h["val_neg_elbo"] for h in result.history]
+    model, result, ends = _fit_with_a_breakdown(digits01[0], out, max_recon_rise=0.02)
+    vals = [h["val_recon"] for h in result.history]
     assert len(vals) == 3  # epoch 3 was trained and measured, epoch 4 never ran
     kept = int(np.argmin(vals[:2])) + 1
     assert vals[2] - vals[kept - 1] > 0.02 * 64
@@ -148,11 +148,34 @@ def test_a_fit_that_breaks_down_stops_and_keeps_its_best_epoch(digits01, tmp_pat
     assert loaded.meta["epochs_done"] == kept and loaded.meta["stopped_early"] == result.stopped
     for state in (loaded.model.state_dict(), model.state_dict()):  # on disk and in memory
         assert all(torch.equal(state[k], ends[kept][k]) for k in state)
-    assert json.loads((out / "train_state.json").read_text())["epoch"] == kept
+    progress = json.loads((out / "train_state.json").read_text())
+    assert progress["epoch"] == kept and progress["best_epoch"] == kept - 1
+
+
+def test_a_fit_resumed_after_a_stop_starts_from_the_kept_epoch_and_still_knows_its_figure(
+    digits01, tmp_path, monkeypatch
+):
+    out = tmp_path / "m"
+    _, result, ends = _fit_with_a_breakdown(digits01[0], out, max_recon_rise=0.02)
+    kept = result.epochs_done
+    best_value = json.loads((out / "train_state.json").read_text())["best_value"]
+    loaded = load_model(out)
+    seen = []
+    real = BestEpoch.check
+
+    def spy(self, epoch, value, *args):
+        seen.append((epoch, self.epoch, self.value))
+        return real(self, epoch, value, *args)
+
+    monkeypatch.setattr(BestEpoch, "check", spy)
+    cfg = loaded.config.with_overrides(train={"epochs": kept + 1})
+    fit(loaded.model, cfg, digits01[0][:512], digits01[0][512:640], out, resume=True)
+    # the first check seeds the guard with the checkpoint; the trained epoch is then judged against it
+    assert seen[0] == (kept - 1, -1, float("inf")) and seen[1] == (kept, kept - 1, best_value)
 
 
 def test_with_the_guard_off_a_breakdown_trains_to_the_end(digits01, tmp_path):
-    model, result, ends = _fit_with_a_breakdown(digits01[0], tmp_path / "m", max_val_rise=0)
+    model, result, ends = _fit_with_a_breakdown(digits01[0], tmp_path / "m", max_recon_rise=0)
     assert len(result.history) == 4 and result.epochs_done == 4 and result.stopped == ""
     state = load_model(tmp_path / "m").model.state_dict()
     assert all(torch.equal(state[k], ends[4][k]) for k in state)
@@ -162,8 +185,16 @@ def test_the_guard_keeps_the_best_epoch_and_stops_past_its_margin():
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.Adam(model.parameters())
     best = BestEpoch(max_rise_per_dim=0.5, data_dim=4)  # margin: 2 nats
+
+    def adam_step():
+        opt.zero_grad()
+        model(torch.ones(3, 2)).sum().backward()
+        opt.step()
+
+    adam_step()
     assert best.check(0, 10.0, model, opt, 5) == ""
     kept = _state(model)
+    kept_moment = opt.state_dict()["state"][0]["exp_avg"].clone()
     with torch.no_grad():
         model.weight.add_(1.0)
     assert best.check(1, 11.9, model, opt, 10) == ""  # within the margin: go on, epoch 1 stays the best
@@ -171,22 +202,27 @@ def test_the_guard_keeps_the_best_epoch_and_stops_past_its_margin():
     assert best.check(3, 11.4, model, opt, 20) == ""
     assert "epoch 5, +2.1 above epoch 3's 9.5" in best.check(4, 11.6, model, opt, 25)
     assert best.check(4, float("nan"), model, opt, 25) == (  # NaN counts as a breakdown
-        "held-in -ELBO not finite at epoch 5 (epoch 3's: 9.5); stopped, keeping epoch 3's weights"
+        "held-in reconstruction error not finite at epoch 5 (epoch 3's: 9.5); stopped, keeping epoch 3's weights"
     )
-    with torch.no_grad():
-        model.weight.add_(1.0)
+    epoch3 = _state(model)
+    adam_step()
+    assert not torch.equal(opt.state_dict()["state"][0]["exp_avg"], kept_moment)
     best.restore(model, opt)
-    assert best.global_step == 15 and not torch.equal(model.weight, kept["weight"] + 2.0)
-    assert torch.equal(model.weight, kept["weight"] + 1.0)
+    assert best.global_step == 15
+    assert torch.equal(model.weight, epoch3["weight"]) and torch.equal(model.weight, kept["weight"] + 1.0)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], kept_moment)  # no Adam step since epoch 1
 
 
-def test_the_guard_is_on_for_mle_and_off_for_variational_unless_set():
-    assert tiny_config(scheme="mle").train.val_rise_guard == 0.02
-    assert tiny_config(scheme="variational").train.val_rise_guard == 0.0
-    assert tiny_config(scheme="variational", max_val_rise=0.05).train.val_rise_guard == 0.05
-    assert tiny_config(scheme="mle", max_val_rise=0).train.val_rise_guard == 0.0
-    with pytest.raises(ConfigError, match="max_val_rise"):
-        tiny_config(max_val_rise=-1)
+def test_the_guard_is_on_for_mle_images_and_off_otherwise_unless_set():
+    from outlier_jebm.config import for_vectors
+
+    assert tiny_config(scheme="mle").recon_rise_guard == 0.02
+    assert tiny_config(scheme="variational").recon_rise_guard == 0.0
+    assert for_vectors(tiny_config(scheme="mle"), 6).recon_rise_guard == 0.0
+    assert tiny_config(scheme="variational", max_recon_rise=0.05).recon_rise_guard == 0.05
+    assert tiny_config(scheme="mle", max_recon_rise=0).recon_rise_guard == 0.0
+    with pytest.raises(ConfigError, match="max_recon_rise"):
+        tiny_config(max_recon_rise=-1)
 
 
 def test_max_abs_loss_must_be_positive():

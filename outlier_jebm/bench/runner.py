@@ -328,9 +328,11 @@ def _jebm_cell(
     n_epochs = planned_epochs(cfg, len(td.train))  # run_fit raises the epochs of a small set to train.min_steps
 
     def on_epoch_end(epoch: int, m: dict[str, float]) -> None:
-        # the EBM's f gap (codes minus prior chains) and the held-in -ELBO show a fit going wrong before its scores do
+        # the EBM's f gap (codes minus prior chains) and the held-in figures show a fit going wrong before its scores do
         watch = "".join(
-            f"  {label} {m[key]:.1f}" for key, label in (("f_gap", "f gap"), ("val_neg_elbo", "val -ELBO")) if key in m
+            f"  {label} {m[key]:.1f}"
+            for key, label in (("f_gap", "f gap"), ("val_neg_elbo", "val -ELBO"), ("val_recon", "val recon"))
+            if key in m
         )
         say(
             f"  {variant.name} holdout {holdout} seed {seed}: epoch {epoch + 1}/{n_epochs}  loss {m['loss']:.1f}  "
