@@ -153,32 +153,21 @@ def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
 
 
 @torch.no_grad()
-def validation_recon(model: JointEBM, x: torch.Tensor, batch_size: int = 1000) -> float:
-    """Reconstruction error ||x - g(z)||^2 / (2 s^2) per held-in image at the inference network's mean codes."""
+def validation_figures(model: JointEBM, x: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
+    """Per held-in image: ``val_neg_elbo``, the -ELBO with the importance-sampled log Z (lower is better), and
+    ``val_recon``, the reconstruction error ||x - g(z)||^2 / (2 s^2) at the inference network's mean codes."""
     was_training = model.training
     model.eval()
-    total = 0.0
-    for i in range(0, x.shape[0], batch_size):
-        xb = x[i : i + batch_size]
-        z, _ = model.encoder(xb, sample=False)
-        total += (-model.log_px_given_z(xb, z) - model.obs_log_norm(xb.shape[-1])).sum().item()
-    model.train(was_training)
-    return total / x.shape[0]
-
-
-@torch.no_grad()
-def validation_neg_elbo(model: JointEBM, x: torch.Tensor, batch_size: int = 1000) -> float:
-    """-ELBO per image on held-in data, with the importance-sampled log Z (lower is better)."""
-    was_training = model.training
-    model.eval()
-    total = 0.0
+    elbo = recon = 0.0
     for i in range(0, x.shape[0], batch_size):
         xb = x[i : i + batch_size]
         z, log_q = model.encoder(xb, sample=True)
-        total += (model.log_joint(xb, z) - log_q).sum().item()
+        elbo += (model.log_joint(xb, z) - log_q).sum().item()
+        mean, _ = model.encoder(xb, sample=False)
+        recon += (-model.log_px_given_z(xb, mean) - model.obs_log_norm(xb.shape[-1])).sum().item()
     log_z = log_partition_estimate(model, 2000).item()
     model.train(was_training)
-    return -total / x.shape[0] + log_z
+    return {"val_neg_elbo": -elbo / x.shape[0] + log_z, "val_recon": recon / x.shape[0]}
 
 
 @dataclass
@@ -196,7 +185,7 @@ class BestEpoch:
     ``check`` says whether an epoch's error rose more than ``train.max_recon_rise`` nats per data dimension
     above the best: a fit that breaks down with every value finite (one mle fit's reconstruction went
     80 -> 104 in its last epoch, so the NaN guard had nothing to catch) is then stopped and given back the
-    best epoch's weights. The figure is the error at the inference network's mean codes (``validation_recon``):
+    best epoch's weights. The figure is the error at the inference network's mean codes (``validation_figures``):
     deterministic, and blind to the EBM's scale, unlike the held-in -ELBO, whose Gaussian-proposal estimate
     of log Z falls behind f on the codes as the EBM sharpens (``benchmarks/RESULTS.md``).
     """
@@ -384,8 +373,8 @@ def _fit(
             # rank 0 alone here; the other ranks wait for it (the guard's broadcast, or the next step's all-reduce)
             metrics["log_z_estimate"] = float(log_partition_estimate(model, 2000))
             if x_val is not None:
-                metrics["val_neg_elbo"] = validation_neg_elbo(model, x_val)
-                metrics["val_recon"] = val = validation_recon(model, x_val)
+                metrics.update(validation_figures(model, x_val))
+                val = metrics["val_recon"]
         if guard:
             # every rank keeps the same best epoch (DDP keeps their weights equal), so every rank can go back to it
             val = distributed.broadcast_value(val, device) if world > 1 else val
