@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -394,10 +397,53 @@ def _build(cls, where: str, values: Any):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     _no_unknown(where, values, names)
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        _check_type(f"{where}.{name}", value, hints[name])
     try:
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """A ConfigError naming the field when ``value`` is not of the field's type (an int is a float too)."""
+    if _is(value, hint):
+        return
+    hint_text = ""
+    if isinstance(value, str):
+        try:
+            float(value)
+            hint_text = f" (YAML reads {value} as text: write it with a decimal point, e.g. 1.0e-3, or as 0.001)"
+        except ValueError:
+            pass
+    raise ConfigError(f"{name} must be {_describe(hint)}, got {value!r}{hint_text}")
+
+
+def _is(value: Any, hint: Any) -> bool:
+    if isinstance(hint, types.UnionType):
+        return any(_is(value, h) for h in hint.__args__)
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and all(_is(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join("null" if h is type(None) else _describe(h) for h in hint.__args__)
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    return names.get(hint, f"a {getattr(hint, '__name__', hint)} section")
 
 
 def _no_unknown(where: str, values: dict, allowed: set[str]) -> None:

@@ -43,6 +43,31 @@ def test_a_bad_config_names_the_field(tmp_path):
         Config.from_yaml(bad)
 
 
+def test_a_value_of_the_wrong_type_names_the_field_and_the_type_it_needs(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr_ebm: 1e-4\n")  # YAML 1.1 reads this as text
+    with pytest.raises(ConfigError, match=r"bad.yaml: train.lr_ebm must be a number, got '1e-4' \(YAML reads"):
+        Config.from_yaml(bad)
+    base = Config()
+    for path, value, needs in [
+        ("train.epochs", 2.5, "a whole number"),
+        ("train.epochs", True, "a whole number"),
+        ("train.ebm_l2", "abc", "a number"),
+        ("train.sample_steps", "x", "a whole number or null"),
+        ("train.prior_langevin.noise", "yes", "true or false"),
+        ("model.z_dims", [8, "4"], "a list of whole numbers"),
+        ("model.prior", 3, "a string"),
+    ]:
+        with pytest.raises(ConfigError, match=f"{path} must be {needs}, got"):
+            base.override({path: value})
+    # what YAML and the command lines give for the right types still passes: an int where a float goes,
+    # null where null is allowed, numpy's numbers
+    import numpy as np
+
+    cfg = base.override({"train.ebm_l2": 1, "train.sample_steps": None, "train.epochs": np.int64(3)})
+    assert (cfg.train.ebm_l2, cfg.train.sample_steps, cfg.train.epochs) == (1, None, 3)
+
+
 def test_overrides_are_dotted_paths_validated_every_time():
     base = Config.from_yaml(default_config_path())
     cfg = base.override({"score.steps": 7, "train.prior_langevin.steps": 3, "model.z_dims": [8, 4]})
