@@ -382,11 +382,14 @@ class JointEBM(nn.Module):
         """log of the normaliser of N(x; g(z), s^2 I) in ``dim`` dimensions: dim / 2 * log(2 pi s^2)."""
         return 0.5 * dim * (LOG_2PI + 2 * math.log(self.obs_sigma))
 
+    def recon_error(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """||x - g(z)||^2 / (2 s^2), the reconstruction term of -log p(x | z): (B, D), (B, Z) -> (B,)."""
+        s = self.obs_sigma
+        return (x - self.generator.mean_x(z)).pow(2).sum(-1) / (2 * s * s)
+
     def log_px_given_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log N(x; g(z), s^2 I): (B, D), (B, Z) -> (B,)."""
-        s = self.obs_sigma
-        sq = (x - self.generator.mean_x(z)).pow(2).sum(-1)
-        return -sq / (2 * s * s) - self.obs_log_norm(x.shape[-1])
+        return -self.recon_error(x, z) - self.obs_log_norm(x.shape[-1])
 
     def log_prior(self, z: torch.Tensor) -> torch.Tensor:
         """Unnormalised log p_alpha(z) = f(z) + log p_gauss(z): (B, Z) -> (B,)."""

@@ -164,7 +164,7 @@ def validation_figures(model: JointEBM, x: torch.Tensor, batch_size: int = 1000)
         z, log_q = model.encoder(xb, sample=True)
         elbo += (model.log_joint(xb, z) - log_q).sum().item()
         mean, _ = model.encoder(xb, sample=False)
-        recon += (-model.log_px_given_z(xb, mean) - model.obs_log_norm(xb.shape[-1])).sum().item()
+        recon += model.recon_error(xb, mean).sum().item()
     log_z = log_partition_estimate(model, 2000).item()
     model.train(was_training)
     return {"val_neg_elbo": -elbo / x.shape[0] + log_z, "val_recon": recon / x.shape[0]}
