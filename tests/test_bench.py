@@ -381,6 +381,8 @@ def test_cells_in_two_worker_processes_give_the_rows_of_one_process_in_the_same_
     # the workers' progress reaches the parent: the split and the jebm epochs
     assert any(m.startswith("holdout 3 seed 0:") for m in messages)
     assert any("jebm holdout 1 seed 0: epoch 1/" in m for m in messages)
+    epoch_lines = [m for m in messages if ": epoch " in m]
+    assert all("val recon" in m and "val -ELBO " in m for m in epoch_lines)  # variational: the -ELBO is not flagged
     assert json.loads((tmp_path / "two" / "settings.json").read_text())["jobs"] == 2
 
 

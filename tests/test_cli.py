@@ -206,6 +206,21 @@ def test_fit_reports_a_stop_by_the_breakdown_guard_and_mlflow_records_it(tmp_pat
         assert con.execute("select max(step) from metrics where key = 'val_recon'").fetchall() == [(2,)]
 
 
+@pytest.mark.parametrize("scheme", ["variational", "mle"])
+def test_fit_epoch_lines_show_the_guards_figure_and_flag_the_elbo_under_mle(tmp_path, monkeypatch, scheme):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "250")
+    said = _fit(tmp_path, "--epochs", "1", "--max-train", "300", scheme=scheme).output
+    epoch_line = next(ln for ln in said.splitlines() if ln.startswith("epoch 1:"))
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert meta["config"]["train"]["scheme"] == scheme
+    val_recon = float(epoch_line.split("val recon ")[1].split()[0])
+    assert np.isfinite(val_recon) and val_recon > 0
+    flagged = "val -ELBO* " in epoch_line
+    assert flagged == (scheme == "mle")
+    assert ("not comparable between epochs" in " ".join(said.split())) == (scheme == "mle")
+
+
 @pytest.mark.parametrize("columns", ["80", "200"])
 def test_score_shows_paths_from_the_input_folder_and_counts_skipped_files(tmp_path, monkeypatch, digits01, columns):
     monkeypatch.chdir(tmp_path)
