@@ -1,7 +1,8 @@
 """The prior ablation over seeds: AUPRC and sample FID per prior, from the CSVs `jebm-od bench` wrote.
 
     python benchmarks/prior_table.py benchmarks/issue14/*/results.csv [--z-dims 32,8] [--score score] \
-        [--sample-metrics benchmarks/issue14/joint-z32-8/sample_metrics.txt] [--seeds 1,2] [--split published]
+        [--sample-metrics benchmarks/issue14/joint-z32-8/sample_metrics.txt] [--seeds 1,2] [--split published] \
+        [--fid-override FILE]
 
 Reads every jebm row with the given ``--score`` (``score``: the default score; or a component such
 as ``component:neg_log_joint``) whose variant has the given latent sizes, on the given ``--split``
@@ -9,7 +10,9 @@ as ``component:neg_log_joint``) whose variant has the given latent sizes, on the
 variant's ``prior=`` setting (none: joint). A (prior, digit, seed) cell found in several CSVs must
 agree, or the script stops. ``--sample-metrics`` reads the FIDs of bench models measured afterwards
 (the output of ``jebm-od sample --model DIR --metrics``, each after a line ``== DIR``) for the
-cells whose CSV row has none. Prints three markdown tables:
+cells whose CSV row has none. ``--fid-override`` replaces the FID of the cells it names (rows
+``prior digit seed fid``; ``#`` starts a comment), for figures re-measured later with another sampler
+length. Prints three markdown tables:
 
 - AUPRC per prior and digit, mean ± std over the seeds found (n), and the mean over digits of the
   cells that every prior has;
@@ -73,6 +76,19 @@ def fill_fid(d: pd.DataFrame, path: Path) -> pd.DataFrame:
     return d
 
 
+def override_fid(d: pd.DataFrame, path: Path) -> pd.DataFrame:
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        prior, h, seed, fid = line.split()
+        hit = (d.prior == prior) & (d.holdout == int(h)) & (d.seed == int(seed))
+        if not hit.any():
+            raise SystemExit(f"{path}: no row for {prior} digit {h} seed {seed}")
+        d.loc[hit, "sample_fid_lenet"] = float(fid)
+    return d
+
+
 def fmt(v: pd.Series, digits: int) -> str:
     v = v.dropna()
     if v.empty:
@@ -124,12 +140,15 @@ def main() -> None:
     ap.add_argument("--sample-metrics", type=Path, nargs="*", default=[])
     ap.add_argument("--seeds", default="", help="only these seeds, comma-separated (default: all found)")
     ap.add_argument("--split", default="clean", choices=["clean", "published"])
+    ap.add_argument("--fid-override", type=Path, nargs="*", default=[])
     args = ap.parse_args()
     d = load(args.csv, args.z_dims, args.score, args.split)
     if args.seeds:
         d = d[d.seed.isin([int(t) for t in args.seeds.split(",")])]
     for path in args.sample_metrics:
         d = fill_fid(d, path)
+    for path in args.fid_override:
+        d = override_fid(d, path)
     print(f"AUPRC ({args.score}), z_dims [{args.z_dims}], {args.split} split: mean ± std over seeds (n)\n")
     print("\n".join(table(d, "auprc", 3)))
     if args.score == "score":
