@@ -76,16 +76,20 @@ def fill_fid(d: pd.DataFrame, path: Path) -> pd.DataFrame:
     return d
 
 
-def override_fid(d: pd.DataFrame, path: Path) -> pd.DataFrame:
+def override_fid(d: pd.DataFrame, path: Path, by: str = "prior", as_group: str = "") -> pd.DataFrame:
+    """Rows ``group digit seed fid`` of ``path`` replace the FID of those cells (``group``: a value of ``by``;
+    ``as_group``, when given, stands for every row's)."""
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        prior, h, seed, fid = line.split()
-        hit = (d.prior == prior) & (d.holdout == int(h)) & (d.seed == int(seed))
+        group, h, seed, fid = line.split()
+        group = as_group or group
+        hit = (d[by] == group) & (d.holdout == int(h)) & (d.seed == int(seed))
         if not hit.any():
-            raise SystemExit(f"{path}: no row for {prior} digit {h} seed {seed}")
+            raise SystemExit(f"{path}: no row for {group} digit {h} seed {seed}")
         d.loc[hit, "sample_fid_lenet"] = float(fid)
+        d.loc[hit, "fid_from"] = path.name
     return d
 
 
