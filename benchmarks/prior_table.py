@@ -76,10 +76,17 @@ def fill_fid(d: pd.DataFrame, path: Path) -> pd.DataFrame:
     return d
 
 
-def override_fid(d: pd.DataFrame, path: Path, by: str = "prior", as_group: str = "") -> pd.DataFrame:
+def override_fid(
+    d: pd.DataFrame, path: Path, by: str = "prior", as_group: str = "", z_dims: str | None = None
+) -> pd.DataFrame:
     """Rows ``group digit seed fid`` of ``path`` replace the FID of those cells (``group``: a value of ``by``;
-    ``as_group``, when given, stands for every row's)."""
-    for line in path.read_text().splitlines():
+    ``as_group``, when given, stands for every row's). A line ``# z_dims A,B`` names the latent sizes of the
+    models measured; given ``z_dims``, they must be those."""
+    text = path.read_text()
+    declared = re.search(r"^# z_dims ([\d,]+)\s*$", text, re.M)
+    if z_dims is not None and declared and declared.group(1) != z_dims:
+        raise SystemExit(f"{path}: FIDs of z_dims [{declared.group(1)}] models, not [{z_dims}]")
+    for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -147,17 +154,19 @@ def main() -> None:
     ap.add_argument("--fid-override", type=Path, nargs="*", default=[])
     args = ap.parse_args()
     d = load(args.csv, args.z_dims, args.score, args.split)
-    if args.seeds:
-        d = d[d.seed.isin([int(t) for t in args.seeds.split(",")])]
     for path in args.sample_metrics:
         d = fill_fid(d, path)
     for path in args.fid_override:
-        d = override_fid(d, path)
+        d = override_fid(d, path, z_dims=args.z_dims)
+    if args.seeds:
+        d = d[d.seed.isin([int(t) for t in args.seeds.split(",")])]
     print(f"AUPRC ({args.score}), z_dims [{args.z_dims}], {args.split} split: mean ± std over seeds (n)\n")
     print("\n".join(table(d, "auprc", 3)))
     if args.score == "score":
         print("\nSample FID (in-project LeNet features; lower is better)\n")
         print("\n".join(table(d, "sample_fid_lenet", 1)))
+        for source, g in d.groupby("fid_from") if "fid_from" in d else []:
+            print(f"- FIDs of {len(g)} cells ({', '.join(sorted(set(g.prior)))}) from {source}")
     print("\nPaired AUPRC difference against the Gaussian prior, per seed\n")
     print("\n".join(paired(d)))
 

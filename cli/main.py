@@ -60,12 +60,12 @@ def fit(
     ),
 ) -> None:
     """Train a detector on in-distribution data and log the run (and the pyfunc model) to MLflow."""
-    from outlier_jebm.checkpoint import CheckpointError
+    from outlier_jebm.checkpoint import CheckpointError, read_config
     from outlier_jebm.config import ConfigError
     from outlier_jebm.data import DataError
     from outlier_jebm.distributed import is_main_process
     from outlier_jebm.pipeline import default_out_dir, prepare_data, run_fit
-    from outlier_jebm.train import TrainingDiverged
+    from outlier_jebm.train import MLE_ELBO_NOTE, TrainingDiverged, held_in_elbo_label
 
     # under torchrun every rank runs this command; rank 0 alone reports progress (errors come from any rank)
     main = is_main_process()
@@ -136,9 +136,14 @@ def fit(
                 gap=stats.get("f_gap", 0.0),
             )
 
-    # under mle the held-in -ELBO's log Z estimate falls behind as the EBM sharpens, so it drops by tens of nats an
-    # epoch without the model improving that much (benchmarks/RESULTS.md); the held-in recon is the guard's figure
-    elbo = "val -ELBO*" if cfg.train.scheme == "mle" else "val -ELBO"
+    # --resume trains the saved model's own config (run_fit reads it), so its scheme names the held-in -ELBO
+    scheme = cfg.train.scheme
+    if resume:
+        try:
+            scheme = read_config(out_dir)[0].train.scheme
+        except CheckpointError:
+            pass  # run_fit says what is wrong with the model directory
+    elbo = held_in_elbo_label(scheme)
 
     def on_epoch_end(epoch: int, m: dict) -> None:
         nan = float("nan")
@@ -169,11 +174,8 @@ def fit(
     if not main:
         return
     last = summary.history[-1] if summary.history else {}
-    if cfg.train.scheme == "mle" and summary.history:
-        say(
-            "* under mle the held-in -ELBO's importance estimate of log Z falls behind the EBM, so the figure runs "
-            "low and is not comparable between epochs; val recon (the breakdown guard's figure) is"
-        )
+    if scheme == "mle" and summary.history:
+        say(MLE_ELBO_NOTE)
     if summary.stopped:
         from rich.markup import escape
 

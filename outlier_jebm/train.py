@@ -152,6 +152,20 @@ def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
     return n // (batch_size_per_rank(n, batch_size, world_size) * world_size)
 
 
+# Under mle the held-in -ELBO's importance estimate of log Z (Gaussian draws) falls behind as the EBM sharpens, so
+# the figure drops by tens of nats an epoch without the model improving that much (benchmarks/RESULTS.md, "The
+# breakdown guard"): progress output marks it, and says why once.
+MLE_ELBO_NOTE = (
+    "* under mle the held-in -ELBO's importance estimate of log Z falls behind the EBM, so the figure runs low "
+    "and is not comparable between epochs; val recon (the breakdown guard's figure) is comparable"
+)
+
+
+def held_in_elbo_label(scheme: str) -> str:
+    """How progress output names the held-in -ELBO under ``scheme`` (marked under mle: see ``MLE_ELBO_NOTE``)."""
+    return "val -ELBO*" if scheme == "mle" else "val -ELBO"
+
+
 @torch.no_grad()
 def validation_figures(model: JointEBM, x: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
     """Per held-in image: ``val_neg_elbo``, the -ELBO with the importance-sampled log Z (lower is better), and

@@ -346,14 +346,16 @@ class CrashingDetector(SlowDetector):
 
 def _spec(tmp_path, detectors, **kw):
     return BenchSpec(
-        data="digits",
-        holdouts=[1, 3],
-        seeds=[0],
-        detectors=detectors,
-        base_config=tiny_config(),
-        out_dir=tmp_path,
-        track=False,
-        **kw,
+        **{
+            "data": "digits",
+            "holdouts": [1, 3],
+            "seeds": [0],
+            "detectors": detectors,
+            "base_config": tiny_config(),
+            "out_dir": tmp_path,
+            "track": False,
+            **kw,
+        }
     )
 
 
@@ -384,6 +386,18 @@ def test_cells_in_two_worker_processes_give_the_rows_of_one_process_in_the_same_
     epoch_lines = [m for m in messages if ": epoch " in m]
     assert all("val recon" in m and "val -ELBO " in m for m in epoch_lines)  # variational: the -ELBO is not flagged
     assert json.loads((tmp_path / "two" / "settings.json").read_text())["jobs"] == 2
+
+
+def test_an_mle_cell_marks_the_held_in_elbo_and_says_why(tmp_path):
+    from outlier_jebm.train import MLE_ELBO_NOTE
+
+    (mle,) = parse_detectors("jebm:scheme=mle:train.epochs=1", tiny_config(), components="none")
+    messages = []
+    rows = run_bench(_spec(tmp_path, [mle], holdouts=[3]), on_message=messages.append).rows
+    assert [r["status"] for r in rows] == ["ok"]
+    epoch_lines = [m for m in messages if ": epoch 1/" in m]
+    assert epoch_lines and all("val -ELBO* " in m and "val recon " in m for m in epoch_lines)
+    assert sum(MLE_ELBO_NOTE in m for m in messages) == 1
 
 
 def test_a_cell_that_kills_its_worker_gets_a_failed_row_and_the_other_cells_keep_theirs(tmp_path):

@@ -318,7 +318,7 @@ def _jebm_cell(
     from ..checkpoint import load_model
     from ..pipeline import run_fit
     from ..scoring import Scorer
-    from ..train import planned_epochs, resolve_device
+    from ..train import MLE_ELBO_NOTE, held_in_elbo_label, planned_epochs, resolve_device
 
     cfg = variant.config.with_overrides(train={"seed": seed, "max_train": spec.max_train})
     if is_vector_split(td):
@@ -327,8 +327,9 @@ def _jebm_cell(
     model_dir = Path(spec.out_dir) / "models" / f"{_slug(variant.name)}-holdout{holdout}-seed{seed}{tag}"
     n_epochs = planned_epochs(cfg, len(td.train))  # run_fit raises the epochs of a small set to train.min_steps
 
-    # under mle the held-in -ELBO's log Z estimate falls behind the EBM: marked, as `fit` marks it
-    elbo = "val -ELBO*" if cfg.train.scheme == "mle" else "val -ELBO"
+    elbo = held_in_elbo_label(cfg.train.scheme)
+    if cfg.train.scheme == "mle":
+        say(f"  {variant.name} holdout {holdout} seed {seed}: {MLE_ELBO_NOTE}")
 
     def on_epoch_end(epoch: int, m: dict[str, float]) -> None:
         # the EBM's f gap (codes minus prior chains) and the held-in figures show a fit going wrong before its scores do
