@@ -6,10 +6,10 @@
 
 Each CSV (as `jebm-od bench` wrote it) is read with the label after ``=`` (the config the bench ran with is not in
 its rows, so the caller names it). Only jebm rows of the variants that ``--variant`` matches in full (default: the
-plain ``jebm``, the base config with no ablation setting) with status ok on ``--split`` are read. The same script
+plain ``jebm``, the base config with no ablation setting) with status ok on ``--split`` are read; the same script
 makes the scheme ablation's table, a label per scheme. ``--fid-override`` (rows ``label digit seed fid``) replaces
-the FID of the cells it names, for figures re-measured at another sampler length. A (label, score, digit, seed) cell found twice must agree, or the
-script stops. Prints one markdown table per metric: mean ± std over the seeds found (n) per digit, and the mean
+the FID of the cells it names, for figures re-measured at another sampler length. A (label, score, digit, seed)
+cell found twice must agree, or the script stops. Prints one markdown table per metric: mean ± std over the seeds found (n) per digit, and the mean
 over digits of the cells that every label has.
 """
 
@@ -38,6 +38,7 @@ def load(items: list[str], split: str, variant: str = "jebm") -> pd.DataFrame:
     d = pd.concat(frames, ignore_index=True)
     if "sample_steps" not in d:
         d["sample_steps"] = float("nan")
+    d["fid_from"] = None  # the file an FID was replaced from (override_fid)
     keys = ["config", "score", "holdout", "seed"]
     for column in ("auprc", "sample_fid_lenet"):
         spread = d.groupby(keys)[column].agg(lambda v: v.max() - v.min())
@@ -74,9 +75,9 @@ def main() -> None:
         if metric == "sample_fid_lenet":
             # rows written before the bench recorded it have no sample_steps: their chain ran the training length
             for label, g in own.groupby("config", sort=False):
-                measured = g[g.fid_from.isna()] if "fid_from" in g else g
+                measured = g[g.fid_from.isna()]
                 steps = sorted({"training length" if pd.isna(v) else str(int(v)) for v in measured.sample_steps})
-                steps += sorted({f"as in {v}" for v in g.get("fid_from", pd.Series(dtype=str)).dropna()})
+                steps += sorted({f"as in {v}" for v in g.fid_from.dropna()})
                 what += f"\n- {label}: prior Langevin steps of the samples: {', '.join(steps)}"
         print(f"\n{what}\n")
         print("\n".join(table(own, metric, digits)))

@@ -52,6 +52,7 @@ def load(paths: list[Path], z_dims: str, score: str, split: str = "clean") -> pd
     d = d[d.model.map(z_dims_of) == z_dims].copy()
     d["prior"] = d.model.map(prior_of)
     d = d[d.split == split]
+    d["fid_from"] = None  # the file an FID was replaced from (override_fid)
     if d.empty:
         raise SystemExit(f"no jebm rows with score {score!r}, z_dims [{z_dims}] and split {split!r}")
     keys = ["prior", "holdout", "seed"]
@@ -165,7 +166,7 @@ def main() -> None:
     if args.score == "score":
         print("\nSample FID (in-project LeNet features; lower is better)\n")
         print("\n".join(table(d, "sample_fid_lenet", 1)))
-        for source, g in d.groupby("fid_from") if "fid_from" in d else []:
+        for source, g in d.groupby("fid_from"):
             print(f"- FIDs of {len(g)} cells ({', '.join(sorted(set(g.prior)))}) from {source}")
     print("\nPaired AUPRC difference against the Gaussian prior, per seed\n")
     print("\n".join(paired(d)))
