@@ -60,8 +60,8 @@ def fit(
     ),
 ) -> None:
     """Train a detector on in-distribution data and log the run (and the pyfunc model) to MLflow."""
-    from outlier_jebm.checkpoint import CheckpointError, read_config
-    from outlier_jebm.config import ConfigError
+    from outlier_jebm.checkpoint import CheckpointError
+    from outlier_jebm.config import Config, ConfigError
     from outlier_jebm.data import DataError
     from outlier_jebm.distributed import is_main_process
     from outlier_jebm.pipeline import default_out_dir, prepare_data, run_fit
@@ -118,8 +118,9 @@ def fit(
     )
     state: dict = {}
 
-    def on_start(n_epochs: int, steps: int) -> None:
+    def on_start(n_epochs: int, steps: int, trained: Config) -> None:
         state["steps"] = steps
+        state["scheme"] = trained.train.scheme  # under --resume the saved model's, which may not be --config's
         state["task"] = progress.add_task(
             "fit", total=n_epochs * steps, epoch=f"1/{n_epochs}", loss=0.0, recon=0.0, gap=0.0
         )
@@ -136,17 +137,9 @@ def fit(
                 gap=stats.get("f_gap", 0.0),
             )
 
-    # --resume trains the saved model's own config (run_fit reads it), so its scheme names the held-in -ELBO
-    scheme = cfg.train.scheme
-    if resume:
-        try:
-            scheme = read_config(out_dir)[0].train.scheme
-        except CheckpointError:
-            pass  # run_fit says what is wrong with the model directory
-    elbo = held_in_elbo_label(scheme)
-
     def on_epoch_end(epoch: int, m: dict) -> None:
         nan = float("nan")
+        elbo = held_in_elbo_label(state["scheme"])
         progress.console.print(
             f"epoch {epoch + 1}: loss {m['loss']:.1f}  recon {m['recon']:.1f}  "
             f"val recon {m.get('val_recon', nan):.1f}  {elbo} {m.get('val_neg_elbo', nan):.1f}  "
@@ -174,6 +167,7 @@ def fit(
     if not main:
         return
     last = summary.history[-1] if summary.history else {}
+    scheme = state.get("scheme", cfg.train.scheme)
     if scheme == "mle" and summary.history:
         say(MLE_ELBO_NOTE)
     if summary.stopped:
@@ -186,7 +180,7 @@ def fit(
         + (
             f"the model is epoch {summary.epochs_done}'s)"
             if summary.stopped
-            else f"{elbo} {last.get('val_neg_elbo', float('nan')):.1f}, val recon {last.get('val_recon', float('nan')):.1f})"
+            else f"{held_in_elbo_label(scheme)} {last.get('val_neg_elbo', float('nan')):.1f}, val recon {last.get('val_recon', float('nan')):.1f})"
         )
     )
     console.print(f"model:      [bold]{summary.out_dir}[/]")

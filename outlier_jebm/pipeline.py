@@ -187,7 +187,7 @@ def run_fit(
     track: bool = True,
     resume: bool = False,
     on_step: StepHook | None = None,
-    on_start: Callable[[int, int], None] | None = None,
+    on_start: Callable[[int, int, Config], None] | None = None,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     register: str | None = None,
     remember: bool = True,
@@ -215,7 +215,8 @@ def run_fit(
     resume : bool, default False
         Continue the model in ``out_dir`` from its last epoch.
     on_step, on_start, on_epoch_end : callable, optional
-        Progress hooks: per step, once with (first epoch, epochs), and per epoch with its metrics.
+        Progress hooks: per step; once with (epochs, steps per epoch, the config trained: under ``resume``
+        the saved model's); and per epoch with its metrics.
     register : str, optional
         Also register the logged model under this name (needs ``track``).
     remember : bool, default True
@@ -276,7 +277,8 @@ def run_fit(
             }
         )
     if on_start is not None and group.is_main:
-        on_start(config.train.epochs, steps_per_epoch(len(data.train), config.train.batch_size, group.world_size))
+        steps = steps_per_epoch(len(data.train), config.train.batch_size, group.world_size)
+        on_start(config.train.epochs, steps, config)  # the config trained: under --resume, the model's own
     probe = data.val[:8] if len(data.val) else data.train[:8]
 
     def on_epoch(epoch: int, metrics: dict[str, float], m: JointEBM) -> None:
