@@ -138,7 +138,8 @@ def bench(
         f"seed {', '.join(map(str, spec.seeds))} on {data}"
         + (f" ({' and '.join(splits)} splits)" if len(splits) > 1 else "")
         + f" -> {spec.out_dir}"
-        + (f" (time budget {spec.time_budget:.0f} s)" if spec.time_budget is not None else "")
+        + (f" (time budget {spec.time_budget:.0f} s)" if spec.time_budget is not None else ""),
+        soft_wrap=True,
     )
     progress = Progress(
         TextColumn("[bold]bench"),
@@ -156,23 +157,29 @@ def bench(
             state["task"] = progress.add_task(label, total=total)
         progress.update(state["task"], completed=done, description=label)
 
+    # soft_wrap everywhere: a row, a path or an epoch line stays one line at any width, so a log can be grepped
+
     def on_row(row: dict) -> None:
         where = escape(f"holdout {row['holdout']} seed {row['seed']}  {row['detector']:<26}")
         if row["status"] == "ok":
             progress.console.print(
                 f"{where} AUPRC {row['auprc']:.3f}  AUROC {row['auroc']:.3f}  "
                 f"fit {row['fit_seconds']:.1f} s  {row['score_images_per_second']:,.0f} img/s"
-                + (f"  [yellow]{row['nonfinite_scores']} non-finite scores[/]" if row["nonfinite_scores"] else "")
+                + (f"  [yellow]{row['nonfinite_scores']} non-finite scores[/]" if row["nonfinite_scores"] else ""),
+                soft_wrap=True,
             )
         elif row["status"].startswith("failed"):
-            progress.console.print(f"{where} [red]{escape(row['status'])}[/]")
+            progress.console.print(f"{where} [red]{escape(row['status'])}[/]", soft_wrap=True)
         else:
-            progress.console.print(f"{where} [yellow]{escape(row['status'])}[/]")
+            progress.console.print(f"{where} [yellow]{escape(row['status'])}[/]", soft_wrap=True)
 
     try:
         with progress:
             result = run_bench(
-                spec, on_row=on_row, on_message=lambda m: progress.console.print(escape(m)), on_cell=on_cell
+                spec,
+                on_row=on_row,
+                on_message=lambda m: progress.console.print(escape(m), soft_wrap=True),
+                on_cell=on_cell,
             )
     except DataError as exc:
         fail(str(exc))
@@ -187,16 +194,19 @@ def _print_summary(result) -> None:
     ok = sum(r["status"] == "ok" for r in rows)
     skipped = sum(r["status"].startswith("skipped") for r in rows)
     failed = sum(r["status"].startswith("failed") for r in rows)
-    out.print(f"{len(rows)} rows in {result.seconds:.0f} s: {ok} ok, {skipped} skipped, {failed} failed")
+    out.print(
+        f"{len(rows)} rows in {result.seconds:.0f} s: {ok} ok, {skipped} skipped, {failed} failed", soft_wrap=True
+    )
     md = (result.out_dir / "results.md").read_text()
     summary = md.split("## Summary: AUPRC", 1)
     if len(summary) == 2:
         out.print("Summary (AUPRC):" + summary[1].split("\n## ", 1)[0].rstrip())
     out.print(
         f"results: {result.out_dir / 'results.csv'}, {result.out_dir / 'results.md'}, "
-        f"{result.out_dir / 'settings.json'}"
+        f"{result.out_dir / 'settings.json'}",
+        soft_wrap=True,
     )
     for path in result.figures:
-        out.print(f"figure:  {path}")
+        out.print(f"figure:  {path}", soft_wrap=True)
     if failed:
         raise typer.Exit(1)

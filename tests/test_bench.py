@@ -296,6 +296,20 @@ def test_cli_reports_a_bad_detector_list_as_a_usage_error(tmp_path, monkeypatch)
     assert not (tmp_path / "out").exists()
 
 
+def test_every_progress_line_stays_one_line_in_a_narrow_terminal_or_a_log(tmp_path):
+    # a log file gets 80 columns; a row, a path or an epoch line broken over several lines cannot be grepped
+    out = tmp_path / ("a-long-output-folder-name-" * 3)
+    args = ["bench", "--data", "digits", "--holdout", "1", "--detectors", "pca", "--no-track", "--out", str(out)]
+    res = runner.invoke(app, args, env={"COLUMNS": "40"})
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert any(ln.startswith("bench: 1 detectors x holdout 1") and ln.endswith(f"-> {out}") for ln in lines)
+    row = next(ln for ln in lines if ln.startswith("holdout 1 seed 0  pca"))
+    assert "AUPRC" in row and "AUROC" in row and row.rstrip().endswith("img/s")
+    assert any(f"{out / 'results.csv'}" in ln and ln.rstrip().endswith(f"{out / 'settings.json'}") for ln in lines)
+    assert f"figure:  {out / 'pr_holdout1.png'}" in lines
+
+
 def test_both_splits_run_side_by_side_in_one_report(tmp_path):
     out = tmp_path / "out"
     res = runner.invoke(
