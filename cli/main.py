@@ -143,7 +143,8 @@ def fit(
         progress.console.print(
             f"epoch {epoch + 1}: loss {m['loss']:.1f}  recon {m['recon']:.1f}  "
             f"val recon {m.get('val_recon', nan):.1f}  {elbo} {m.get('val_neg_elbo', nan):.1f}  "
-            f"f post/prior {m['f_posterior']:+.2f}/{m.get('f_prior', 0.0):+.2f}  {m['images_per_second']:.0f} img/s  {m['seconds_per_epoch']:.0f} s"
+            f"f post/prior {m['f_posterior']:+.2f}/{m.get('f_prior', 0.0):+.2f}  {m['images_per_second']:.0f} img/s  {m['seconds_per_epoch']:.0f} s",
+            soft_wrap=True,  # one line per epoch at any width, in a terminal or a log file
         )
 
     try:
@@ -173,7 +174,7 @@ def fit(
     if summary.stopped:
         from rich.markup import escape
 
-        console.print(f"[yellow]breakdown guard:[/] {escape(summary.stopped)}")
+        console.print(f"[yellow]breakdown guard:[/] {escape(summary.stopped)}", soft_wrap=True)
     console.print(
         f"[green]done[/] in {summary.wall_seconds:.0f} s "
         f"({last.get('images_per_second', 0):.0f} images/s in training, "
@@ -181,17 +182,19 @@ def fit(
             f"the model is epoch {summary.epochs_done}'s)"
             if summary.stopped
             else f"{held_in_elbo_label(scheme)} {last.get('val_neg_elbo', float('nan')):.1f}, val recon {last.get('val_recon', float('nan')):.1f})"
-        )
+        ),
+        soft_wrap=True,
     )
-    console.print(f"model:      [bold]{summary.out_dir}[/]")
+    console.print(f"model:      [bold]{summary.out_dir}[/]", soft_wrap=True)
     if summary.sample_quality:
         _print_sample_quality(summary.sample_quality)
     if summary.run_id:
-        console.print(f"MLflow run: [bold]{summary.run_id}[/] at {summary.tracking_uri}")
+        console.print(f"MLflow run: [bold]{summary.run_id}[/] at {summary.tracking_uri}", soft_wrap=True)
     if summary.model_uri:
         console.print(
             f"MLflow model: [bold]{summary.model_uri}[/]"
-            + (f" (registered as [bold]{register}[/])" if register else "")
+            + (f" (registered as [bold]{register}[/])" if register else ""),
+            soft_wrap=True,
         )
 
 

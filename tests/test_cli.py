@@ -209,9 +209,12 @@ def test_fit_reports_a_stop_by_the_breakdown_guard_and_mlflow_records_it(tmp_pat
 @pytest.mark.parametrize("scheme", ["variational", "mle"])
 def test_fit_epoch_lines_show_the_guards_figure_and_flag_the_elbo_under_mle(tmp_path, monkeypatch, scheme):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.setenv("COLUMNS", "60")  # narrower than the epoch line: it must still come out as one line
     said = _fit(tmp_path, "--epochs", "1", "--max-train", "300", scheme=scheme).output
     epoch_line = next(ln for ln in said.splitlines() if ln.startswith("epoch 1:"))
+    assert epoch_line.rstrip().endswith(" s") and "img/s" in epoch_line
+    done_line = next(ln for ln in said.splitlines() if ln.startswith("done in"))
+    assert done_line.rstrip().endswith(")") and "val recon" in done_line
     meta = json.loads((tmp_path / "m" / "config.json").read_text())
     assert meta["config"]["train"]["scheme"] == scheme
     val_recon = float(epoch_line.split("val recon ")[1].split()[0])
