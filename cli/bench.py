@@ -133,6 +133,7 @@ def bench(
     except (BenchError, ValueError) as exc:
         fail(str(exc))
 
+    # soft_wrap on every line below: a row, a path or an epoch line stays one line at any width, so a log can be grepped
     console.print(
         f"bench: {len(spec.detectors)} detectors x holdout {', '.join(map(str, spec.holdouts))} x "
         f"seed {', '.join(map(str, spec.seeds))} on {data}"
@@ -156,8 +157,6 @@ def bench(
         if "task" not in state:
             state["task"] = progress.add_task(label, total=total)
         progress.update(state["task"], completed=done, description=label)
-
-    # soft_wrap everywhere: a row, a path or an epoch line stays one line at any width, so a log can be grepped
 
     def on_row(row: dict) -> None:
         where = escape(f"holdout {row['holdout']} seed {row['seed']}  {row['detector']:<26}")
