@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .bench import bench
@@ -172,8 +173,6 @@ def fit(
     if scheme == "mle" and summary.history:
         say(MLE_ELBO_NOTE)
     if summary.stopped:
-        from rich.markup import escape
-
         console.print(f"[yellow]breakdown guard:[/] {escape(summary.stopped)}", soft_wrap=True)
     console.print(
         f"[green]done[/] in {summary.wall_seconds:.0f} s "
@@ -185,7 +184,7 @@ def fit(
         ),
         soft_wrap=True,
     )
-    console.print(f"model:      [bold]{summary.out_dir}[/]", soft_wrap=True)
+    console.print(f"model:      [bold]{escape(str(summary.out_dir))}[/]", soft_wrap=True)
     if summary.sample_quality:
         _print_sample_quality(summary.sample_quality)
     if summary.run_id:
@@ -254,7 +253,7 @@ def sample(
         fail(f"--kind must be prior, hierarchical or chains, got {kind!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
-    console.print(f"wrote {out}")
+    console.print(f"wrote {escape(str(out))}", soft_wrap=True)
     if metrics:
         from outlier_jebm.data import DataError
         from outlier_jebm.sample_quality import model_sample_quality
@@ -269,12 +268,14 @@ def sample(
 def _print_sample_quality(quality: dict) -> None:
     console.print(
         f"FID (in-project LeNet features, not Inception FID): {quality['fid_lenet']:.3f} "
-        f"({int(quality['samples'])} samples, {int(quality['steps'])} prior Langevin steps)"
+        f"({int(quality['samples'])} samples, {int(quality['steps'])} prior Langevin steps)",
+        soft_wrap=True,
     )
     console.print(
         f"LeNet mean confidence: samples {quality['lenet_confidence']:.3f}, "
         f"training images {quality['lenet_confidence_training']:.3f} "
-        f"(LeNet accuracy {quality['lenet_accuracy']:.3f})"
+        f"(LeNet accuracy {quality['lenet_accuracy']:.3f})",
+        soft_wrap=True,
     )
 
 
@@ -356,7 +357,8 @@ def evaluate(
     )
     out_console.print(
         f"AUPRC [bold]{m['auprc']:.3f}[/]  AUROC {m['auroc']:.3f}  F1 {m['f1']:.3f}  "
-        f"false alarms {100 * m['false_alarm_rate']:.1f} %  ({m['score_images_per_second']:.0f} images/s)"
+        f"false alarms {100 * m['false_alarm_rate']:.1f} %  ({m['score_images_per_second']:.0f} images/s)",
+        soft_wrap=True,
     )
     table = Table(title="each component alone")
     table.add_column("component")
@@ -366,7 +368,7 @@ def evaluate(
         table.add_row(name, f"{value:.3f}", f"{run.evaluation.component_auroc[name]:.3f}")
     out_console.print(table)
     if run.run_id:
-        out_console.print(f"MLflow run: {run.run_id}")
+        out_console.print(f"MLflow run: {run.run_id}", soft_wrap=True)
 
 
 @app.command()
@@ -419,8 +421,9 @@ def serve(
         fail(str(exc))
     warn_steps_off_calibration(loaded, steps)
     console.print(
-        f"serving [bold]{ref}[/] (loaded in {seconds:.2f} s) on http://{host}:{port}  "
-        "- POST /v1/score, GET /health /v1/model /metrics"
+        f"serving [bold]{escape(str(ref))}[/] (loaded in {seconds:.2f} s) on http://{host}:{port}  "
+        "- POST /v1/score, GET /health /v1/model /metrics",
+        soft_wrap=True,
     )
     uvicorn.run(api, host=host, port=port, log_level=log_level)
 

@@ -179,10 +179,11 @@ def _score_spark(paths, model, out, steps, top, spark_master, batch_rows, overwr
         finally:
             spark.stop()
     out_console = Console()
-    out_console.print(f"model {summary.model_uri}")
+    out_console.print(f"model {escape(str(summary.model_uri))}", soft_wrap=True)
     out_console.print(
         f"scored [bold]{summary.scored}[/] of {summary.rows} rows in {summary.seconds:.1f} s: "
-        f"[bold red]{summary.flagged}[/] flagged as anomalies; {summary.n_errors} unusable"
+        f"[bold red]{summary.flagged}[/] flagged as anomalies; {summary.n_errors} unusable",
+        soft_wrap=True,
     )
     if summary.top:
         table = Table(title=f"most anomalous (top {len(summary.top)})")
@@ -203,7 +204,7 @@ def _score_spark(paths, model, out, steps, top, spark_master, batch_rows, overwr
         for row, reason in summary.errors[:10]:
             table.add_row(row or "-", reason)
         out_console.print(table)
-    out_console.print(f"results: {summary.output}")
+    out_console.print(f"results: {escape(str(summary.output))}", soft_wrap=True)
     raise typer.Exit(0 if summary.scored else 1)
 
 
@@ -262,11 +263,11 @@ def _print_score_summary(
             table.add_row(escape(_shown_path(str(path), inputs, width)), escape(str(reason)))
         out_console.print(table)
         if len(errors) > 50:
-            out_console.print(f"... and {len(errors) - 50} more (see --out)")
+            out_console.print(f"... and {len(errors) - 50} more (see --out)", soft_wrap=True)
     if skipped and verbose:
         for path in skipped:
             out_console.print(f"skipped (not an image): {escape(str(path))}", soft_wrap=True)
     if out is not None:
-        out_console.print(f"results: {out}")
+        out_console.print(f"results: {escape(str(out))}", soft_wrap=True)
     if maps is not None:
-        out_console.print(f"anomaly maps: {maps}/")
+        out_console.print(f"anomaly maps: {escape(str(maps))}/", soft_wrap=True)

@@ -45,10 +45,12 @@ def _fit(tmp_path, *options: str, db: str = "db.sqlite", **train):
 
 def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, digits01):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("COLUMNS", "250")
+    # a narrow terminal, as in a log file: every message below must still come out on one line of its own
+    monkeypatch.setenv("COLUMNS", "60")
+    lines = lambda res: res.output.splitlines()  # noqa: E731
     db = tmp_path / "mlflow.db"
     res = _fit(tmp_path, "--holdout", "3", db="mlflow.db")
-    assert "MLflow run:" in res.output
+    assert any(ln.startswith("MLflow run: ") and ln.endswith(str(db)) for ln in lines(res))
     for name in ["config.json", "weights.safetensors", "calibration.json"]:
         assert (tmp_path / "m" / name).is_file()
     with sqlite3.connect(db) as con:
@@ -59,7 +61,9 @@ def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, d
     # ... and printed on the console, the same figure as logged
     with sqlite3.connect(db) as con:
         ((fid,),) = con.execute("select value from metrics where key = 'sample_fid_lenet'").fetchall()
-    assert f"FID (in-project LeNet features, not Inception FID): {fid:.3f}" in res.output
+    fid_line = f"FID (in-project LeNet features, not Inception FID): {fid:.3f} ("
+    assert any(ln.startswith(fid_line) and ln.endswith("prior Langevin steps)") for ln in lines(res))
+    assert any(ln.startswith("LeNet mean confidence: samples") and ln.endswith(")") for ln in lines(res))
 
     images, labels = digits01
     folder = tmp_path / "imgs"
@@ -68,9 +72,12 @@ def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, d
         Image.fromarray((images[i] * 255).astype(np.uint8)).save(folder / f"{i}.png")
     (folder / "broken.png").write_text("nope")
     # no --model: the last fitted model is used
-    res = runner.invoke(app, ["score", str(folder), "--out", "res.json", "--maps", "maps"])
+    out = tmp_path / ("a-rather-long-folder-name-" * 3 + "[bold]") / "res.json"  # markup-like, and wider than 60
+    out.parent.mkdir()
+    res = runner.invoke(app, ["score", str(folder), "--out", str(out), "--maps", "maps"])
     assert res.exit_code == 0, res.output
-    rows = json.loads((tmp_path / "res.json").read_text())
+    assert f"results: {out}" in lines(res) and "anomaly maps: maps/" in lines(res)
+    rows = json.loads(out.read_text())
     assert len(rows) == 5 and sum(r["error"] != "" for r in rows) == 1
     # an unscored row reads as everywhere else (outlier_jebm/schema.py): label -1, no score, no top component
     (bad,) = [r for r in rows if r["error"]]
@@ -87,10 +94,11 @@ def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, d
     assert res.exit_code == 0, res.output
     assert Image.open(tmp_path / "s.png").size[0] > 0
 
-    res = runner.invoke(app, ["sample", "--out", "s2.png", "--metrics", "--metrics-n", "200"])
+    res = runner.invoke(app, ["sample", "--out", str(out.parent / "s2.png"), "--metrics", "--metrics-n", "200"])
     assert res.exit_code == 0, res.output
-    assert "FID (in-project LeNet features, not Inception FID):" in res.output
-    assert "LeNet mean confidence: samples" in res.output
+    assert f"wrote {out.parent / 's2.png'}" in lines(res)
+    assert any(ln.startswith("FID (in-project LeNet features") and ln.endswith("steps)") for ln in lines(res))
+    assert any(ln.startswith("LeNet mean confidence: samples") and ln.endswith(")") for ln in lines(res))
 
 
 def test_sample_metrics_repeat_the_fit_figure_with_the_models_sample_steps_and_seed(tmp_path, monkeypatch):
