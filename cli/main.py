@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -70,7 +71,8 @@ def fit(
 
     # under torchrun every rank runs this command; rank 0 alone reports progress (errors come from any rank)
     main = is_main_process()
-    say = console.print if main else (lambda *args, **kwargs: None)
+    # soft_wrap: each message stays one line at any width, in a terminal or a log file
+    say = partial(console.print, soft_wrap=True) if main else (lambda *args, **kwargs: None)
     from outlier_jebm.config import default_config_path, for_vectors
     from outlier_jebm.tables import is_vector_source
 
@@ -98,9 +100,9 @@ def fit(
         fail(str(exc))
     out_dir = out or default_out_dir(td.name, holdout)
     say(
-        f"training on [bold]{len(td.train)}[/] {'vectors' if cfg.model.is_vector else 'images'} of {td.name}"
+        f"training on [bold]{len(td.train)}[/] {'vectors' if cfg.model.is_vector else 'images'} of {escape(td.name)}"
         + (f" (digit {holdout} held out)" if holdout is not None else "")
-        + f", {len(td.val)} held-in for validation; model -> {out_dir}"
+        + f", {len(td.val)} held-in for validation; model -> {escape(str(out_dir))}"
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:

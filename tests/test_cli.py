@@ -219,6 +219,7 @@ def test_fit_epoch_lines_show_the_guards_figure_and_flag_the_elbo_under_mle(tmp_
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COLUMNS", "60")  # narrower than the epoch line: it must still come out as one line
     said = _fit(tmp_path, "--epochs", "1", "--max-train", "300", scheme=scheme).output
+    assert any(ln.startswith("training on ") and ln.endswith("model -> m") for ln in said.splitlines())
     epoch_line = next(ln for ln in said.splitlines() if ln.startswith("epoch 1:"))
     assert epoch_line.rstrip().endswith(" s") and "img/s" in epoch_line
     done_line = next(ln for ln in said.splitlines() if ln.startswith("done in"))
