@@ -241,12 +241,16 @@ def _print_score_summary(
         soft_wrap=True,
     )
     inputs = [Path(p) for p in inputs]
-    width = max(24, out_console.width - 48)  # the other columns take about 48
+    # the path gives way first: the other columns keep their widest entry whole (a component name cut to
+    # "latent_kn…" names nothing), plus rich's borders and padding (3 per column and 1)
+    comp_width = max([len("top component"), *(len(str(r[3])) for r in top_rows)])
+    width = max(16, out_console.width - (comp_width + len("score [0-1]") + len("anomaly") + 13))
     if top_rows:
         table = Table(title=f"most anomalous (top {len(top_rows)}{'' if n_flagged else ', none above the threshold'})")
         table.add_column("path", no_wrap=True)
-        for col in ("score [0-1]", "label", "top component"):
+        for col in ("score [0-1]", "label"):
             table.add_column(col)
+        table.add_column("top component", no_wrap=True, min_width=comp_width)
         for norm, path, label, comp, _ in top_rows:
             table.add_row(
                 escape(_shown_path(str(path), inputs, width)),

@@ -238,8 +238,11 @@ def test_fit_epoch_lines_show_the_guards_figure_and_flag_the_elbo_under_mle(tmp_
     assert ("val -ELBO* " in epoch_line) == (scheme == "mle")
 
 
-@pytest.mark.parametrize("columns", ["80", "200"])
+@pytest.mark.parametrize("columns", ["60", "80", "200"])
 def test_score_shows_paths_from_the_input_folder_and_counts_skipped_files(tmp_path, monkeypatch, digits01, columns):
+    from outlier_jebm.checkpoint import load_model
+    from outlier_jebm.scoring import Scorer
+
     monkeypatch.chdir(tmp_path)
     _fit(tmp_path, "--epochs", "1", "--max-train", "300")
     folder = tmp_path / ("a-long-parent-folder-name-" * 3) / "images_eval"
@@ -252,8 +255,11 @@ def test_score_shows_paths_from_the_input_folder_and_counts_skipped_files(tmp_pa
     res = runner.invoke(app, ["score", str(folder), "--model", "m"])
     assert res.exit_code == 0, res.output
     assert "1 other files in the folders skipped" in res.output and "notes.txt" not in res.output
-    for i, sub in enumerate(["first", "second", "third"]):  # each row tells its file apart, whole
-        assert f"images_eval/{sub}/digit{i}.png" in res.output
+    components = Scorer(load_model(tmp_path / "m")).component_names
+    for i, sub in enumerate(["first", "second", "third"]):  # each row tells its file apart, whole when it fits
+        row = next(ln for ln in res.output.splitlines() if f"digit{i}.png" in ln)
+        assert f"images_eval/{sub}/digit{i}.png" in row or columns == "60"
+        assert any(f" {name} " in row for name in components), row  # the top component's name, never cut
     assert str(folder.parent) not in res.output
     res = runner.invoke(app, ["score", str(folder), "--model", "m", "--verbose"])
     assert f"skipped (not an image): {folder / 'notes.txt'}" in res.output
