@@ -1,0 +1,166 @@
+"""The default score against a density-normalised latent kNN, on the same fitted model.
+
+    python benchmarks/density_knn.py --model DIR --holdout 1 --seed 0 --out density.csv [--label ensemble-m0]
+
+For the bench's clean split of digit D and seed S (``prepare_data(mnist, holdout=D, seed=S)``, the split the model
+was fitted on), the model's ``Scorer`` gives the codes and components of the held-in and test parts. Its reference
+latents (the training codes that ``latent_knn`` searches) are searched again by brute force, in float64:
+
+- ``latent_knn`` (points) and ``latent_knn_cos`` (unit vectors): the mean distance to the k nearest reference rows,
+  which must equal the library's components (the wiring check, ``max_abs_diff_*``);
+- each reference row's own radius: its mean distance to its k nearest other reference rows;
+- the candidate: each kNN component divided by the mean radius of the query's k nearest rows (LOF's ratio, without
+  its reachability distance), then robust z-scores fitted on the held-in part and their mean, as the default is made.
+
+Writes one CSV row per model: AUPRC and AUROC of the default score (the model's own calibration) and the
+candidate's, appending to ``--out``. No test label enters either score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FIELDS = [
+    "label",
+    "holdout",
+    "seed",
+    "model",
+    "combine",
+    "auprc_default",
+    "auroc_default",
+    "auprc_density",
+    "auroc_density",
+    "max_abs_diff_latent_knn",
+    "max_abs_diff_latent_knn_cos",
+    "n_reference",
+    "n_test",
+    "seconds",
+]
+ROWS_PER_PRODUCT = 1024
+
+
+def nearest(
+    queries: torch.Tensor, reference: torch.Tensor, k: int, skip_self: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances (ascending) and indices of the k nearest reference rows of each query; with ``skip_self`` the
+    queries are the reference itself and each row's own index is left out."""
+    ref_sq = reference.pow(2).sum(1)
+    dists, idxs = [], []
+    for start in range(0, len(queries), ROWS_PER_PRODUCT):
+        q = queries[start : start + ROWS_PER_PRODUCT]
+        d2 = (q.pow(2).sum(1, keepdim=True) + ref_sq - 2.0 * q @ reference.T).clamp_min_(0.0)
+        if skip_self:
+            rows = torch.arange(len(q))
+            d2[rows, start + rows] = torch.inf
+        d, i = d2.topk(k, dim=1, largest=False)
+        dists.append(d.sqrt())
+        idxs.append(i)
+    return torch.cat(dists), torch.cat(idxs)
+
+
+def unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--data", default="mnist")
+    ap.add_argument("--holdout", type=int, required=True)
+    ap.add_argument("--seed", type=int, required=True, help="the split's seed (the bench's --seeds)")
+    ap.add_argument("--label", default="")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+
+    from safetensors.torch import load_file
+
+    from outlier_jebm.calibration import _robust_scale
+    from outlier_jebm.checkpoint import load_model
+    from outlier_jebm.evaluate import detection_metrics
+    from outlier_jebm.pipeline import prepare_data
+    from outlier_jebm.scoring import REFERENCE_FILE, Scorer
+
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, device="cpu")
+    cfg = loaded.config
+    td = prepare_data(
+        args.data,
+        holdout=args.holdout,
+        seed=args.seed,
+        val_fraction=cfg.train.val_fraction,
+        image_size=cfg.model.image_size,
+        channels=cfg.model.channels,
+        data_kind=cfg.model.data_kind,
+        split="clean",
+    )
+    y = np.asarray(td.test_is_anomaly).astype(int)
+    scorer = Scorer(loaded, device="cpu")
+    cal = scorer.calibration
+    k = cfg.score.knn_k
+    parts = {"val": scorer.components_of(td.val), "test": scorer.components_of(td.test)}
+    ref = load_file(str(args.model / REFERENCE_FILE))["eps"].double()
+
+    density: dict[str, dict[str, np.ndarray]] = {name: {} for name in parts}
+    diffs = {}
+    for comp, transform in (("latent_knn", lambda v: v), ("latent_knn_cos", unit)):
+        r = transform(ref)
+        own, _ = nearest(r, r, k, skip_self=True)
+        radius = own.mean(1)
+        for name, bs in parts.items():
+            d, i = nearest(transform(torch.from_numpy(bs.eps).double()), r, k, skip_self=False)
+            knn = d.mean(1)
+            if name == "test":
+                diffs[comp] = float((knn - torch.from_numpy(bs.components[comp])).abs().max())
+            density[name][comp] = (knn / radius[i].mean(1)).numpy()
+
+    default = detection_metrics(y, cal.score(parts["test"].components))
+    combine = [c for c in cal.combine]
+    z = []
+    for c in combine:
+        val = density["val"][c] if c in density["val"] else parts["val"].components[c]
+        test = density["test"][c] if c in density["test"] else parts["test"].components[c]
+        z.append((test - np.median(val)) / _robust_scale(val))
+    candidate = detection_metrics(y, np.mean(z, axis=0))
+    row = {
+        "label": args.label,
+        "holdout": args.holdout,
+        "seed": args.seed,
+        "model": args.model.name,
+        "combine": "+".join(combine),
+        "auprc_default": default["auprc"],
+        "auroc_default": default["auroc"],
+        "auprc_density": candidate["auprc"],
+        "auroc_density": candidate["auroc"],
+        "max_abs_diff_latent_knn": diffs["latent_knn"],
+        "max_abs_diff_latent_knn_cos": diffs["latent_knn_cos"],
+        "n_reference": len(ref),
+        "n_test": len(y),
+        "seconds": time.perf_counter() - t0,
+    }
+    print(
+        f"holdout {args.holdout} seed {args.seed} {args.model.name}: default {default['auprc']:.4f}, "
+        f"density-normalised {candidate['auprc']:.4f} (kNN wiring: {diffs['latent_knn']:.1e} / "
+        f"{diffs['latent_knn_cos']:.1e})",
+        flush=True,
+    )
+    new = not args.out.exists()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+if __name__ == "__main__":
+    main()
