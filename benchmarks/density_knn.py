@@ -1,10 +1,11 @@
 """The default score against a density-normalised latent kNN, on the same fitted model.
 
-    python benchmarks/density_knn.py --model DIR --holdout 1 --seed 0 --out density.csv [--label ensemble-m0]
+    python benchmarks/density_knn.py --model DIR --out density.csv [--label ensemble-m0]
 
-For the bench's clean split of digit D and seed S (``prepare_data(mnist, holdout=D, seed=S)``, the split the model
-was fitted on), the model's ``Scorer`` gives the codes and components of the held-in and test parts. Its reference
-latents (the training codes that ``latent_knn`` searches) are searched again by brute force, in float64:
+On the split the model was fitted on (rebuilt from its record: a bench model of digit D and seed S is fitted on
+``prepare_data(mnist, holdout=D, seed=S)`` with ``train.seed`` S; the seed column is ``train.seed``), the model's
+``Scorer`` gives the codes and components of the held-in and test parts. Its reference latents (the training codes
+that ``latent_knn`` searches) are searched again by brute force, in float64:
 
 - ``latent_knn`` (points) and ``latent_knn_cos`` (unit vectors): the mean distance to the k nearest reference rows,
   which must equal the library's components (the wiring check, ``max_abs_diff_*``);
@@ -75,9 +76,6 @@ def unit(v: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--data", default="mnist")
-    ap.add_argument("--holdout", type=int, required=True)
-    ap.add_argument("--seed", type=int, required=True, help="the split's seed (the bench's --seeds)")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -87,22 +85,13 @@ def main() -> None:
     from outlier_jebm.calibration import _robust_scale
     from outlier_jebm.checkpoint import load_model
     from outlier_jebm.evaluate import detection_metrics
-    from outlier_jebm.pipeline import prepare_data
+    from outlier_jebm.pipeline import training_data_of
     from outlier_jebm.scoring import REFERENCE_FILE, Scorer
 
     t0 = time.perf_counter()
     loaded = load_model(args.model, device="cpu")
     cfg = loaded.config
-    td = prepare_data(
-        args.data,
-        holdout=args.holdout,
-        seed=args.seed,
-        val_fraction=cfg.train.val_fraction,
-        image_size=cfg.model.image_size,
-        channels=cfg.model.channels,
-        data_kind=cfg.model.data_kind,
-        split="clean",
-    )
+    td = training_data_of(loaded)  # the split the model was fitted on, from its record
     y = np.asarray(td.test_is_anomaly).astype(int)
     scorer = Scorer(loaded, device="cpu")
     cal = scorer.calibration
@@ -133,8 +122,8 @@ def main() -> None:
     candidate = detection_metrics(y, np.mean(z, axis=0))
     row = {
         "label": args.label,
-        "holdout": args.holdout,
-        "seed": args.seed,
+        "holdout": loaded.meta.get("holdout"),
+        "seed": cfg.train.seed,
         "model": args.model.name,
         "combine": "+".join(combine),
         "auprc_default": default["auprc"],
@@ -148,7 +137,7 @@ def main() -> None:
         "seconds": time.perf_counter() - t0,
     }
     print(
-        f"holdout {args.holdout} seed {args.seed} {args.model.name}: default {default['auprc']:.4f}, "
+        f"holdout {loaded.meta.get('holdout')} seed {cfg.train.seed} {args.model.name}: default {default['auprc']:.4f}, "
         f"density-normalised {candidate['auprc']:.4f} (kNN wiring: {diffs['latent_knn']:.1e} / "
         f"{diffs['latent_knn_cos']:.1e})",
         flush=True,
