@@ -244,7 +244,7 @@ def _print_score_summary(
     # the path gives way first: the other columns keep their widest entry whole (a component name cut to
     # "latent_kn…" names nothing), plus rich's borders and padding (3 per column and 1)
     comp_width = max([len("top component"), *(len(str(r[3])) for r in top_rows)])
-    width = max(16, out_console.width - (comp_width + len("score [0-1]") + len("anomaly") + 13))
+    width = max(12, out_console.width - (comp_width + len("score [0-1]") + len("anomaly") + 13))
     if top_rows:
         table = Table(title=f"most anomalous (top {len(top_rows)}{'' if n_flagged else ', none above the threshold'})")
         table.add_column("path", no_wrap=True)
