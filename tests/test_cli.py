@@ -321,3 +321,24 @@ def test_polarity_keep_scores_dark_on_light_as_it_is_and_auto_inverts_it_everywh
             assert client.get("/v1/model").json()["polarity"] == polarity
             got = client.post("/v1/score", files={"x": ("b_paper.png", paper, "image/png")}).json()["predictions"][0]
             assert got["score"] == pytest.approx(rows[polarity]["b_paper.png"]["score"], rel=1e-5, abs=1e-6)
+
+
+def test_score_table_keeps_headers_and_component_names_whole_at_60_columns(monkeypatch, capsys):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from jebm_od.cli.score import _print_score_summary
+
+    monkeypatch.setenv("COLUMNS", "60")
+    folder = Path("/data/images_eval")
+    rows = [
+        (0.9 - i / 10, str(folder / "sub" / f"a-rather-long-file-name-{i}.png"), 1, "latent_knn_cos", 1.0)
+        for i in range(3)
+    ]
+    loaded = SimpleNamespace(path=Path("m"), calibration={"false_alarm_rate": 0.05})
+    _print_score_summary(3, 3, [], rows, loaded, None, None, inputs=[folder])
+    out = capsys.readouterr().out
+    assert "score [0-1]" in out and "top component" in out  # no header wraps
+    assert out.count("latent_knn_cos") == 3  # the longest component name, whole on every row
+    for i in range(3):  # the path gives way from the left, keeping the file name's end
+        assert f"name-{i}.png" in out
