@@ -82,7 +82,7 @@ def main() -> None:
 
     from safetensors.torch import load_file
 
-    from outlier_jebm.calibration import _robust_scale
+    from outlier_jebm.calibration import fit_calibration
     from outlier_jebm.checkpoint import load_model
     from outlier_jebm.evaluate import detection_metrics
     from outlier_jebm.pipeline import training_data_of
@@ -113,19 +113,21 @@ def main() -> None:
             density[name][comp] = (knn / radius[i].mean(1)).numpy()
 
     default = detection_metrics(y, cal.score(parts["test"].components))
-    combine = [c for c in cal.combine]
-    z = []
-    for c in combine:
-        val = density["val"][c] if c in density["val"] else parts["val"].components[c]
-        test = density["test"][c] if c in density["test"] else parts["test"].components[c]
-        z.append((test - np.median(val)) / _robust_scale(val))
-    candidate = detection_metrics(y, np.mean(z, axis=0))
+    # the candidate's calibration is fitted as the default's is, on the held-in part, with the kNN pair replaced
+    candidate_cal = fit_calibration(
+        {**parts["val"].components, **density["val"]},
+        combine=cal.combine,
+        false_alarm_rate=cal.false_alarm_rate,
+        score_steps=cal.score_steps,
+        weights=cal.weights,
+    )
+    candidate = detection_metrics(y, candidate_cal.score({**parts["test"].components, **density["test"]}))
     row = {
         "label": args.label,
         "holdout": loaded.meta.get("holdout"),
         "seed": cfg.train.seed,
         "model": args.model.name,
-        "combine": "+".join(combine),
+        "combine": "+".join(cal.combine),
         "auprc_default": default["auprc"],
         "auroc_default": default["auroc"],
         "auprc_density": candidate["auprc"],
