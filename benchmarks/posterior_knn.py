@@ -60,7 +60,7 @@ def posteriors(model, images01: np.ndarray, batch: int = 1000) -> tuple[torch.Te
         scaled = [s / gen.conditional(i, mus[i + 1])[1] if i < top else s for i, s in enumerate(sigmas)]
         means.append(gen.to_eps(torch.cat(mus, dim=-1)))
         widths.append(torch.cat(scaled, dim=-1))
-    return torch.cat(means).double(), torch.cat(widths).double()
+    return torch.cat(means), torch.cat(widths)  # float32, as the library's own search
 
 
 def knn_distances(
@@ -76,7 +76,7 @@ def knn_distances(
         for lam in out:
             d2 = (dm + (lam * lam) * dw).clamp_min_(0.0)
             out[lam].append(d2.topk(k, dim=1, largest=False).values.sqrt().mean(1))
-    return {lam: torch.cat(v).numpy() for lam, v in out.items()}
+    return {lam: torch.cat(v).double().numpy() for lam, v in out.items()}
 
 
 def fields() -> list[str]:
