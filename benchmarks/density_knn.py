@@ -19,17 +19,11 @@ candidate's, appending to ``--out``. No test label enters either score.
 
 from __future__ import annotations
 
-import argparse
-import csv
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from model_on_split import append_row, load_on_split, model_args
 
 FIELDS = [
     "label",
@@ -74,26 +68,18 @@ def unit(v: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--label", default="")
-    ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
+    args = model_args(__doc__)
 
     from safetensors.torch import load_file
 
     from outlier_jebm.calibration import fit_calibration
-    from outlier_jebm.checkpoint import load_model
     from outlier_jebm.evaluate import detection_metrics
-    from outlier_jebm.pipeline import training_data_of
-    from outlier_jebm.scoring import REFERENCE_FILE, Scorer
+    from outlier_jebm.scoring import REFERENCE_FILE
 
     t0 = time.perf_counter()
-    loaded = load_model(args.model, device="cpu")
+    m = load_on_split(args.model)
+    loaded, td, y, scorer = m.loaded, m.td, m.y, m.scorer
     cfg = loaded.config
-    td = training_data_of(loaded)  # the split the model was fitted on, from its record
-    y = np.asarray(td.test_is_anomaly).astype(int)
-    scorer = Scorer(loaded, device="cpu")
     cal = scorer.calibration
     k = cfg.score.knn_k
     parts = {"val": scorer.components_of(td.val), "test": scorer.components_of(td.test)}
@@ -144,13 +130,7 @@ def main() -> None:
         f"{diffs['latent_knn_cos']:.1e})",
         flush=True,
     )
-    new = not args.out.exists()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    append_row(args.out, FIELDS, row)
 
 
 if __name__ == "__main__":

@@ -24,18 +24,12 @@ label enters any score.
 
 from __future__ import annotations
 
-import argparse
-import csv
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from model_on_split import append_row, load_on_split, model_args
 
 LAMBDAS = (4, 8, 16, 32)
 ROWS_PER_PRODUCT = 256
@@ -97,25 +91,17 @@ def fields() -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--label", default="")
-    ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
+    args = model_args(__doc__)
 
     from safetensors.torch import load_file
 
     from outlier_jebm.calibration import fit_calibration
-    from outlier_jebm.checkpoint import load_model
     from outlier_jebm.evaluate import detection_metrics
-    from outlier_jebm.pipeline import training_data_of
-    from outlier_jebm.scoring import REFERENCE_FILE, Scorer
+    from outlier_jebm.scoring import REFERENCE_FILE
 
     t0 = time.perf_counter()
-    loaded = load_model(args.model, device="cpu")
-    td = training_data_of(loaded)  # the split the model was fitted on, from its record
-    y = np.asarray(td.test_is_anomaly).astype(int)
-    scorer = Scorer(loaded, device="cpu")
+    m = load_on_split(args.model)
+    loaded, td, y, scorer = m.loaded, m.td, m.y, m.scorer
     model = scorer.model.eval()
     cal = scorer.calibration
     k = loaded.config.score.knn_k
@@ -160,13 +146,7 @@ def main() -> None:
         + f" (kNN wiring: {diff:.1e})",
         flush=True,
     )
-    new = not args.out.exists()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields())
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    append_row(args.out, fields(), row)
 
 
 if __name__ == "__main__":
