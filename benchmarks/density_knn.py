@@ -23,13 +23,10 @@ import time
 
 import numpy as np
 import torch
-from model_on_split import append_row, load_on_split, model_args
+from model_on_split import ID_FIELDS, append_row, load_on_split, model_args, row_id
 
 FIELDS = [
-    "label",
-    "holdout",
-    "seed",
-    "model",
+    *ID_FIELDS,
     "combine",
     "auprc_default",
     "auroc_default",
@@ -109,10 +106,7 @@ def main() -> None:
     )
     candidate = detection_metrics(y, candidate_cal.score({**parts["test"].components, **density["test"]}))
     row = {
-        "label": args.label,
-        "holdout": loaded.meta.get("holdout"),
-        "seed": cfg.train.seed,
-        "model": args.model.name,
+        **row_id(args.label, args.model, m),
         "combine": "+".join(cal.combine),
         "auprc_default": default["auprc"],
         "auroc_default": default["auroc"],

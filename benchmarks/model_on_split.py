@@ -1,7 +1,8 @@
 """What the per-model rescoring scripts share (``density_knn.py``, ``posterior_knn.py``).
 
 Each takes ``--model DIR --out F [--label L]``, rebuilds the split the model was fitted on from its record, scores
-it with the model's own ``Scorer`` and appends one CSV row per model.
+it with the model's own ``Scorer`` and appends one CSV row per model,
+named by ``ID_FIELDS``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,19 @@ def load_on_split(model_dir: Path) -> ModelOnSplit:
     loaded = load_model(model_dir, device="cpu")
     td = training_data_of(loaded)
     return ModelOnSplit(loaded, td, np.asarray(td.test_is_anomaly).astype(int), Scorer(loaded, device="cpu"))
+
+
+ID_FIELDS = ["label", "holdout", "seed", "model"]  # what names a row: the first columns of every script's CSV
+
+
+def row_id(label: str, model_dir: Path, m: ModelOnSplit) -> dict:
+    """The ``ID_FIELDS`` of the row of the model at ``model_dir``."""
+    return {
+        "label": label,
+        "holdout": m.loaded.meta.get("holdout"),
+        "seed": m.loaded.config.train.seed,
+        "model": model_dir.name,
+    }
 
 
 def append_row(path: Path, fields: list[str], row: dict) -> None:

@@ -28,8 +28,7 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from model_on_split import append_row, load_on_split, model_args
+from model_on_split import ID_FIELDS, append_row, load_on_split, model_args, row_id
 
 LAMBDAS = (4, 8, 16, 32)
 ROWS_PER_PRODUCT = 256
@@ -38,21 +37,14 @@ ROWS_PER_PRODUCT = 256
 @torch.no_grad()
 def posteriors(model, images01: np.ndarray, batch: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """The means (in eps) and widths (sigma in eps units) of q(z | x), (N, Z) each."""
-    enc, gen = model.encoder, model.generator
+    gen, dims = model.generator, model.encoder.z_dims
     means, widths = [], []
     for start in range(0, len(images01), batch):
-        x = model.to_model_space(images01[start : start + batch], "cpu")
-        h = enc.trunk(x)
-        mus, sigmas = [], []
-        for i, head in enumerate(enc.heads):
-            if i > 0:
-                h = enc.steps[i - 1](torch.cat([h, mus[-1]], dim=-1))
-            mu, raw = head(h).chunk(2, dim=-1)
-            mus.append(mu)
-            sigmas.append(F.softplus(raw) + 1e-3)  # as InferenceNet.forward makes them
+        mu, sigma = model.encoder.posterior(model.to_model_space(images01[start : start + batch], "cpu"))
+        mus, sigmas = mu.split(dims, dim=-1), sigma.split(dims, dim=-1)
         top = len(mus) - 1
         scaled = [s / gen.conditional(i, mus[i + 1])[1] if i < top else s for i, s in enumerate(sigmas)]
-        means.append(gen.to_eps(torch.cat(mus, dim=-1)))
+        means.append(gen.to_eps(mu))
         widths.append(torch.cat(scaled, dim=-1))
     return torch.cat(means), torch.cat(widths)  # float32, as the library's own search
 
@@ -75,10 +67,7 @@ def knn_distances(
 
 def fields() -> list[str]:
     return [
-        "label",
-        "holdout",
-        "seed",
-        "model",
+        *ID_FIELDS,
         "auprc_default",
         *[f"auprc_posterior_knn_{lam}" for lam in LAMBDAS],
         *[f"auprc_cos_posterior_knn_{lam}" for lam in LAMBDAS],
@@ -118,10 +107,7 @@ def main() -> None:
         comps[name] = c
 
     row = {
-        "label": args.label,
-        "holdout": loaded.meta.get("holdout"),
-        "seed": loaded.config.train.seed,
-        "model": args.model.name,
+        **row_id(args.label, args.model, m),
         "auprc_default": detection_metrics(y, cal.score(comps["test"]))["auprc"],
         "max_abs_diff_latent_knn": diff,
         "n_reference": len(ref_means),

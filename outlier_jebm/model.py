@@ -29,6 +29,7 @@ distribution (the Jacobian of T cancels against p_gauss).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -277,6 +278,21 @@ class InferenceNet(nn.Module):
             width = cfg.cond_hidden
         self.heads = nn.ModuleList(heads)
 
+    def _walk(
+        self, x: torch.Tensor, pick: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Layer by layer, bottom up: (mu, sigma, z_i) of q(z_i | x, z_{<i}), z_i = ``pick(i, mu, sigma)``
+        being what the layers above condition on."""
+        h = self.trunk(x)
+        below = None
+        for i, head in enumerate(self.heads):
+            if i > 0:
+                h = self.steps[i - 1](torch.cat([h, below], dim=-1))
+            mu, raw = head(h).chunk(2, dim=-1)
+            sigma = F.softplus(raw) + 1e-3
+            below = pick(i, mu, sigma)
+            yield mu, sigma, below
+
     def forward(
         self, x: torch.Tensor, *, sample: bool = True, z: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,34 +301,29 @@ class InferenceNet(nn.Module):
         x: (B, D) in [-1, 1]. Returns z (B, Z) and log q (B,).
         """
         given = torch.split(z, self.z_dims, dim=-1) if z is not None else None
-        h = self.trunk(x)
-        zs, log_q = [], x.new_zeros(x.shape[0])
-        for i, head in enumerate(self.heads):
-            if i > 0:
-                h = self.steps[i - 1](torch.cat([h, zs[-1]], dim=-1))
-            mu, raw = head(h).chunk(2, dim=-1)
-            sigma = F.softplus(raw) + 1e-3
+
+        def pick(i: int, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             if given is not None:
-                zi = given[i]
-            elif sample:
-                zi = mu + sigma * torch.randn_like(mu)
-            else:
-                zi = mu
+                return given[i]
+            return mu + sigma * torch.randn_like(mu) if sample else mu
+
+        zs, log_q = [], x.new_zeros(x.shape[0])
+        for mu, sigma, zi in self._walk(x, pick):
             log_q = log_q + normal_log_density(zi, mu, sigma)
             zs.append(zi)
         return torch.cat(zs, dim=-1), log_q
 
     def log_q_layers(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Per-layer log q(z_i | x, z_{<i}) of a given z: (B, D), (B, Z) -> (B, L)."""
-        zs = torch.split(z, self.z_dims, dim=-1)
-        h = self.trunk(x)
-        out = []
-        for i, head in enumerate(self.heads):
-            if i > 0:
-                h = self.steps[i - 1](torch.cat([h, zs[i - 1]], dim=-1))
-            mu, raw = head(h).chunk(2, dim=-1)
-            out.append(normal_log_density(zs[i], mu, F.softplus(raw) + 1e-3))
-        return torch.stack(out, dim=-1)
+        given = torch.split(z, self.z_dims, dim=-1)
+        walk = self._walk(x, lambda i, mu, sigma: given[i])
+        return torch.stack([normal_log_density(zi, mu, sigma) for mu, sigma, zi in walk], dim=-1)
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The means and widths of q(z | x) along its mean path (each layer conditioned on the mean of the one
+        below, as ``forward(x, sample=False)``): (B, D) -> mu (B, Z), sigma (B, Z)."""
+        mus, sigmas = zip(*[(mu, sigma) for mu, sigma, _ in self._walk(x, lambda i, mu, sigma: mu)])
+        return torch.cat(mus, dim=-1), torch.cat(sigmas, dim=-1)
 
 
 class JointEBM(nn.Module):

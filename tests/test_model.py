@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 import torch
@@ -75,3 +76,25 @@ def test_fast_tanh_is_tanh_with_and_without_autograd():
     torch.testing.assert_close(out, torch.tanh(leaf.detach()), rtol=0, atol=3e-7)
     out.sum().backward()
     torch.testing.assert_close(leaf.grad, 1 - torch.tanh(leaf.detach()) ** 2, rtol=0, atol=1e-6)
+
+
+def test_posterior_is_the_mean_path_of_q_and_its_density_at_the_mean_is_the_widths_alone():
+    # known answer: at z = mu, log N(z; mu, sigma) = -sum(log sigma) - d/2 log(2 pi), layer by layer
+    model = double_model("chain", "joint")
+    x = torch.rand(5, 64, dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        mu, sigma = model.encoder.posterior(x)
+        z, log_q = model.encoder(x, sample=False)
+        per_layer = model.encoder.log_q_layers(x, mu)
+    torch.testing.assert_close(mu, z)
+    assert bool((sigma > 0).all())
+    want = -sigma.log().sum(-1) - 0.5 * mu.shape[1] * math.log(2 * math.pi)
+    torch.testing.assert_close(log_q, want)
+    torch.testing.assert_close(per_layer.sum(-1), want)
+    # a draw from q moves each layer by its own sigma: the bottom layer's draw is mu_1 + sigma_1 * eps
+    d1 = model.encoder.z_dims[0]
+    torch.manual_seed(3)
+    drawn, _ = model.encoder(x, sample=True)
+    torch.manual_seed(3)
+    eps = torch.randn(5, d1, dtype=torch.float64)
+    torch.testing.assert_close(drawn[:, :d1], mu[:, :d1] + sigma[:, :d1] * eps)
