@@ -1,8 +1,9 @@
 """Calibration: held-in statistics that turn score components into one score, a label and a number in [0, 1].
 
 Fitted on held-in validation images only, never on anomaly labels: a robust centre and scale
-(median, MAD) per component, the score as the mean robust z-score of ``combine``, and the
-threshold at the configured false-alarm rate.
+(median, MAD) per component, the score as the mean robust z-score of ``combine`` plus one-sided
+terms (``margins``: a component counts only where its z-score passes a margin), and the threshold
+at the configured false-alarm rate.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ class Calibration:
     n_validation: int
     score_steps: int
     notes: str = (
-        "score = mean robust z-score of `combine`, weighted by `weights` (1 where absent); "
+        "score = mean robust z-score of `combine`, weighted by `weights` (1 where absent), "
+        "plus max(z - tau, 0) for each component: tau in `margins`; "
         "normalized = logistic((score - threshold) / score_scale)"
     )
     extra: dict = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)  # per combined component; absent = 1
+    margins: dict[str, float] = field(default_factory=dict)  # one-sided terms: component -> tau
 
     def robust_z(self, components: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """(component - held-in median) / held-in robust scale, for each calibrated component.
@@ -46,7 +49,8 @@ class Calibration:
         return {k: (components[k] - self.median[k]) / self.scale[k] for k in self.median if k in components}
 
     def score(self, components: dict[str, np.ndarray]) -> np.ndarray:
-        """The score: the mean robust z-score of ``combine``, weighted by ``weights`` (higher = more anomalous).
+        """The score: the mean robust z-score of ``combine``, weighted by ``weights``, plus max(z - tau, 0) for
+        each component and tau of ``margins`` (higher = more anomalous).
 
         Parameters
         ----------
@@ -58,7 +62,10 @@ class Calibration:
         """
         z = self.robust_z(components)
         w = [self.weights.get(k, 1.0) for k in self.combine]
-        return np.average([z[k] for k in self.combine], axis=0, weights=w)
+        score = np.average([z[k] for k in self.combine], axis=0, weights=w)
+        for k, tau in self.margins.items():
+            score = score + np.maximum(z[k] - tau, 0.0)
+        return score
 
     def normalize(self, score: np.ndarray) -> np.ndarray:
         """A score in [0, 1]: logistic((score - threshold) / score_scale); 0.5 at the threshold.
@@ -121,6 +128,7 @@ def fit_calibration(
     false_alarm_rate: float,
     score_steps: int,
     weights: dict[str, float] | None = None,
+    margins: dict[str, float] | None = None,
 ) -> Calibration:
     """Fit the calibration on held-in validation components only (never on anomaly labels).
 
@@ -136,6 +144,10 @@ def fit_calibration(
         The posterior Langevin steps the components were computed with (recorded).
     weights : dict of str to float, optional
         Weights of combined components in the mean (absent: 1); each >= 0, not all 0.
+    margins : dict of str to float, optional
+        One-sided terms added to the mean: component -> tau, adding max(z - tau, 0), so that the
+        component counts only where it is unusually high (its robust z-score above tau). Components
+        that were not computed are left out, as in ``combine``.
 
     Returns
     -------
@@ -153,6 +165,9 @@ def fit_calibration(
         raise ValueError(f"weights must be finite and >= 0, got {weights}")
     if sum(weights.get(k, 1.0) for k in combine) <= 0:
         raise ValueError("the weights of the combined components are all 0")
+    margins = {k: float(v) for k, v in (margins or {}).items() if k in components}
+    if any(not np.isfinite(v) for v in margins.values()):
+        raise ValueError(f"margins must be finite, got {margins}")
     median = {k: float(np.median(v)) for k, v in components.items()}
     scale = {k: _robust_scale(v) for k, v in components.items()}
     cal = Calibration(
@@ -165,6 +180,7 @@ def fit_calibration(
         n_validation=len(next(iter(components.values()))),
         score_steps=score_steps,
         weights={k: float(v) for k, v in weights.items()},
+        margins=margins,
     )
     s = cal.score(components)
     cal.threshold = float(np.quantile(s, 1.0 - false_alarm_rate))

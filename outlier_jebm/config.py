@@ -202,6 +202,10 @@ class ScoreConfig:
     top_knn: bool = False
     # Neighbours averaged by every latent_knn search (PyOD's KNN also defaults to 5).
     knn_k: int = 5
+    # The posterior width's one-sided term: max(z - width_margin, 0) of the robust z-score of
+    # ``posterior_width`` is added to the score, so that only an unusually wide posterior counts
+    # (None = off; benchmarks/RESULTS.md, issue 14, "the posterior width as a one-sided term").
+    width_margin: float | None = None
 
     def validate(self) -> None:
         if self.steps < 0:
@@ -216,6 +220,12 @@ class ScoreConfig:
         _positive("score.chains", self.chains)
         if isinstance(self.knn_k, bool) or not isinstance(self.knn_k, int) or self.knn_k < 1:
             raise ConfigError(f"score.knn_k must be a whole number >= 1, got {self.knn_k!r}")
+        if self.width_margin is not None and (
+            isinstance(self.width_margin, bool)
+            or not isinstance(self.width_margin, (int, float))
+            or not math.isfinite(self.width_margin)
+        ):
+            raise ConfigError(f"score.width_margin must be a finite number or null (off), got {self.width_margin!r}")
         if not 0.0 < self.false_alarm_rate < 1.0:
             raise ConfigError(f"score.false_alarm_rate must be in (0, 1), got {self.false_alarm_rate}")
 

@@ -14,6 +14,9 @@ steps (noise off by default, so a score is a deterministic function of x), over
                        chains' final samples, rather than taken at their mean
 - ``energy_drop``      how much K steps raised log p(x, z) above the encoder's guess
 - ``chain_spread``     spread of z over chains (0 with one chain)
+- ``posterior_width``  sum of log sigma of q(z | x) along its mean path: how precisely the
+                       inference network can place x. Wide where it cannot: on MNIST a held-out
+                       digit 1, thin and with little ink (benchmarks/RESULTS.md, issue 14)
 - ``latent_knn``       mean distance, in reference coordinates eps, to the k (``score.knn_k``) nearest
                        posterior means of training images (the latent space is where
                        the classes' modes separate)
@@ -36,7 +39,8 @@ steps (noise off by default, so a score is a deterministic function of x), over
                        draws, so it is deterministic.
 
 The default score is the mean of robust z-scores (median / MAD on held-in
-validation data) of ``Calibration.combine``; see ``DEFAULT_COMBINATION``. The reference set
+validation data) of ``Calibration.combine``, plus the one-sided terms of ``Calibration.margins``;
+see ``DEFAULT_COMBINATION`` and ``score_margins``. The reference set
 holds the posterior means of up to ``score.reference_size`` training images.
 Calibration reads held-in images only, never anomaly labels.
 """
@@ -71,6 +75,11 @@ REFERENCE_FILE = "reference_latents.safetensors"
 DEFAULT_COMBINATION = ("latent_knn_cos", "latent_knn")
 
 
+def score_margins(cfg: ScoreConfig) -> dict[str, float]:
+    """The one-sided terms of the score a config asks for (``Calibration.margins``): component -> tau."""
+    return {} if cfg.width_margin is None else {"posterior_width": float(cfg.width_margin)}
+
+
 def posterior_averaged(cfg: ScoreConfig) -> bool:
     """Whether scoring draws several posterior samples per input (the ``*_post`` components)."""
     return cfg.steps > 0 and (cfg.noise or cfg.chains > 1)
@@ -86,7 +95,7 @@ def component_names(
     elif model.ebm.kind == "joint":
         names.append("neg_f")
     names += [f"neg_log_p_z{i + 1}" for i in range(L)]
-    names += ["neg_log_prior", "neg_log_joint", "energy_drop", "chain_spread"]
+    names += ["neg_log_prior", "neg_log_joint", "energy_drop", "chain_spread", "posterior_width"]
     if posterior:
         names += ["neg_log_joint_post", "recon_post"]
     if with_reference:
@@ -139,7 +148,7 @@ def infer_and_score(
 
 def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: "References | None") -> BatchScores:
     with torch.no_grad():
-        z0, _ = model.encoder(x, sample=False)  # (B, Z)
+        z0, q_sigma = model.encoder.posterior(x)  # (B, Z) each: the encoder's mean and q's widths
     chains = max(cfg.chains, 1) if cfg.steps > 0 else 1
     if cfg.steps > 0:
         xs = x.repeat(chains, 1)
@@ -168,6 +177,7 @@ def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referen
         else:  # z is the encoder's guess itself
             terms["energy_drop"] = torch.zeros_like(terms["neg_log_joint"])
         terms["chain_spread"] = spread.to(x.device)
+        terms["posterior_width"] = q_sigma.log().sum(-1)
         eps = model.generator.to_eps(z)
         if reference is not None:
             terms["latent_knn"], terms["latent_knn_cos"] = knn_points_and_directions(eps, reference, cfg.knn_k)
@@ -376,6 +386,7 @@ def calibrate(
     val_images: np.ndarray,
     *,
     combine: Iterable[str] = DEFAULT_COMBINATION,
+    margins: dict[str, float] | None = None,
     reference_size: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -394,6 +405,8 @@ def calibrate(
         Held-in validation images (normal, never used for training); the calibration's only data.
     combine : iterable of str, default DEFAULT_COMBINATION
         The components the score averages.
+    margins : dict of str to float, optional
+        One-sided terms of the score, component -> tau (default: ``score_margins`` of the model's config).
     reference_size : int, optional
         How many training images the ``latent_knn`` components search (default
         ``score.reference_size``; 0 = every training image).
@@ -419,6 +432,7 @@ def calibrate(
     cal = fit_calibration(
         comps,
         combine=combine,
+        margins=score_margins(loaded.config.score) if margins is None else margins,
         false_alarm_rate=loaded.config.score.false_alarm_rate,
         score_steps=scorer.score_cfg.steps,
     )

@@ -103,3 +103,12 @@ def test_knn_k_defaults_to_five_and_must_be_a_whole_number_of_neighbours():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ConfigError, match="score.knn_k"):
             Config().override({"score.knn_k": bad})
+
+
+def test_width_margin_is_a_finite_number_or_off():
+    assert Config().score.width_margin is None
+    assert Config().override({"score.width_margin": 1.5}).score.width_margin == 1.5
+    assert Config().override({"score.width_margin": 2}).score.width_margin == 2
+    for bad in (float("inf"), float("nan"), "wide", True, [2.0]):
+        with pytest.raises(ConfigError, match="score.width_margin"):
+            Config().override({"score.width_margin": bad})

@@ -91,6 +91,54 @@ def test_a_weighted_combination_is_the_weighted_mean_of_robust_z_scores_and_old_
         fit_calibration(comps, combine=["a"], weights={"a": 0.0}, false_alarm_rate=0.1, score_steps=0)
 
 
+def test_a_margin_adds_only_the_excess_of_a_robust_z_score_over_tau_and_old_files_have_none():
+    rng = np.random.default_rng(1)
+    comps = {"a": rng.normal(3, 2, 400), "b": rng.exponential(1, 400), "w": rng.normal(0, 1, 400)}
+    cal = fit_calibration(comps, combine=["a", "b"], margins={"w": 2.0}, false_alarm_rate=0.1, score_steps=0)
+    z = cal.robust_z(comps)
+    excess = np.maximum(z["w"] - 2.0, 0.0)
+    assert 0 < np.count_nonzero(excess) < 40  # a few inputs past the margin, most not
+    assert cal.score(comps) == pytest.approx((z["a"] + z["b"]) / 2 + excess)
+    assert np.mean(cal.score(comps) > cal.threshold) == pytest.approx(0.1, abs=0.01)
+    # below the margin the component changes nothing, however low it is
+    low = {**comps, "w": comps["w"] - 100.0}
+    assert cal.score(low) == pytest.approx((z["a"] + z["b"]) / 2)
+    # a calibration.json written before margins existed reads back without them
+    old = cal.to_dict()
+    del old["margins"]
+    assert type(cal).from_dict(old).score(comps) == pytest.approx((z["a"] + z["b"]) / 2)
+    # a margin on a component that was not computed is left out, as combine's are
+    assert fit_calibration(comps, combine=["a"], margins={"zz": 1.0}, false_alarm_rate=0.1, score_steps=0).margins == {}
+    with pytest.raises(ValueError, match="margins must be finite"):
+        fit_calibration(comps, combine=["a"], margins={"w": float("nan")}, false_alarm_rate=0.1, score_steps=0)
+
+
+def test_posterior_width_is_the_log_width_of_q_and_width_margin_puts_it_in_the_stored_score(trained, tmp_path):
+    import copy
+    import shutil
+
+    from outlier_jebm.model import to_model_space
+
+    loaded, split = trained
+    images = split.test[:50]
+    comps = Scorer(loaded).components_of(images).components
+    with torch.no_grad():
+        _, sigma = loaded.model.encoder.posterior(to_model_space(images))
+    np.testing.assert_allclose(comps["posterior_width"], sigma.log().sum(-1).double().numpy(), rtol=1e-5)
+    assert loaded.calibration["margins"] == {}  # the tiny config leaves the term off
+
+    shutil.copytree(loaded.path, tmp_path / "m")
+    wide = copy.copy(load_model(tmp_path / "m"))
+    wide.config = wide.config.with_overrides(score={"width_margin": 1.0})
+    cal = calibrate(wide, split.train, split.val, seed=0)
+    assert cal.margins == {"posterior_width": 1.0}
+    assert load_model(tmp_path / "m").calibration["margins"] == {"posterior_width": 1.0}
+    scored = Scorer(wide).score(images)
+    z = cal.robust_z(comps)
+    want = (z["latent_knn_cos"] + z["latent_knn"]) / 2 + np.maximum(z["posterior_width"] - 1.0, 0.0)
+    np.testing.assert_allclose(scored["score"], want, rtol=1e-4, atol=1e-4)
+
+
 class _Tripwire:
     """Stands in for the test part and its labels: any use of it fails the test."""
 
