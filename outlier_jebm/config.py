@@ -204,7 +204,8 @@ class ScoreConfig:
     knn_k: int = 5
     # The posterior width's one-sided term: max(z - width_margin, 0) of the robust z-score of
     # ``posterior_width`` is added to the score, so that only an unusually wide posterior counts
-    # (None = off; benchmarks/RESULTS.md, issue 14, "the posterior width as a one-sided term").
+    # (None = off; configs/mnist.yaml sets 2: benchmarks/RESULTS.md, issue 14, "the posterior width as a
+    # one-sided term").
     width_margin: float | None = None
 
     def validate(self) -> None:

@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ def test_the_packaged_default_is_configs_mnist_yaml_on_the_conv_backbone():
         assert default_config_path(image_size=size).resolve() == (configs / "mnist-mlp.yaml").resolve()
     assert Config.from_yaml(configs / "mnist-mlp.yaml") == Config()
     conv, mlp = Config.from_yaml(configs / "mnist.yaml"), Config()
-    assert (conv.model.z_dims, conv.model.prior, conv.train.scheme, conv.score) == (
+    # the same score but for the posterior width's one-sided term, measured on the conv backbone only
+    assert (conv.score.width_margin, mlp.score.width_margin) == (2.0, None)
+    assert (conv.model.z_dims, conv.model.prior, conv.train.scheme, replace(conv.score, width_margin=None)) == (
         mlp.model.z_dims,
         mlp.model.prior,
         mlp.train.scheme,
