@@ -1,4 +1,4 @@
-"""What the per-model rescoring scripts share (``density_knn.py``, ``posterior_knn.py``).
+"""What the per-model rescoring scripts share (``density_knn.py``, ``posterior_knn.py``, ``width_gate.py``).
 
 Each takes ``--model DIR --out F [--label L]``, rebuilds the split the model was fitted on from its record, scores
 it with the model's own ``Scorer`` and appends one CSV row per model,

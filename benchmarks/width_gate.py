@@ -3,15 +3,16 @@
     python benchmarks/width_gate.py --model DIR --out width_gate.csv [--label default]
 
 The inference network's posterior width w(x) = sum over all latent dimensions of log sigma of q(z | x), along its
-mean path (``InferenceNet.posterior``), is wide where the network cannot place an input precisely: a held-out digit
+mean path (the product's ``posterior_width`` component), is wide where the network cannot place an input precisely: a held-out digit
 1 (thin, little ink). Added to the default score as a robust z-score it lifts digit 1 and costs the classes whose
 widths are ordinary (2026-11-24, 2026-12-02 in RESULTS.md). The candidate adds it one-sided, only past a margin:
 
     score_tau = mean(z(latent_knn_cos), z(latent_knn)) + max(z(w) - tau, 0),
 
-each z the robust z-score (median, MAD) on the model's held-in part, as the default's. Appends one CSV row per model
+each z the robust z-score (median, MAD) on the model's held-in part, as the default's (the library's
+``Calibration.margins``, ``score.width_margin``). Appends one CSV row per model
 with the AUPRC of the default score, of w alone and of each candidate, and the wiring check
-``max_abs_diff_default`` (the default score rebuilt from the z-scores here). No test label enters any score.
+``max_abs_diff_default`` (the default score rebuilt here against the model's own). No test label enters any score.
 """
 
 from __future__ import annotations
@@ -19,20 +20,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 from model_on_split import ID_FIELDS, append_row, load_on_split, model_args, row_id
 
 TAUS = (1, 2, 3)
-
-
-@torch.no_grad()
-def posterior_width(model, images01: np.ndarray, batch: int = 1000) -> np.ndarray:
-    """w(x): the sum of log sigma of q(z | x) along the mean path, (N,)."""
-    out = []
-    for start in range(0, len(images01), batch):
-        _, sigma = model.encoder.posterior(model.to_model_space(images01[start : start + batch], "cpu"))
-        out.append(sigma.log().sum(-1))
-    return torch.cat(out).double().numpy()
 
 
 def fields() -> list[str]:
@@ -55,22 +45,22 @@ def main() -> None:
 
     t0 = time.perf_counter()
     m = load_on_split(args.model)
-    model, cal = m.scorer.model.eval(), m.scorer.calibration
-    comps = {}
-    for name, images in (("val", m.td.val), ("test", m.td.test)):
-        c = m.scorer.components_of(images).components
-        c["posterior_width"] = posterior_width(model, images)
-        comps[name] = c
-    # robust z-scores fitted on the held-in part, as the default's calibration is
-    pair = ("latent_knn_cos", "latent_knn")
-    held_in = fit_calibration(
-        comps["val"],
-        combine=(*pair, "posterior_width"),
-        false_alarm_rate=cal.false_alarm_rate,
-        score_steps=cal.score_steps,
-    )
-    z = held_in.robust_z(comps["test"])
-    base = (z[pair[0]] + z[pair[1]]) / 2.0
+    cal = m.scorer.calibration
+    # the product's components, ``posterior_width`` among them
+    comps = {
+        name: m.scorer.components_of(images).components for name, images in (("val", m.td.val), ("test", m.td.test))
+    }
+
+    def candidate(margins: dict[str, float]) -> np.ndarray:
+        """The pair's score plus ``margins``' one-sided terms, fitted on the held-in part as the default's is."""
+        fitted = fit_calibration(
+            comps["val"],
+            combine=("latent_knn_cos", "latent_knn"),
+            margins=margins,
+            false_alarm_rate=cal.false_alarm_rate,
+            score_steps=cal.score_steps,
+        )
+        return fitted.score(comps["test"])
 
     def auprc(score: np.ndarray) -> float:
         return detection_metrics(m.y, score)["auprc"]
@@ -80,11 +70,11 @@ def main() -> None:
         "auprc_default": auprc(cal.score(comps["test"])),
         "auprc_posterior_width": auprc(comps["test"]["posterior_width"]),
         # the wiring check: the pair's z-scores rebuilt here give the model's own default score
-        "max_abs_diff_default": float(np.abs(base - cal.score(comps["test"])).max()),
+        "max_abs_diff_default": float(np.abs(candidate({}) - cal.score(comps["test"])).max()),
         "n_test": len(m.y),
     }
     for tau in TAUS:
-        row[f"auprc_gate_{tau}"] = auprc(base + np.maximum(z["posterior_width"] - tau, 0.0))
+        row[f"auprc_gate_{tau}"] = auprc(candidate({"posterior_width": tau}))
     row["seconds"] = time.perf_counter() - t0
     print(
         f"holdout {row['holdout']} seed {row['seed']} {args.model.name}: default {row['auprc_default']:.4f}, "
