@@ -11,8 +11,10 @@ widths are ordinary (2026-11-24, 2026-12-02 in RESULTS.md). The candidate adds i
 
 each z the robust z-score (median, MAD) on the model's held-in part, as the default's (the library's
 ``Calibration.margins``, ``score.width_margin``). Appends one CSV row per model
-with the AUPRC of the default score, of w alone and of each candidate, and the wiring check
-``max_abs_diff_default`` (the default score rebuilt here against the model's own). No test label enters any score.
+with the AUPRC of the model's own default score, of the pair alone (no one-sided term), of w alone and of each
+candidate, and the wiring check ``max_abs_diff_default`` (the default score rebuilt here, with the model's own
+one-sided terms, against the model's own; for a model fitted before ``score.width_margin`` the pair is its default).
+No test label enters any score.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def fields() -> list[str]:
     return [
         *ID_FIELDS,
         "auprc_default",
+        "auprc_pair",
         "auprc_posterior_width",
         *[f"auprc_gate_{tau}" for tau in TAUS],
         "max_abs_diff_default",
@@ -68,9 +71,10 @@ def main() -> None:
     row = {
         **row_id(args.label, args.model, m),
         "auprc_default": auprc(cal.score(comps["test"])),
+        "auprc_pair": auprc(candidate({})),
         "auprc_posterior_width": auprc(comps["test"]["posterior_width"]),
-        # the wiring check: the pair's z-scores rebuilt here give the model's own default score
-        "max_abs_diff_default": float(np.abs(candidate({}) - cal.score(comps["test"])).max()),
+        # the wiring check: the pair's z-scores and the model's own one-sided terms, rebuilt here, give its default score
+        "max_abs_diff_default": float(np.abs(candidate(dict(cal.margins)) - cal.score(comps["test"])).max()),
         "n_test": len(m.y),
     }
     for tau in TAUS:
@@ -78,6 +82,7 @@ def main() -> None:
     row["seconds"] = time.perf_counter() - t0
     print(
         f"holdout {row['holdout']} seed {row['seed']} {args.model.name}: default {row['auprc_default']:.4f}, "
+        f"pair {row['auprc_pair']:.4f}, "
         f"width {row['auprc_posterior_width']:.4f}, "
         + ", ".join(f"gate {tau} {row[f'auprc_gate_{tau}']:.4f}" for tau in TAUS)
         + f" (default rebuilt within {row['max_abs_diff_default']:.1e})",
