@@ -27,6 +27,27 @@ class ConfigError(ValueError):
     """A configuration field is missing, unknown or out of range."""
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(f"line {line}: key {key!r} given a second time in one mapping (first on line {first_line})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, where it would let the last one win."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable):
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1, seen[key])
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 @dataclass
 class ModelConfig:
     # image: (H, W) or (H, W, C) pixels in [0, 1], modelled in [-1, 1] with a tanh output;
@@ -289,7 +310,7 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Config":
-        """A validated config from a YAML file (``configs/*.yaml``), read with ``yaml.safe_load``.
+        """A validated config from a YAML file (``configs/*.yaml``): safe YAML, each key at most once per mapping.
 
         Parameters
         ----------
@@ -306,9 +327,11 @@ class Config:
         """
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except _DuplicateKey as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if data is not None and not isinstance(data, dict):

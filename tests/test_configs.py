@@ -46,6 +46,22 @@ def test_a_bad_config_names_the_field(tmp_path):
         Config.from_yaml(bad)
 
 
+def test_a_key_given_twice_is_refused_not_overwritten(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("score:\n  steps: 0\n  knn_k: 3\n  steps: 10\n")
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml: line 4: key 'steps' given a second time in one mapping \(first on line 2\)$"
+    ):
+        Config.from_yaml(bad)
+    bad.write_text("score:\n  steps: 0\ntrain:\n  epochs: 2\nscore:\n  knn_k: 3\n")
+    with pytest.raises(ConfigError, match=r"line 5: key 'score' given a second time .*\(first on line 1\)"):
+        Config.from_yaml(bad)
+    ok = tmp_path / "ok.yaml"  # the same key in two different mappings is fine, and so is a merge key
+    ok.write_text("train:\n  epochs: 2\n  prior_langevin: &chain {steps: 30}\n  posterior_langevin:\n    <<: *chain\n")
+    cfg = Config.from_yaml(ok)
+    assert cfg.train.epochs == 2 and cfg.train.prior_langevin.steps == cfg.train.posterior_langevin.steps == 30
+
+
 def test_a_value_of_the_wrong_type_names_the_field_and_the_type_it_needs(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr_ebm: 1e-4\n")  # YAML 1.1 reads this as text
