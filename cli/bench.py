@@ -88,7 +88,7 @@ def bench(
     from outlier_jebm.data import DataError
 
     from .bench_spec import parse_detectors, parse_int_list, parse_seconds
-    from .common import console, fail, load_config
+    from .common import check_device_or_fail, console, fail, load_config
 
     if list_detectors:
         table = Table(title="PyOD detectors in the benchmark (input: pixels in [0, 1], flattened)")
@@ -103,6 +103,7 @@ def bench(
     from outlier_jebm.tables import is_vector_source
 
     base = load_config(config or default_config_path("vector" if is_vector_source(data) else "image"))
+    check_device_or_fail(device)
     try:
         if epochs is not None:
             base = base.with_overrides(train={"epochs": epochs})

@@ -30,6 +30,16 @@ def load_config(path: Optional[Path]):
         fail(str(exc))
 
 
+def check_device_or_fail(device: str) -> None:
+    """Refuse an unusable ``--device`` (unknown, or cuda without a GPU) before any data is loaded."""
+    from outlier_jebm.train import resolve_device
+
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        fail(str(exc))
+
+
 def load_model_or_fail(model: Optional[str], device: str = "cpu"):
     from outlier_jebm.checkpoint import CheckpointError, load_model
     from outlier_jebm.pipeline import resolve_model_dir

@@ -14,7 +14,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .bench import bench
-from .common import console, fail, load_config, load_model_or_fail, warn_steps_off_calibration
+from .common import (
+    check_device_or_fail,
+    console,
+    fail,
+    load_config,
+    load_model_or_fail,
+    warn_steps_off_calibration,
+)
 from .score import score
 
 # MLflow's artifact progress bars and INFO lines (table creation, signature validation) interleave with
@@ -77,6 +84,7 @@ def fit(
     from outlier_jebm.tables import is_vector_source
 
     cfg = load_config(config or default_config_path("vector" if is_vector_source(data) else "image"))
+    check_device_or_fail(device)
     if resume and out is None:
         fail("--resume needs --out pointing at the model directory to continue")
     try:
@@ -289,7 +297,9 @@ def evaluate(
     model: Optional[str] = typer.Option(
         None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."
     ),
-    data: str = typer.Option("mnist", help="Dataset with labels: mnist or digits."),
+    data: Optional[str] = typer.Option(
+        None, help="Dataset with labels: mnist or digits (default: the one the model was trained on)."
+    ),
     holdout: Optional[int] = typer.Option(
         None, help="Held-out digit (default: the one the model was trained without)."
     ),
@@ -298,13 +308,15 @@ def evaluate(
     ),
     steps: Optional[int] = typer.Option(None, help="Posterior Langevin steps K (default: the model's score.steps)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    data_dir: Optional[Path] = typer.Option(None),
-    tracking_uri: Optional[str] = typer.Option(None),
+    data_dir: Optional[Path] = typer.Option(None, help="Where MNIST files are looked for and cached."),
+    tracking_uri: Optional[str] = typer.Option(
+        None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
-    split: str = typer.Option(
-        "clean",
-        help="clean (one permutation, no overlap) or published (the papers' "
-        "loaders' MNIST split, whose test normals are mostly training images).",
+    split: Optional[str] = typer.Option(
+        None,
+        help="clean (one permutation, no overlap) or published (the papers' loaders' MNIST split, whose test "
+        "normals are mostly training images); default: the split the model was trained on.",
     ),
 ) -> None:
     """AUPRC, AUROC, F1 and false-alarm rate on the hold-out protocol's test part."""
@@ -314,9 +326,22 @@ def evaluate(
     from outlier_jebm.data import DataError
     from outlier_jebm.pipeline import run_evaluate
 
+    check_device_or_fail(device)
     loaded = load_model_or_fail(model)
     if loaded.calibration is None:
         fail(f"{loaded.path}: the model has no calibration.json; refit it")
+    # the data and split default to the model's record, so that its test part stays unseen
+    for option, given, recorded in (
+        ("--data", data, loaded.meta.get("data")),
+        ("--split", split, loaded.meta.get("split")),
+    ):
+        if given is not None and recorded is not None and given != recorded:
+            console.print(
+                f"[yellow]warning:[/] the model was trained on {option} {recorded}, evaluated on {given}",
+                soft_wrap=True,
+            )
+    data = data or loaded.meta.get("data") or "mnist"
+    split = split or loaded.meta.get("split") or "clean"
     holdout = holdout if holdout is not None else loaded.meta.get("holdout")
     if holdout is None:
         fail("--holdout is needed: the model was not trained with a held-out digit")
@@ -448,7 +473,7 @@ def calibrate(
     noise: Optional[bool] = typer.Option(
         None, "--noise/--no-noise", help="Override score.noise: Langevin noise in the posterior chains."
     ),
-    data_dir: Optional[Path] = typer.Option(None),
+    data_dir: Optional[Path] = typer.Option(None, help="Where MNIST files are looked for and cached."),
 ) -> None:
     """Recompute calibration.json from the model's held-in validation data (never from anomaly labels).
 

@@ -147,7 +147,7 @@ def load_dataset(
 
 def _load_image_folder(path: Path, image_size: int, channels: int = 1, polarity: str = "keep") -> Dataset:
     files, problems = image_files([path])
-    if not files and not problems:
+    if not files:
         raise DataError(f"no images found in {path} (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
     images = []
     for file in files:

@@ -149,16 +149,20 @@ def image_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Pat
     files : list of Path
         Image files, by suffix (png, jpg, jpeg, bmp, tif, tiff, webp; any case).
     problems : list of (Path, str)
-        Paths that do not exist, and files given explicitly that are not
-        images by suffix, each with the reason. Other files inside folders are
-        ignored, as a folder may hold notes or labels beside its images.
+        Paths that do not exist, folders with no image file in them, and files
+        given explicitly that are not images by suffix, each with the reason.
+        Other files inside folders are ignored, as a folder may hold notes or
+        labels beside its images.
     """
     files: list[Path] = []
     problems: list[tuple[Path, str]] = []
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                problems.append((path, f"a folder with no image files in it ({', '.join(sorted(IMAGE_SUFFIXES))})"))
+            files.extend(found)
         elif path.is_file():
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 files.append(path)

@@ -339,10 +339,16 @@ def _items_from_json(body: bytes, state: ServerState) -> list[Item]:
 
 
 async def _items_from_multipart(request: Request, state: ServerState) -> list[Item]:
+    limit = state.limits.max_items
     try:
-        form = await request.form(max_files=state.limits.max_items + 1, max_fields=state.limits.max_items + 1)
-    except Exception as exc:  # the multipart parser's own errors: malformed body
-        raise RequestError(400, f"malformed multipart body ({exc})") from None
+        form = await request.form(max_files=limit + 1, max_fields=limit + 1)
+    except Exception as exc:  # the multipart parser's own errors: too many parts, or a malformed body
+        reason = str(getattr(exc, "detail", None) or exc)
+        if reason.startswith(("Too many files", "Too many fields")):
+            raise RequestError(
+                413, f"more than {limit + 1} parts in one request is over the limit of {limit}"
+            ) from None
+        raise RequestError(400, f"malformed multipart body ({reason})") from None
     uploads = [(key, value) for key, value in form.multi_items() if hasattr(value, "read")]
     _check_count(len(uploads), state)
     items = []

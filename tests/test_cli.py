@@ -85,7 +85,8 @@ def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, d
     assert len(list((tmp_path / "maps").glob("*.png"))) == 4
     assert "broken.png" in res.output
 
-    res = runner.invoke(app, ["evaluate", "--data", "digits", "--json", "--tracking-uri", f"sqlite:///{db}"])
+    # the data and the split default to the model's own (digits here, not MNIST)
+    res = runner.invoke(app, ["evaluate", "--json", "--tracking-uri", f"sqlite:///{db}"])
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout.strip().splitlines()[-1])
     assert {"auprc", "auroc", "f1", "false_alarm_rate", "n_test", "holdout"} <= set(m) and m["holdout"] == 3
@@ -133,6 +134,13 @@ def test_score_exits_non_zero_when_nothing_could_be_scored(tmp_path, monkeypatch
     res = runner.invoke(app, ["score", str(tmp_path / "bad.png"), "--model", "m"])
     assert res.exit_code == 1
     assert "empty" in res.output
+    (tmp_path / "nothing-here").mkdir()  # an empty folder is named, with the reason, not scored silently as nothing
+    res = runner.invoke(app, ["score", str(tmp_path / "nothing-here"), "--model", "m"])
+    assert res.exit_code == 1 and "nothing-here" in res.output and "no image files" in res.output
+    # an unusable --device is refused before any data is loaded
+    for command in (["evaluate", "--model", "m"], ["fit", "--data", "digits"]):
+        res = runner.invoke(app, [*command, "--device", "tpu"])
+        assert res.exit_code == 2 and "unknown device 'tpu'" in res.output, res.output
 
     # recalibrating with another reference size rewrites the reference and records the setting
     from safetensors.torch import load_file

@@ -430,11 +430,16 @@ def test_image_files_expands_folders_recursively_and_reports_problems(tmp_path):
     for rel in ("a/2.PNG", "a/b/1.jpeg", "a/0.tif", "a/notes.txt"):
         (tmp_path / rel).write_bytes(b"x")
     (tmp_path / "loose.bmp").write_bytes(b"x")
-    files, problems = image_files([tmp_path / "a", tmp_path / "loose.bmp", tmp_path / "a/notes.txt", "missing.png"])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_bytes(b"x")
+    files, problems = image_files(
+        [tmp_path / "a", tmp_path / "loose.bmp", tmp_path / "a/notes.txt", "missing.png", tmp_path / "empty"]
+    )
     assert [p.relative_to(tmp_path).as_posix() for p in files] == ["a/0.tif", "a/2.PNG", "a/b/1.jpeg", "loose.bmp"]
     assert [(p.name, reason.split(" (")[0]) for p, reason in problems] == [
         ("notes.txt", "not an image file"),
         ("missing.png", "does not exist"),
+        ("empty", "a folder with no image files in it"),
     ]
 
 

@@ -177,6 +177,10 @@ def test_serve_rejects_bad_requests_and_keeps_serving(server, fitted):
     assert big.status_code == 413 and "limit" in big.json()["error"]
     many = httpx.post(f"{server}/v1/score", json={"instances": [[0.0] * 64] * 65})
     assert many.status_code == 413 and "65 items" in many.json()["error"]
+    for n in (65, 80):  # uploads too: one past the limit, and well past it (the multipart parser stops that one)
+        files = [("file", (f"{i}.png", _png(np.zeros((8, 8))), "image/png")) for i in range(n)]
+        many = httpx.post(f"{server}/v1/score", files=files)
+        assert many.status_code == 413 and "over the limit of 64" in many.json()["error"], many.text
     wrong = httpx.post(f"{server}/v1/score", content=b"hello", headers={"content-type": "text/plain"})
     assert wrong.status_code == 415 and "content type" in wrong.json()["error"]
     broken = httpx.post(f"{server}/v1/score", content=b"{nope", headers={"content-type": "application/json"})
