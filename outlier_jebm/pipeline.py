@@ -341,6 +341,9 @@ def run_fit(
         )
         if quality is not None:
             tracker.log_metrics({f"sample_{k}": v for k, v in quality.items()})
+        for name, values in result.chains.items():  # the last epoch's chains, one point per Langevin step
+            for k, value in enumerate(values):
+                tracker.log_metrics({f"{name}_log_density": value}, step=k)
         if result.stopped:
             tracker.set_tags({"stopped_early": result.stopped})
             tracker.log_metrics({"kept_epoch": result.epochs_done})

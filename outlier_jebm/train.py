@@ -184,12 +184,53 @@ def validation_figures(model: JointEBM, x: torch.Tensor, batch_size: int = 1000)
     return {"val_neg_elbo": -elbo / x.shape[0] + log_z, "val_recon": recon / x.shape[0]}
 
 
+def chain_diagnostics(model: JointEBM, config: Config, x: torch.Tensor) -> dict[str, list[float]]:
+    """The mean log-density along the chains training runs, on one batch: the diagnostic that says whether a
+    chain still climbs at its last step (too short) or falls (too large a step).
+
+    ``prior_chain``: the prior chain (models with an EBM), log of the unnormalised p_alpha in whitened coordinates,
+    f(z) + log N(eps; 0, I). ``posterior_chain`` (scheme ``mle``): log p(x, z) in the same coordinates, on the first
+    images of ``x``, from the inference network's guess as training starts it. Each list has steps + 1 values (before
+    each step and at the end). Run in eval mode (no spectral-norm power iteration, no parameter or buffer changes)
+    and with the random state restored afterwards, so a fit with this diagnostic trains exactly as one without.
+    """
+    t = config.train
+    n = min(t.batch_size, x.shape[0])
+    out: dict[str, list[float]] = {}
+    was_training = model.training
+    model.eval()
+    devices = [x.device] if x.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if model.has_ebm:
+                pr = t.prior_langevin
+                _, tr = prior_langevin(model, n, steps=pr.steps, step_size=pr.step_size, noise=pr.noise, trace=True)
+                out["prior_chain"] = tr.log_density.tolist()
+            if t.scheme == "mle":
+                xb = x[:n]
+                with torch.no_grad():
+                    if t.mle_init_from_encoder:
+                        z0, _ = model.encoder(xb, sample=True)
+                    else:
+                        z0 = model.generator.from_eps(torch.randn(n, model.z_dim, device=x.device))
+                pl = t.posterior_langevin
+                _, tr = posterior_langevin(
+                    model, xb, z0, steps=pl.steps, step_size=pl.step_size, noise=pl.noise, trace=True
+                )
+                out["posterior_chain"] = tr.log_density.tolist()
+    finally:
+        model.train(was_training)
+    return out
+
+
 @dataclass
 class FitResult:
     out_dir: Path
     epochs_done: int  # epochs of the weights in out_dir (fewer than trained when the breakdown guard stopped)
     history: list[dict[str, float]] = field(default_factory=list)  # every epoch trained, the stopped one included
     stopped: str = ""  # why the breakdown guard stopped training and which epoch it kept; "" when it did not
+    # the mean log-density along each training chain at the last epoch trained (``chain_diagnostics``)
+    chains: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -329,6 +370,7 @@ def _fit(
         # the checkpoint resumed from is the best epoch so far (as after a stop): the guard carries on from it
         best.check(start_epoch - 1, progress["best_value"], model, optimizer, global_step)
     stopped = ""
+    chains: dict[str, list[float]] = {}
     epochs_done = t.epochs
     for epoch in range(start_epoch, t.epochs):
         shuffle = torch.Generator().manual_seed(t.seed * 100_003 + epoch)
@@ -389,6 +431,9 @@ def _fit(
             if x_val is not None:
                 metrics.update(validation_figures(model, x_val))
                 val = metrics["val_recon"]
+            chains = chain_diagnostics(model, config, x_val if x_val is not None and len(x_val) else x_all)
+            for name, values in chains.items():
+                metrics[f"{name}_log_density_start"], metrics[f"{name}_log_density_end"] = values[0], values[-1]
         if guard:
             # every rank keeps the same best epoch (DDP keeps their weights equal), so every rank can go back to it
             val = distributed.broadcast_value(val, device) if world > 1 else val
@@ -412,4 +457,4 @@ def _fit(
     if world > 1:
         distributed.share_buffers_of_rank0(model)
     model.eval()
-    return FitResult(out_dir=out_dir, epochs_done=epochs_done, history=history, stopped=stopped)
+    return FitResult(out_dir=out_dir, epochs_done=epochs_done, history=history, stopped=stopped, chains=chains)

@@ -157,6 +157,11 @@ def test_fit_and_calibration_never_read_the_test_part_or_its_anomaly_labels(tmp_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # tracked, so that the MLflow branch runs too
     first = run_fit(cfg, TrainingData(**common), out_dir=tmp_path / "a", tracking_uri=uri, remember=False)
     assert first.sample_quality is not None
+    # the run records the last epoch's prior chain, one point per Langevin step (tiny_config: 10 steps)
+    from mlflow.tracking import MlflowClient
+
+    chain = MlflowClient(uri).get_metric_history(first.run_id, "prior_chain_log_density")
+    assert sorted(m.step for m in chain) == list(range(11)) and all(np.isfinite(m.value) for m in chain)
     # the same fit with the test part and its labels replaced by tripwires: it must not touch them,
     # and it must calibrate to the same threshold (the calibration is a function of held-in images only)
     wired = TrainingData(**common, test=_Tripwire(), test_is_anomaly=_Tripwire())

@@ -9,7 +9,15 @@ from conftest import tiny_config
 from outlier_jebm.checkpoint import load_model
 from outlier_jebm.config import ConfigError
 from outlier_jebm.model import JointEBM
-from outlier_jebm.train import BestEpoch, TrainingDiverged, fit, loss_terms, make_optimizer, to_model_space
+from outlier_jebm.train import (
+    BestEpoch,
+    TrainingDiverged,
+    chain_diagnostics,
+    fit,
+    loss_terms,
+    make_optimizer,
+    to_model_space,
+)
 
 COMBOS = list(itertools.product(["chain", "ladder"], ["gaussian", "layerwise", "joint"], ["variational", "mle"]))
 
@@ -67,6 +75,45 @@ def test_the_same_seed_gives_the_same_model(digits01, tmp_path):
         fit(model, cfg, images[:512], images[512:600], tmp_path / f"run{run}")
         states.append(_state(model))
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.parametrize("scheme", ["variational", "mle"])
+def test_the_chain_diagnostic_reads_each_training_chain_and_changes_nothing(digits01, tmp_path, scheme, monkeypatch):
+    images, _ = digits01
+    cfg = tiny_config(scheme=scheme, epochs=2).with_overrides(model={"ebm_spectral_norm": True})
+    torch.manual_seed(0)
+    model = JointEBM(cfg.model).train()
+    x = to_model_space(images[:100])
+    opt = make_optimizer(model, cfg)
+    for _ in range(3):  # weights that moved since the spectral norm's vectors last converged
+        opt.zero_grad()
+        loss_terms(model, x, cfg)[0].backward()
+        opt.step()
+    state, rng = _state(model), torch.get_rng_state()
+    chains = chain_diagnostics(model, cfg, x)
+    # nothing the training reads next has moved: weights, spectral-norm vectors, random state, mode
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state()) and model.training
+    expected = {"prior_chain": 10} | ({"posterior_chain": 5} if scheme == "mle" else {})
+    assert {k: len(v) for k, v in chains.items()} == {k: steps + 1 for k, steps in expected.items()}
+    assert all(np.isfinite(v).all() for v in chains.values())
+
+    # a fit with the diagnostic trains exactly as one without it, and reports both ends of each chain per epoch
+    states, results = [], []
+    for run, diagnose in enumerate((True, False)):
+        if not diagnose:
+            monkeypatch.setattr("outlier_jebm.train.chain_diagnostics", lambda *a, **k: {})
+        torch.manual_seed(7)
+        m = JointEBM(cfg.model)
+        results.append(fit(m, cfg, images[:512], images[512:600], tmp_path / f"run{run}"))
+        states.append(_state(m))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    with_chains = results[0]
+    assert set(with_chains.chains) == set(expected)
+    for name in expected:
+        for epoch in with_chains.history:
+            assert np.isfinite(epoch[f"{name}_log_density_start"]) and np.isfinite(epoch[f"{name}_log_density_end"])
+        assert with_chains.history[-1][f"{name}_log_density_end"] == with_chains.chains[name][-1]
 
 
 def test_a_checkpoint_round_trip_gives_identical_outputs(digits01, tmp_path):
