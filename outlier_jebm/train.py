@@ -185,7 +185,7 @@ def validation_figures(model: JointEBM, x: torch.Tensor, batch_size: int = 1000)
 
 
 def chain_diagnostics(model: JointEBM, config: Config, x: torch.Tensor) -> dict[str, list[float]]:
-    """The mean log-density along the chains training runs, on one batch: the diagnostic that says whether a
+    """The mean log-density along chains run with training's settings, on one batch: the diagnostic that says whether a
     chain still climbs at its last step (too short) or falls (too large a step).
 
     ``prior_chain``: the prior chain (models with an EBM), log of the unnormalised p_alpha in whitened coordinates,
