@@ -472,16 +472,32 @@ def training_data_of(
     source = data or meta.get("data")
     if not source:
         raise DataError("the model does not record its training data: pass --data")
-    return prepare_data(
-        source,
-        holdout=meta.get("holdout"),
-        seed=config.train.seed,
-        val_fraction=config.train.val_fraction,
-        max_train=meta.get("max_train", config.train.max_train),
-        image_size=config.model.image_size,
-        data_dir=data_dir,
-        channels=config.model.channels,
-        data_kind=config.model.data_kind,
-        split=meta.get("split", "clean"),
-        polarity=meta.get("polarity", "keep"),
-    )
+    try:
+        td = prepare_data(
+            source,
+            holdout=meta.get("holdout"),
+            seed=config.train.seed,
+            val_fraction=config.train.val_fraction,
+            max_train=meta.get("max_train", config.train.max_train),
+            image_size=config.model.image_size,
+            data_dir=data_dir,
+            channels=config.model.channels,
+            data_kind=config.model.data_kind,
+            split=meta.get("split", "clean"),
+            polarity=meta.get("polarity", "keep"),
+        )
+    except DataError as exc:
+        if data:
+            raise
+        # a file or folder is recorded by its name alone (a model directory does not carry the user's paths)
+        raise DataError(
+            f"{exc}; the model records its training data as {source!r}: pass --data with its path"
+        ) from None
+    # the same name may hold other data here (another folder called so): the split's sizes must match the record's
+    recorded = (meta.get("n_train"), meta.get("n_val"))
+    if None not in recorded and (len(td.train), len(td.val)) != recorded:
+        raise DataError(
+            f"{source!r} gives {len(td.train)} training and {len(td.val)} held-in items here, but the model was fitted on "
+            f"{recorded[0]} and {recorded[1]}: pass --data with the data it was fitted on"
+        )
+    return td

@@ -170,6 +170,26 @@ def test_fit_and_calibration_never_read_the_test_part_or_its_anomaly_labels(tmp_
     assert a["threshold"] == pytest.approx(b["threshold"], rel=1e-5)
 
 
+def test_a_models_training_data_is_rebuilt_from_its_record_or_refused_with_the_reason(trained, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from outlier_jebm.data import DataError
+    from outlier_jebm.pipeline import training_data_of
+
+    loaded, _ = trained
+    meta = {"data": "digits", "holdout": 0}
+    td = training_data_of(replace(loaded, meta=meta))
+    sizes = {"n_train": len(td.train), "n_val": len(td.val)}
+    assert training_data_of(replace(loaded, meta=meta | sizes)).train.shape == td.train.shape
+    # another data set under the recorded name (here: a different training cap) is refused, not used
+    with pytest.raises(DataError, match=r"'digits' gives .* but the model was fitted on .*: pass --data"):
+        training_data_of(replace(loaded, meta=meta | sizes | {"max_train": 100}))
+    # a folder recorded by its name, not found from here: the reason and what to do
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"photos does not exist.*records its training data as 'photos': pass --data"):
+        training_data_of(replace(loaded, meta={"data": "photos", "holdout": None}))
+
+
 def test_every_input_gets_a_top_component_among_the_components(trained):
     loaded, split = trained
     scorer = Scorer(loaded)
