@@ -87,6 +87,31 @@ def fit(
     check_device_or_fail(device)
     if resume and out is None:
         fail("--resume needs --out pointing at the model directory to continue")
+    if resume:
+        # the split is rebuilt exactly as the saved model's (its seed, validation share, training cap and
+        # polarity), whatever --config, --seed or --max-train say: otherwise training would go on on another split
+        from outlier_jebm.checkpoint import CheckpointError, read_config
+
+        try:
+            saved, saved_meta = read_config(out)
+        except CheckpointError as exc:
+            fail(str(exc))
+        ignored = [
+            f"{name} {given}"
+            for name, given, kept in (
+                ("--seed", seed, saved.train.seed),
+                ("--max-train", max_train, saved_meta.get("max_train", saved.train.max_train)),
+            )
+            if given is not None and given != kept
+        ]
+        if ignored and main:
+            console.print(
+                f"[yellow]warning:[/] --resume keeps the saved model's split: {escape(', '.join(ignored))} ignored",
+                soft_wrap=True,
+            )
+        cfg, seed = saved, None
+        max_train = saved_meta.get("max_train", saved.train.max_train)
+        polarity = saved_meta.get("polarity", polarity)
     try:
         cfg = cfg.with_overrides(train={"epochs": epochs, "seed": seed, "max_train": max_train})
         with console.status(f"loading {data} ...") if main else nullcontext():
@@ -298,7 +323,9 @@ def evaluate(
         None, help="Model directory or MLflow model URI, e.g. models:/NAME/1 (default: the last fitted model)."
     ),
     data: Optional[str] = typer.Option(
-        None, help="Dataset with labels: mnist or digits (default: the one the model was trained on)."
+        None,
+        help="Labelled data: mnist, digits, a named vector set (breast_cancer, wine, digits64, mnist784) or a "
+        ".npz with labels (default: the data the model was trained on, when it is known by name).",
     ),
     holdout: Optional[int] = typer.Option(
         None, help="Held-out digit (default: the one the model was trained without)."
@@ -331,16 +358,21 @@ def evaluate(
     if loaded.calibration is None:
         fail(f"{loaded.path}: the model has no calibration.json; refit it")
     # the data and split default to the model's record, so that its test part stays unseen
-    for option, given, recorded in (
-        ("--data", data, loaded.meta.get("data")),
+    from outlier_jebm.data import is_named_source
+
+    recorded = loaded.meta.get("data")
+    if data is None and recorded is not None and not is_named_source(recorded):
+        fail(f"the model records its training data by the name {recorded!r} alone: pass --data with its path")
+    for option, given, kept in (
+        ("--data", data and Path(data).name.lower(), recorded and recorded.lower()),
         ("--split", split, loaded.meta.get("split")),
     ):
-        if given is not None and recorded is not None and given != recorded:
+        if given is not None and kept is not None and given != kept:
             console.print(
-                f"[yellow]warning:[/] the model was trained on {option} {recorded}, evaluated on {given}",
+                f"[yellow]warning:[/] the model was trained on {option} {escape(kept)}, evaluated on {escape(given)}",
                 soft_wrap=True,
             )
-    data = data or loaded.meta.get("data") or "mnist"
+    data = data or recorded or "mnist"
     split = split or loaded.meta.get("split") or "clean"
     holdout = holdout if holdout is not None else loaded.meta.get("holdout")
     if holdout is None:

@@ -164,6 +164,17 @@ def _load_image_folder(path: Path, image_size: int, channels: int = 1, polarity:
     return Dataset(np.stack(images).astype(np.float32, copy=False), None, path.name)
 
 
+IMAGE_DATASETS = ("mnist", "digits")  # the image data sets known by name (the rest are paths)
+
+
+def is_named_source(source: str) -> bool:
+    """True for a data set known by name (``IMAGE_DATASETS``, ``tables.VECTOR_DATASETS``), which loads the same
+    anywhere; false for a file or folder, which a model records by its name alone."""
+    from .tables import VECTOR_DATASETS
+
+    return str(source).strip().lower() in IMAGE_DATASETS + VECTOR_DATASETS
+
+
 def load_digits(image_size: int = 8) -> Dataset:
     """Scikit-learn's bundled 8x8 digits (1 797 images), scaled from 0-16 to [0, 1].
 

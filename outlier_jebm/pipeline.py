@@ -12,7 +12,7 @@ import numpy as np
 
 from .checkpoint import LoadedModel, load_model, read_config
 from .config import Config
-from .data import DataError, check_polarity, holdout_split, load_dataset
+from .data import DataError, check_polarity, holdout_split, is_named_source, load_dataset
 from .distributed import ProcessGroup
 from .evaluate import Evaluation
 from .model import JointEBM
@@ -342,8 +342,7 @@ def run_fit(
         if quality is not None:
             tracker.log_metrics({f"sample_{k}": v for k, v in quality.items()})
         for name, values in result.chains.items():  # the last epoch's chains, one point per Langevin step
-            for k, value in enumerate(values):
-                tracker.log_metrics({f"{name}_log_density": value}, step=k)
+            tracker.log_series(f"{name}_log_density", values)
         if result.stopped:
             tracker.set_tags({"stopped_early": result.stopped})
             tracker.log_metrics({"kept_epoch": result.epochs_done})
@@ -487,7 +486,7 @@ def training_data_of(
             polarity=meta.get("polarity", "keep"),
         )
     except DataError as exc:
-        if data:
+        if data or is_named_source(source):
             raise
         # a file or folder is recorded by its name alone (a model directory does not carry the user's paths)
         raise DataError(

@@ -53,6 +53,16 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()}, step=step)
 
+    def log_series(self, key: str, values: list[float]) -> None:
+        """One metric at steps 0, 1, ... in one call (a curve along something other than epochs)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key.replace("/", "_"), float(v), now, step) for step, v in enumerate(values)]
+        self.mlflow.MlflowClient().log_batch(self.run_id, metrics=metrics)
+
     def log_image(self, image: Image.Image, artifact_file: str) -> None:
         self.mlflow.log_image(image, artifact_file)
 

@@ -345,9 +345,7 @@ async def _items_from_multipart(request: Request, state: ServerState) -> list[It
     except Exception as exc:  # the multipart parser's own errors: too many parts, or a malformed body
         reason = str(getattr(exc, "detail", None) or exc)
         if reason.startswith(("Too many files", "Too many fields")):
-            raise RequestError(
-                413, f"more than {limit + 1} parts in one request is over the limit of {limit}"
-            ) from None
+            raise RequestError(413, f"more than {limit} uploads in one request is over the limit of {limit}") from None
         raise RequestError(400, f"malformed multipart body ({reason})") from None
     uploads = [(key, value) for key, value in form.multi_items() if hasattr(value, "read")]
     _check_count(len(uploads), state)

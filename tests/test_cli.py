@@ -141,6 +141,15 @@ def test_score_exits_non_zero_when_nothing_could_be_scored(tmp_path, monkeypatch
     for command in (["evaluate", "--model", "m"], ["fit", "--data", "digits"]):
         res = runner.invoke(app, [*command, "--device", "tpu"])
         assert res.exit_code == 2 and "unknown device 'tpu'" in res.output, res.output
+    # evaluate does not guess where data recorded by a file name alone is (here: a copy claiming a folder 'photos')
+    import shutil
+
+    shutil.copytree(tmp_path / "m", tmp_path / "m2")
+    record = json.loads((tmp_path / "m2" / "config.json").read_text())
+    record["meta"]["data"] = "photos"
+    (tmp_path / "m2" / "config.json").write_text(json.dumps(record))
+    res = runner.invoke(app, ["evaluate", "--model", "m2"])
+    assert res.exit_code == 2 and "by the name 'photos' alone: pass --data" in " ".join(res.output.split())
 
     # recalibrating with another reference size rewrites the reference and records the setting
     from safetensors.torch import load_file
@@ -193,11 +202,17 @@ def test_a_missing_data_path_or_model_gives_a_clear_error_on_one_line(tmp_path, 
     assert res.exit_code == 2 and "jebm-od fit" in res.output
 
 
-def test_fit_resume_trains_on_to_the_epochs_asked_for(tmp_path, monkeypatch):
+def test_fit_resume_trains_on_to_the_epochs_asked_for_on_the_saved_split(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _fit(tmp_path, "--epochs", "1")
-    _fit(tmp_path, "--epochs", "2", "--resume")
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["meta"]["epochs_done"] == 2
+    _fit(tmp_path, "--epochs", "1", val_fraction=0.3)
+    meta_of = lambda: json.loads((tmp_path / "m" / "config.json").read_text())["meta"]  # noqa: E731
+    first = meta_of()
+    # resumed with another config (the default validation share) and another seed: the saved split is kept
+    said = _fit(tmp_path, "--epochs", "2", "--resume", "--seed", "5").output
+    assert "--resume keeps the saved model's split: --seed 5 ignored" in " ".join(said.split())
+    after = meta_of()
+    assert after["epochs_done"] == 2
+    assert (after["n_train"], after["n_val"]) == (first["n_train"], first["n_val"])
 
 
 def test_fit_reports_a_stop_by_the_breakdown_guard_and_mlflow_records_it(tmp_path, monkeypatch):
