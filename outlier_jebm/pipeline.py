@@ -464,9 +464,10 @@ def run_evaluate(
 def training_data_of(
     loaded: LoadedModel, *, data: str | None = None, data_dir: str | Path | None = None
 ) -> TrainingData:
-    """The split a saved model was fitted on, rebuilt from its record (data, hold-out digit, split,
-    seed, validation share, training cap, polarity); ``data`` names the source where the record's
-    is not loadable from here."""
+    """The split a saved model was fitted on, rebuilt from its record (data, hold-out digit, split, seed, validation
+    share, training cap, polarity). A file or folder is recorded by its name alone (a model directory carries no
+    paths): ``data`` says where it is, and a split whose sizes differ from the record's (another folder of the same
+    name) is refused."""
     meta, config = loaded.meta, loaded.config
     source = data or meta.get("data")
     if not source:
@@ -488,11 +489,7 @@ def training_data_of(
     except DataError as exc:
         if data or is_named_source(source):
             raise
-        # a file or folder is recorded by its name alone (a model directory does not carry the user's paths)
-        raise DataError(
-            f"{exc}; the model records its training data as {source!r}: pass --data with its path"
-        ) from None
-    # the same name may hold other data here (another folder called so): the split's sizes must match the record's
+        raise DataError(f"{exc}; the model records its data as {source!r}: pass --data with its path") from None
     recorded = (meta.get("n_train"), meta.get("n_val"))
     if None not in recorded and (len(td.train), len(td.val)) != recorded:
         raise DataError(

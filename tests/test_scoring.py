@@ -186,7 +186,7 @@ def test_a_models_training_data_is_rebuilt_from_its_record_or_refused_with_the_r
         training_data_of(replace(loaded, meta=meta | sizes | {"max_train": 100}))
     # a folder recorded by its name, not found from here: the reason and what to do
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match=r"photos does not exist.*records its training data as 'photos': pass --data"):
+    with pytest.raises(DataError, match=r"photos does not exist.*records its data as 'photos': pass --data"):
         training_data_of(replace(loaded, meta={"data": "photos", "holdout": None}))
 
 
