@@ -32,7 +32,8 @@ import pandas as pd
 
 
 def prior_of(model: str) -> str:
-    m = re.search(r"prior=(\w+)", model)
+    """The prior of a bench variant (``prior=gaussian``) or of its model directory (``prior_gaussian``); none: joint."""
+    m = re.search(r"prior[_=]([a-z]+)", model)
     return m.group(1) if m else "joint"
 
 

@@ -18,17 +18,12 @@ and per seed the paired difference (joint minus Gaussian) of the five-digit mean
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import pandas as pd
+from prior_table import prior_of
 
 FIGURES = {"new": "default (pair + width term)", "pair": "kNN pair alone", "width": "width alone", "fid": "FID"}
-
-
-def prior_of(name: str) -> str:
-    m = re.search(r"prior[_=]([a-z]+)", name)
-    return m.group(1) if m else "joint"
 
 
 def gate_cells(paths: list[Path]) -> pd.DataFrame:

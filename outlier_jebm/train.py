@@ -76,6 +76,25 @@ def log_partition_estimate(model: JointEBM, n: int) -> torch.Tensor:
         return torch.logsumexp(f, 0) - math.log(n)
 
 
+def training_prior_chain(model: JointEBM, n: int, config: Config, trace: bool = False):
+    """``n`` samples of the prior chain with ``train.prior_langevin``'s settings: (z, trace or None)."""
+    pr = config.train.prior_langevin
+    return prior_langevin(model, n, steps=pr.steps, step_size=pr.step_size, noise=pr.noise, trace=trace)
+
+
+def training_posterior_chain(model: JointEBM, x: torch.Tensor, config: Config, trace: bool = False):
+    """The mle scheme's posterior chain on ``x`` with ``train.posterior_langevin``'s settings, started from the
+    inference network's sample (``train.mle_init_from_encoder``) or the Gaussian hierarchy: (z, trace or None)."""
+    t = config.train
+    with torch.no_grad():
+        if t.mle_init_from_encoder:
+            z0, _ = model.encoder(x, sample=True)
+        else:
+            z0 = model.generator.from_eps(torch.randn(x.shape[0], model.z_dim, device=x.device))
+    pl = t.posterior_langevin
+    return posterior_langevin(model, x, z0, steps=pl.steps, step_size=pl.step_size, noise=pl.noise, trace=trace)
+
+
 def loss_terms(model: JointEBM, x: torch.Tensor, config: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss of one batch x (B, D) and the terms worth monitoring."""
     t = config.train
@@ -89,13 +108,7 @@ def loss_terms(model: JointEBM, x: torch.Tensor, config: Config) -> tuple[torch.
         enc_loss = torch.zeros((), device=x.device)
         stats["kl_gauss"] = (log_q - log_pg).mean().detach()
     else:
-        with torch.no_grad():
-            if t.mle_init_from_encoder:
-                z0, _ = model.encoder(x, sample=True)
-            else:
-                z0 = model.generator.from_eps(torch.randn(x.shape[0], model.z_dim, device=x.device))
-        pl = t.posterior_langevin
-        z, _ = posterior_langevin(model, x, z0, steps=pl.steps, step_size=pl.step_size, noise=pl.noise)
+        z, _ = training_posterior_chain(model, x, config)
         log_px = model.log_px_given_z(x, z)
         f_pos = model.ebm(z)
         log_pg = model.generator.log_p_gauss(z).sum(-1)
@@ -104,8 +117,7 @@ def loss_terms(model: JointEBM, x: torch.Tensor, config: Config) -> tuple[torch.
         enc_loss = -log_q.mean()
     loss = -positive + enc_loss
     if model.has_ebm:
-        pr = t.prior_langevin
-        z_neg, _ = prior_langevin(model, x.shape[0], steps=pr.steps, step_size=pr.step_size, noise=pr.noise)
+        z_neg, _ = training_prior_chain(model, x.shape[0], config)
         f_neg = model.ebm(z_neg)
         loss = loss + (f_neg + model.generator.log_p_gauss(z_neg).sum(-1)).mean()
         loss = loss + t.ebm_l2 * (f_pos.pow(2).mean() + f_neg.pow(2).mean())
@@ -203,21 +215,10 @@ def chain_diagnostics(model: JointEBM, config: Config, x: torch.Tensor) -> dict[
     try:
         with torch.random.fork_rng(devices=devices):
             if model.has_ebm:
-                pr = t.prior_langevin
-                _, tr = prior_langevin(model, n, steps=pr.steps, step_size=pr.step_size, noise=pr.noise, trace=True)
-                out["prior_chain"] = tr.log_density.tolist()
+                out["prior_chain"] = training_prior_chain(model, n, config, trace=True)[1].log_density.tolist()
             if t.scheme == "mle":
-                xb = x[:n]
-                with torch.no_grad():
-                    if t.mle_init_from_encoder:
-                        z0, _ = model.encoder(xb, sample=True)
-                    else:
-                        z0 = model.generator.from_eps(torch.randn(n, model.z_dim, device=x.device))
-                pl = t.posterior_langevin
-                _, tr = posterior_langevin(
-                    model, xb, z0, steps=pl.steps, step_size=pl.step_size, noise=pl.noise, trace=True
-                )
-                out["posterior_chain"] = tr.log_density.tolist()
+                _, trace = training_posterior_chain(model, x[:n], config, trace=True)
+                out["posterior_chain"] = trace.log_density.tolist()
     finally:
         model.train(was_training)
     return out
