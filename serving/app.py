@@ -18,7 +18,7 @@ Routes
 ``GET /metrics``     Prometheus text format.
 
 Limits, each answered with a JSON ``{"error": ...}``: body size (413), items per request
-(413), malformed request (400 / 415 / 422), scoring timeout or a full queue (503).
+(413), a multipart text field over 1 MB (413), malformed request (400 / 415 / 422), scoring timeout or a full queue (503).
 Scoring runs on one worker thread (torch uses the cores inside it), never on the event
 loop, so health checks and metrics answer while a batch is scored.
 """
@@ -57,6 +57,7 @@ from outlier_jebm.io.payload import (
 class Limits:
     max_items: int = 1024
     max_body_bytes: int = 32 << 20
+    max_text_field_bytes: int = 1 << 20  # a multipart field that is not a file upload (images come as files)
     timeout_s: float = 30.0
     max_queue: int = 8  # requests waiting for the scoring thread before new ones get 503
 
@@ -240,6 +241,7 @@ def create_app(
             "limits": {
                 "max_items": state.limits.max_items,
                 "max_body_bytes": state.limits.max_body_bytes,
+                "max_text_field_bytes": state.limits.max_text_field_bytes,
                 "timeout_s": state.limits.timeout_s,
             },
         }
@@ -341,11 +343,20 @@ def _items_from_json(body: bytes, state: ServerState) -> list[Item]:
 async def _items_from_multipart(request: Request, state: ServerState) -> list[Item]:
     limit = state.limits.max_items
     try:
-        form = await request.form(max_files=limit + 1, max_fields=limit + 1)
-    except Exception as exc:  # the multipart parser's own errors: too many parts, or a malformed body
+        form = await request.form(
+            max_files=limit + 1, max_fields=limit + 1, max_part_size=state.limits.max_text_field_bytes
+        )
+    except Exception as exc:  # the multipart parser's own errors: too many or too large parts, or a malformed body
         reason = str(getattr(exc, "detail", None) or exc)
         if reason.startswith(("Too many files", "Too many fields")):
             raise RequestError(413, f"more than {limit} uploads in one request is over the limit of {limit}") from None
+        if "exceeded maximum size" in reason:
+            field_limit = state.limits.max_text_field_bytes
+            raise RequestError(
+                413,
+                f"a form field that is not a file upload is over the limit of {field_limit} bytes "
+                "(send images as file uploads)",
+            ) from None
         raise RequestError(400, f"malformed multipart body ({reason})") from None
     uploads = [(key, value) for key, value in form.multi_items() if hasattr(value, "read")]
     _check_count(len(uploads), state)

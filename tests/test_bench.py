@@ -126,6 +126,11 @@ def test_one_jebm_fit_gives_rows_for_the_score_and_each_component(bench_run):
     assert float(by_name["jebm"]["auprc"]) == pytest.approx(detection_metrics(y, table["score"])["auprc"], abs=1e-5)
     recon = detection_metrics(y, table["recon"])["auroc"]
     assert float(by_name["jebm[recon]"]["auroc"]) == pytest.approx(recon, abs=1e-5)
+    # the row names the model inside the output folder, not by an absolute path
+    assert (
+        by_name["jebm"]["note"].endswith("; model models/jebm-holdout1-seed0")
+        and str(tmp) not in by_name["jebm"]["note"]
+    )
     assert not (tmp / "models" / "latest").exists()  # a bench does not change the user's last fitted model
     # the fit's sample quality is on the model's own row, not on its components' rows or PyOD's
     assert float(by_name["jebm"]["sample_fid_lenet"]) > 0 and 0 < float(by_name["jebm"]["sample_confidence"]) <= 1

@@ -196,6 +196,23 @@ def test_serve_rejects_bad_requests_and_keeps_serving(server, fitted):
     assert ok.status_code == 200
 
 
+def test_a_multipart_text_field_over_its_limit_is_413_and_the_app_keeps_serving(fitted):
+    from starlette.testclient import TestClient
+
+    from jebm_od.serving.app import Limits, create_app
+
+    limits = Limits(max_text_field_bytes=1024)  # the default is 1 MB, under the default 32 MB body limit
+    png = _png(np.zeros((8, 8)))
+    with TestClient(create_app(load_model(fitted["dir"]), limits=limits)) as client:
+        assert client.get("/v1/model").json()["limits"]["max_text_field_bytes"] == 1024
+        big = client.post("/v1/score", data={"note": "x" * 1025}, files={"f": ("a.png", png, "image/png")})
+        assert big.status_code == 413 and "not a file upload" in big.json()["error"], big.text
+        assert "1024 bytes" in big.json()["error"]
+        # a field within the limit is ignored, and the upload beside it scored
+        ok = client.post("/v1/score", data={"note": "x" * 1024}, files={"f": ("a.png", png, "image/png")})
+        assert ok.status_code == 200 and ok.json()["n_scored"] == 1, ok.text
+
+
 def test_serve_concurrent_clients_and_metrics(server, fitted):
     before = httpx.get(f"{server}/metrics").text
     images = fitted["data"].test[:32]

@@ -357,7 +357,8 @@ def _jebm_cell(
     score_seconds = time.perf_counter() - t
 
     train_seconds = sum(h.get("seconds_per_epoch", 0.0) for h in summary.history)
-    note = f"training {train_seconds:.1f} s of the fit; model {model_dir}"
+    # the model's place inside the output folder: a committed results.csv names no one's file system
+    note = f"training {train_seconds:.1f} s of the fit; model {model_dir.relative_to(spec.out_dir).as_posix()}"
     if summary.stopped:
         note += f"; breakdown guard: {summary.stopped}"
         say(f"  {variant.name} holdout {holdout} seed {seed}: breakdown guard: {summary.stopped}")
