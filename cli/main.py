@@ -51,6 +51,13 @@ def fit(
         help="YAML config (default: configs/mnist.yaml, the conv backbone, for images; "
         "configs/vectors.yaml for vectors).",
     ),
+    settings: Optional[list[str]] = typer.Option(
+        None,
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override one config field, repeatable: --set model.prior=gaussian --set model.z_dims=[16,8] "
+        "(dotted paths, or bench's shorthands: prior, z_dims, epochs, ...). Applied after --config.",
+    ),
     epochs: Optional[int] = typer.Option(None, help="Override train.epochs."),
     max_train: Optional[int] = typer.Option(None, help="Use at most this many training images."),
     seed: Optional[int] = typer.Option(None, help="Override train.seed (split, init, shuffling)."),
@@ -87,6 +94,17 @@ def fit(
     check_device_or_fail(device)
     if resume and out is None:
         fail("--resume needs --out pointing at the model directory to continue")
+    if resume and settings:
+        fail("--resume continues the saved model with its own config: --set cannot change it (fit a new model)")
+    if settings:
+        from outlier_jebm.bench import BenchError, apply_overrides
+
+        from .bench_spec import parse_overrides
+
+        try:
+            cfg = apply_overrides(cfg, {k: v for item in settings for k, v in parse_overrides(item).items()})
+        except BenchError as exc:
+            fail(f"--set: {exc}")
     if resume:
         # the split is rebuilt exactly as the saved model's (its seed, validation share, training cap and
         # polarity), whatever --config, --seed or --max-train say: otherwise training would go on on another split

@@ -213,6 +213,21 @@ def test_fit_resume_trains_on_to_the_epochs_asked_for_on_the_saved_split(tmp_pat
     after = meta_of()
     assert after["epochs_done"] == 2
     assert (after["n_train"], after["n_val"]) == (first["n_train"], first["n_val"])
+    # and its config: --set is refused rather than ignored
+    res = runner.invoke(app, ["fit", "--data", "digits", "--out", "m", "--resume", "--set", "prior=gaussian"])
+    assert res.exit_code == 2 and "--set cannot change it" in " ".join(res.output.split())
+
+
+def test_fit_set_overrides_config_fields_and_names_a_bad_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _fit(tmp_path, "--epochs", "1", "--max-train", "200", "--set", "prior=gaussian", "--set", "model.z_dims=[6, 3]")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())["config"]
+    assert saved["model"]["prior"] == "gaussian" and saved["model"]["z_dims"] == [6, 3]
+    assert saved["train"]["epochs"] == 1  # --epochs still applies beside --set
+    for bad, said in (("model.nope=1", "unknown config field 'model.nope'"), ("prior", "is not key=value")):
+        res = runner.invoke(app, ["fit", "--data", "digits", "--out", "m2", "--set", bad])
+        assert res.exit_code == 2 and said in " ".join(res.output.split()), res.output
+        assert not (tmp_path / "m2").exists()
 
 
 def test_fit_reports_a_stop_by_the_breakdown_guard_and_mlflow_records_it(tmp_path, monkeypatch):
