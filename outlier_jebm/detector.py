@@ -183,8 +183,12 @@ class JEBMDetector(BaseDetector):
                 model={"standardize": self.preprocessing == "standardize"}
             )
         elif X.ndim in (3, 4) and X.shape[1] == X.shape[2]:
-            cfg = self._base_config("image", X.shape[1])
             channels = 1 if X.ndim == 3 else X.shape[3]
+            if channels not in (1, 3):
+                raise DataError(
+                    f"X: images with {channels} channels; expected gray (H, W) or (H, W, 1), or RGB (H, W, 3)"
+                )
+            cfg = self._base_config("image", X.shape[1])
             cfg = cfg.with_overrides(model={"image_size": int(X.shape[1]), "channels": int(channels)})
         else:
             raise DataError(
@@ -219,6 +223,8 @@ class JEBMDetector(BaseDetector):
                 f"X: shape {X.shape} looks like vectors, but this detector was fitted on images of "
                 f"shape {tuple(m.data_shape)}"
             )
+        if X.ndim == 4 and X.shape[3] == 1 and m.channels == 1:  # (n, H, W, 1), as Keras keeps gray images
+            X = X[..., 0]
         if tuple(X.shape[1:]) != tuple(m.data_shape):
             raise DataError(
                 f"X: images of shape {tuple(X.shape[1:])}, but this detector was fitted on {tuple(m.data_shape)}"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
@@ -115,14 +115,33 @@ def _resize_stack(images: np.ndarray, image_size: int) -> np.ndarray:
 
 def _resize(img: np.ndarray, image_size: int) -> np.ndarray:
     """Resize a float32 image: Lanczos when shrinking (sharp, antialiased), bilinear when enlarging (no ringing)."""
-    if img.shape[:2] == (image_size, image_size):
+    return _resize_to(img, image_size, image_size)
+
+
+def _resize_to(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    if img.shape[:2] == (height, width):
         return img
     if img.ndim == 3:  # (H, W, C): Pillow resizes float images only in mode F, one channel at a time
-        return np.stack([_resize(img[..., c], image_size) for c in range(img.shape[2])], axis=-1)
-    method = Image.Resampling.LANCZOS if max(img.shape) > image_size else Image.Resampling.BILINEAR
-    resized = np.asarray(Image.fromarray(img).resize((image_size, image_size), method), dtype=np.float32)
+        return np.stack([_resize_to(img[..., c], height, width) for c in range(img.shape[2])], axis=-1)
+    shrinking = img.shape[0] > height or img.shape[1] > width
+    method = Image.Resampling.LANCZOS if shrinking else Image.Resampling.BILINEAR
+    resized = np.asarray(Image.fromarray(img).resize((width, height), method), dtype=np.float32)
     # Lanczos overshoots a little around sharp strokes.
     return np.clip(resized, 0.0, 1.0)
+
+
+# The padded square of a long, thin image would be (long side)^2 pixels: 30000 x 300 becomes 3.6 GB of float32.
+# Past this long side the image first shrinks, its aspect ratio kept; anything at or under it is resized in one step.
+MAX_LONG_SIDE = 4096
+
+
+def _cap_long_side(img: np.ndarray) -> np.ndarray:
+    height, width = img.shape[:2]
+    long = max(height, width)
+    if long <= MAX_LONG_SIDE:
+        return img
+    scale = MAX_LONG_SIDE / long
+    return _resize_to(img, max(1, round(height * scale)), max(1, round(width * scale)))
 
 
 def non_image_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -227,8 +246,9 @@ def decode_image(
     """Decode encoded image bytes (PNG, JPEG, ...) exactly as ``read_image`` does.
 
     Grayscale of any bit depth is scaled by its full range; transparency is
-    composited over black; the image is padded to a square with its border
-    colour and resized. With ``channels=1`` colour becomes luminance; with
+    composited over black; an EXIF orientation is applied; the image is padded
+    to a square with its border colour and resized (one with a long side over
+    ``MAX_LONG_SIDE`` first shrinks to it, keeping its aspect ratio). With ``channels=1`` colour becomes luminance; with
     ``polarity="auto"`` a bright border (a dark digit on light paper) is inverted
     to MNIST polarity, with ``"keep"`` (the default) the pixels stay as they are:
     an inverted image may be the very anomaly asked about. With ``channels=3`` the
@@ -282,10 +302,12 @@ def decode_image(
             raise ImageError(name, f"image too large, refused as a possible decompression bomb ({err})") from err
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             raise ImageError(name, f"truncated or corrupt image data ({err})") from err
+        # a camera's photo stored sideways with an EXIF orientation tag is read upright, as viewers show it
+        ImageOps.exif_transpose(img, in_place=True)
         pixels = _to_gray(img, name) if channels == 1 else _to_rgb(img, name)
     if pixels.size == 0:
         raise ImageError(name, "image has no pixels")
-    pixels = _resize(_pad_square(pixels), image_size)
+    pixels = _resize(_pad_square(_cap_long_side(pixels)), image_size)
     if channels == 1 and polarity == "auto" and light_background(pixels):
         pixels = 1.0 - pixels
     return np.clip(pixels, 0.0, 1.0).astype(np.float32, copy=False)

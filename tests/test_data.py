@@ -375,6 +375,36 @@ def test_non_square_image_keeps_its_aspect_ratio(tmp_path):
     assert img[:4].max() < 0.05 and img[10, 10] > 0.95
 
 
+def test_a_long_thin_image_shrinks_before_padding_and_keeps_its_aspect_ratio(tmp_path, monkeypatch):
+    import outlier_jebm.images as images
+
+    # 30000 x 300 pixels: padded to a square first, it would take 3.6 GB of float32
+    array = np.zeros((300, 30000), dtype=np.uint8)
+    array[:, 14000:16000] = 255  # a bar across the middle
+    padded = []
+    real_pad = images._pad_square
+    monkeypatch.setattr(images, "_pad_square", lambda img: padded.append(img.shape) or real_pad(img))
+    img = read_image(save(Image.fromarray(array), tmp_path / "strip.png"), image_size=28)
+    assert padded == [(41, images.MAX_LONG_SIDE)]  # shrunk to the long-side limit first, the ratio kept
+    # a strip 0.3 pixels high across the middle row, bright only where the bar is
+    assert img.shape == (28, 28) and img[14, 14] > 0.1 and img[14, :4].max() < 0.02 and img[:10].max() < 0.02
+    # at or under the limit nothing changes: one resize of the padded square, as before
+    small = np.zeros((40, 80), dtype=np.float32)
+    assert images._cap_long_side(small) is small
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    array = np.zeros((40, 40), dtype=np.uint8)
+    array[:, :10] = 255  # a bar down the left side
+    upright = read_image(save(Image.fromarray(array), tmp_path / "plain.jpg"), image_size=20)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: a viewer turns it 90 degrees clockwise (the bar goes to the top)
+    Image.fromarray(array).save(tmp_path / "tagged.jpg", exif=exif.tobytes(), quality=95)
+    turned = read_image(tmp_path / "tagged.jpg", image_size=20)
+    assert upright[:, :3].mean() > 0.8 and upright[:3, :].mean() < 0.6
+    assert turned[:3, :].mean() > 0.8 and turned[:, :3].mean() < 0.6
+
+
 def test_decompression_bomb_is_an_image_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
     # Pillow itself refuses above twice the limit and only warns between.

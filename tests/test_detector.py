@@ -184,6 +184,11 @@ def test_images_fit_with_the_configs_backbone(digits01):
     assert det.decision_function(images[labels == 0]).mean() > det.decision_function(X).mean()
     with pytest.raises(ValueError, match="looks like vectors"):
         det.decision_function(X.reshape(len(X), -1))
+    # gray images with a channel axis of 1, as Keras keeps them, are the same images
+    np.testing.assert_array_equal(det.decision_function(ints[..., None]), det.decision_function(ints))
+    assert det._config_for(ints[..., None]).model.channels == 1
+    with pytest.raises(ValueError, match="X: images with 4 channels"):
+        det._config_for(np.zeros((4, 8, 8, 4), dtype=np.float32))
 
 
 def test_without_a_config_images_get_the_conv_default_where_it_fits_and_the_mlp_elsewhere():
