@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .geometry import resize_stack
 from .images import (  # noqa: F401  (re-exported: the data API)
     CHANNELS,
     IMAGE_SUFFIXES,
@@ -30,7 +31,6 @@ from .images import (  # noqa: F401  (re-exported: the data API)
     _check_channels,
     _check_image_size,
     _load_npz,
-    _resize_stack,
     _to_square_stack,
     check_polarity,
     decode_image,
@@ -121,7 +121,7 @@ def load_dataset(
     if key == "mnist":
         ds = load_mnist(data_dir)
         if image_size != ds.images.shape[-1]:
-            ds = Dataset(_resize_stack(ds.images, image_size), ds.labels, ds.name)
+            ds = Dataset(resize_stack(ds.images, image_size), ds.labels, ds.name)
         return Dataset(match_channels(ds.images, channels), ds.labels, ds.name) if channels != 1 else ds
     if key == "digits":
         ds = load_digits(image_size)
@@ -135,7 +135,7 @@ def load_dataset(
         images, labels = _load_array_file(path)
         images = _to_square_stack(images, str(path))
         if images.shape[1] != image_size:
-            images = _resize_stack(images, image_size)
+            images = resize_stack(images, image_size)
         return Dataset(match_channels(images, channels), labels, path.name)
     if path.is_file() and suffix not in IMAGE_SUFFIXES:
         raise DataError(
@@ -193,7 +193,7 @@ def load_digits(image_size: int = 8) -> Dataset:
     bunch = sklearn_digits()
     images = (bunch.images / 16.0).astype(np.float32)
     if image_size != images.shape[-1]:
-        images = _resize_stack(images, image_size)
+        images = resize_stack(images, image_size)
     return Dataset(images, np.asarray(bunch.target, dtype=np.int64), "digits")
 
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .geometry import border, cap_long_side, pad_square, resize
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
@@ -106,42 +109,9 @@ def _to_square_stack(array: np.ndarray, name: str) -> np.ndarray:
     return to_unit_range(array, side, name, channels)
 
 
-def _resize_stack(images: np.ndarray, image_size: int) -> np.ndarray:
-    out = np.empty((len(images), image_size, image_size, *images.shape[3:]), dtype=np.float32)
-    for i, img in enumerate(images):
-        out[i] = _resize(img.astype(np.float32, copy=False), image_size)
-    return out
-
-
-def _resize(img: np.ndarray, image_size: int) -> np.ndarray:
-    """Resize a float32 image: Lanczos when shrinking (sharp, antialiased), bilinear when enlarging (no ringing)."""
-    return _resize_to(img, image_size, image_size)
-
-
-def _resize_to(img: np.ndarray, height: int, width: int) -> np.ndarray:
-    if img.shape[:2] == (height, width):
-        return img
-    if img.ndim == 3:  # (H, W, C): Pillow resizes float images only in mode F, one channel at a time
-        return np.stack([_resize_to(img[..., c], height, width) for c in range(img.shape[2])], axis=-1)
-    shrinking = img.shape[0] > height or img.shape[1] > width
-    method = Image.Resampling.LANCZOS if shrinking else Image.Resampling.BILINEAR
-    resized = np.asarray(Image.fromarray(img).resize((width, height), method), dtype=np.float32)
-    # Lanczos overshoots a little around sharp strokes.
-    return np.clip(resized, 0.0, 1.0)
-
-
-# The padded square of a long, thin image would be (long side)^2 pixels: 30000 x 300 becomes 3.6 GB of float32.
-# Past this long side the image first shrinks, its aspect ratio kept; anything at or under it is resized in one step.
-MAX_LONG_SIDE = 4096
-
-
-def _cap_long_side(img: np.ndarray) -> np.ndarray:
-    height, width = img.shape[:2]
-    long = max(height, width)
-    if long <= MAX_LONG_SIDE:
-        return img
-    scale = MAX_LONG_SIDE / long
-    return _resize_to(img, max(1, round(height * scale)), max(1, round(width * scale)))
+# An image file larger than this is refused before it is read: a 16-bit RGB image at Pillow's pixel limit, stored
+# uncompressed, is about 540 MB.
+MAX_FILE_BYTES = 1 << 30
 
 
 def non_image_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -207,7 +177,7 @@ def check_polarity(polarity: str) -> str:
 
 def light_background(pixels: np.ndarray) -> bool:
     """Whether a gray image (S, S) in [0, 1] is dark on light: its outer ring is mostly bright."""
-    return bool(_border(pixels).mean() > 0.5)
+    return bool(border(pixels).mean() > 0.5)
 
 
 def read_image(path: str | Path, image_size: int = 28, channels: int = 1, polarity: str = "keep") -> np.ndarray:
@@ -234,9 +204,18 @@ def read_image(path: str | Path, image_size: int = 28, channels: int = 1, polari
         If the file cannot be read or decoded; ``.path`` names it.
     """
     try:
-        data = Path(path).read_bytes()
+        st = os.stat(path)
+        # a device (/dev/zero), a FIFO or a socket is not an image file: opening or reading one may never end
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(path, "not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageError(path, f"file of {st.st_size} bytes is over the limit of {MAX_FILE_BYTES} bytes")
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as err:
         raise ImageError(path, f"cannot read file ({err.strerror or err})") from err
+    if len(data) > MAX_FILE_BYTES:  # it grew while read
+        raise ImageError(path, f"file is over the limit of {MAX_FILE_BYTES} bytes")
     return decode_image(data, image_size, str(path), channels, polarity)
 
 
@@ -307,7 +286,7 @@ def decode_image(
         pixels = _to_gray(img, name) if channels == 1 else _to_rgb(img, name)
     if pixels.size == 0:
         raise ImageError(name, "image has no pixels")
-    pixels = _resize(_pad_square(_cap_long_side(pixels)), image_size)
+    pixels = resize(pad_square(cap_long_side(pixels)), image_size)
     if channels == 1 and polarity == "auto" and light_background(pixels):
         pixels = 1.0 - pixels
     return np.clip(pixels, 0.0, 1.0).astype(np.float32, copy=False)
@@ -377,30 +356,6 @@ def _min_max(values: np.ndarray) -> np.ndarray:
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.float32)
     return ((values - lo) / (hi - lo)).astype(np.float32)
-
-
-def _border(img: np.ndarray) -> np.ndarray:
-    """The outer ring of pixels (two wide, one for tiny images): (n,), or (n, C) for (H, W, C)."""
-    width = 1 if min(img.shape[:2]) < 12 else 2
-    mask = np.ones(img.shape[:2], dtype=bool)
-    mask[width:-width, width:-width] = False
-    return img[mask]
-
-
-def _pad_square(img: np.ndarray) -> np.ndarray:
-    """Pad the short side with the background so a resize keeps the aspect ratio.
-
-    The border's median stands for the background: unlike its mean it ignores
-    a stroke that touches the edge.
-    """
-    height, width = img.shape[:2]
-    if height == width:
-        return img
-    side = max(height, width)
-    out = np.full((side, side, *img.shape[2:]), np.median(_border(img), axis=0), dtype=np.float32)
-    top, left = (side - height) // 2, (side - width) // 2
-    out[top : top + height, left : left + width] = img
-    return out
 
 
 def one_image_shapes(image_size: int, channels: int = 1) -> tuple[tuple[int, ...], ...]:

@@ -2,7 +2,7 @@
 
 ``jebm-od score --engine spark INPUT OUTPUT --model ...`` reads a parquet dataset with a
 column ``pixels`` (arrays of S*S numbers, or S*S*3 in H, W, C order for a colour model;
-floats in [0, 1] or integers 0-255) or a column ``path`` (image files readable where the
+floats in [0, 1] or integers 0-255; d numbers for a vector model) or a column ``path`` (image files readable where the
 Spark tasks run, read in the model's channels like ``jebm-od score`` reads them), scores
 every row with the same pyfunc model that ``mlflow models serve`` answers with, and writes
 a parquet dataset: the input columns plus the columns of ``jebm-od score --out``

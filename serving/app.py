@@ -18,7 +18,8 @@ Routes
 ``GET /metrics``     Prometheus text format.
 
 Limits, each answered with a JSON ``{"error": ...}``: body size (413), items per request
-(413), a multipart text field over 1 MB (413), malformed request (400 / 415 / 422), scoring timeout or a full queue (503).
+(413), a multipart text field over 1 MB (413), malformed request (400 / 415 / 422), scoring
+timeout or a full queue (503).
 Scoring runs on one worker thread (torch uses the cores inside it), never on the event
 loop, so health checks and metrics answer while a batch is scored.
 """

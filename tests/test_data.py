@@ -377,20 +377,21 @@ def test_non_square_image_keeps_its_aspect_ratio(tmp_path):
 
 def test_a_long_thin_image_shrinks_before_padding_and_keeps_its_aspect_ratio(tmp_path, monkeypatch):
     import outlier_jebm.images as images
+    from outlier_jebm.geometry import MAX_LONG_SIDE, cap_long_side
 
     # 30000 x 300 pixels: padded to a square first, it would take 3.6 GB of float32
     array = np.zeros((300, 30000), dtype=np.uint8)
     array[:, 14000:16000] = 255  # a bar across the middle
     padded = []
-    real_pad = images._pad_square
-    monkeypatch.setattr(images, "_pad_square", lambda img: padded.append(img.shape) or real_pad(img))
+    real_pad = images.pad_square
+    monkeypatch.setattr(images, "pad_square", lambda img: padded.append(img.shape) or real_pad(img))
     img = read_image(save(Image.fromarray(array), tmp_path / "strip.png"), image_size=28)
-    assert padded == [(41, images.MAX_LONG_SIDE)]  # shrunk to the long-side limit first, the ratio kept
+    assert padded == [(41, MAX_LONG_SIDE)]  # shrunk to the long-side limit first, the ratio kept
     # a strip 0.3 pixels high across the middle row, bright only where the bar is
     assert img.shape == (28, 28) and img[14, 14] > 0.1 and img[14, :4].max() < 0.02 and img[:10].max() < 0.02
     # at or under the limit nothing changes: one resize of the padded square, as before
     small = np.zeros((40, 80), dtype=np.float32)
-    assert images._cap_long_side(small) is small
+    assert cap_long_side(small) is small
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -446,6 +447,22 @@ def test_bad_image_files_raise_image_error_naming_the_file(tmp_path, name, conte
 def test_missing_file_is_an_image_error(tmp_path):
     with pytest.raises(ImageError, match="cannot read file"):
         read_image(tmp_path / "gone.png")
+
+
+def test_a_device_a_fifo_or_an_oversized_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import os
+
+    import outlier_jebm.images as images
+
+    with pytest.raises(ImageError, match="not a regular file"):
+        read_image("/dev/zero")  # read whole, it would never end
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ImageError, match="not a regular file"):
+        read_image(tmp_path / "pipe.png")  # opened, it would wait for a writer
+    path = save(stroke_image(size=56), tmp_path / "x.png")
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", path.stat().st_size - 1)
+    with pytest.raises(ImageError, match="over the limit"):
+        read_image(path)
 
 
 def test_decode_image_matches_read_image(tmp_path):

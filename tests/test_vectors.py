@@ -149,6 +149,17 @@ def test_pyfunc_takes_numeric_columns_and_arrays_of_vectors(vector_model, tmp_pa
     bad[1, 0] = np.inf
     out = model.predict(bad)
     assert out["label"][1] == -1 and out["error"][1] == "input[1]: NaN or infinite value"
+    # one column of arrays, as Spark hands its ``pixels`` column over: a missing or short row costs only itself
+    cells = list(frame.to_numpy(np.float64))
+    out = model.predict(pd.DataFrame({"pixels": cells}))
+    np.testing.assert_allclose(out["score"], want, rtol=1e-5, atol=1e-5)
+    cells[2], cells[3] = None, cells[3][:2]
+    out = model.predict(pd.DataFrame({"pixels": cells}))
+    assert list(out["error"][2:4]) == [
+        "input[2]: missing",
+        "input[3]: 2 values in shape (2,), expected a list of 5 numbers",
+    ]
+    np.testing.assert_allclose(out["score"][[0, 1, 4]], want[[0, 1, 4]], rtol=1e-5, atol=1e-5)
 
 
 def test_breast_cancer_holds_out_a_subsample_of_malignant_cases_as_in_odds_wbc():

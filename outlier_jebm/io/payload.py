@@ -197,6 +197,9 @@ def items_from_vectors(rows: Any, dim: int, name: str = "instances") -> list[Ite
         raise DataError(f"{name}: shape {array.shape} is not (N, {dim}) vectors")
     items = []
     for i, row in enumerate(rows):
+        if row is None:
+            items.append(Item(error=f"{name}[{i}]: missing"))
+            continue
         try:
             vec = np.asarray(row, dtype=np.float64)
         except (ValueError, TypeError):

@@ -8,7 +8,8 @@
 - a DataFrame with a column ``pixels`` of arrays (S*S or S*S*3 values), or a column ``path``
   of image files,
 - an array (``inputs``) of shape (N, S*S) or (N, S, S), or (N, S*S*3) or (N, S, S, 3);
-- for a vector model (``model.data_kind: vector``): d numeric columns, or an (N, d) array;
+- for a vector model (``model.data_kind: vector``): d numeric columns, one column of arrays of d
+  numbers (Spark's ``pixels``), or an (N, d) array;
 
 floats in [0, 1] or integers 0-255, white strokes on black as in the MNIST files. Inputs
 become the model's kind: a grayscale model takes colour as luminance, a colour model
@@ -51,7 +52,16 @@ class JEBMPyfuncModel(mlflow.pyfunc.PythonModel):
         if model_cfg.is_vector:  # d numeric columns, or an (N, d) array
             if isinstance(model_input, dict) and len(model_input) == 1:
                 model_input = next(iter(model_input.values()))
-            rows = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
+            if (
+                isinstance(model_input, pd.DataFrame)
+                and model_input.shape[1] == 1
+                and model_input.dtypes.iloc[0].kind == "O"
+            ):
+                rows = model_input.iloc[:, 0].tolist()  # one column of arrays, as Spark's ``pixels`` column arrives
+            elif isinstance(model_input, pd.DataFrame):
+                rows = model_input.to_numpy()
+            else:
+                rows = np.asarray(model_input)
             items = items_from_vectors(rows, model_cfg.vector_dim, "input")
         elif isinstance(model_input, pd.DataFrame):
             items = items_from_frame(model_input, size, channels)
