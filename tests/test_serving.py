@@ -361,6 +361,21 @@ def test_payload_parsing_per_item():
     assert "cannot read" in errs[0] and "not a file path" in errs[1]
     with pytest.raises(DataError, match="numeric"):
         items_from_frame(pd.DataFrame({"a": [1.0], "b": ["x"]}), s)
+    # 64 integer pixel columns (0-255): a missing cell, or one that is not a number, costs its own row only
+    pixels = np.random.default_rng(0).integers(0, 256, size=(4, s * s))
+    frame = pd.DataFrame(pixels, columns=[f"p{j}" for j in range(s * s)]).astype(object)
+    frame.iloc[1, 5], frame.iloc[2, 7] = None, "x"
+    items = items_from_frame(frame, s)
+    want = items_from_array(pixels, s)
+    assert items[1].error == "input[1]: missing or not a number in column(s) p5"
+    assert items[2].error == "input[2]: missing or not a number in column(s) p7"
+    for i in (0, 3):
+        assert items[i].error is None
+        np.testing.assert_array_equal(items[i].pixels, want[i].pixels)
+    # a lone string in a column named pixels is that row's problem, not a reason to read every row as a path
+    cells = [np.full(s * s, 0.25), "x", np.full(s * s, 0.5)]
+    errors = [it.error for it in items_from_frame(pd.DataFrame({"pixels": cells}), s)]
+    assert errors[0] is None and errors[2] is None and errors[1].startswith("pixels[1]")
 
 
 def test_pixels_cells_stay_aligned_one_item_per_row():

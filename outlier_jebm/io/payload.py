@@ -111,16 +111,47 @@ def items_from_frame(frame, image_size: int, channels: int = 1) -> list[Item]:
     one column ``pixels`` of arrays, or one column ``path`` of image files (a single unnamed
     column of strings is read as paths)."""
     cols = list(frame.columns)
-    if "path" in cols or len(cols) == 1 and frame[cols[0]].map(lambda v: isinstance(v, str)).any():
-        return [_item_from_path(p, image_size, channels) for p in frame["path" if "path" in cols else cols[0]].tolist()]
+    if "path" in cols:
+        return [_item_from_path(p, image_size, channels) for p in frame["path"].tolist()]
     if "pixels" in cols or len(cols) == 1:
         cells = frame["pixels" if "pixels" in cols else cols[0]].tolist()
+        given = [v for v in cells if v is not None]
+        if "pixels" not in cols and given and all(isinstance(v, str) for v in given):  # one unnamed column of paths
+            return [_item_from_path(p, image_size, channels) for p in cells]
         return items_from_cells(cells, image_size, channels=channels)
-    numeric = frame.select_dtypes(include="number")
-    if numeric.shape[1] != len(cols):
-        bad = [c for c in cols if c not in numeric.columns][:5]
-        raise DataError(f"input columns must all be numeric pixel columns; not numeric: {bad}")
-    return items_from_array(frame.to_numpy(), image_size, "input", channels)
+    return _items_from_pixel_columns(frame, image_size, channels)
+
+
+def _items_from_pixel_columns(frame, image_size: int, channels: int) -> list[Item]:
+    """S*S (or S*S*3) numeric columns. A cell that is missing or not a number costs its own row only; a column with
+    no number in it at all is the wrong input, refused whole."""
+    import pandas as pd
+
+    cols = list(frame.columns)
+    odd = [c for c in cols if frame[c].dtype.kind not in "iufb"]
+    if odd:
+        coerced = frame[odd].apply(pd.to_numeric, errors="coerce")
+        hopeless = [c for c in odd if coerced[c].isna().all()]
+        if hopeless:
+            raise DataError(f"input columns must all be numeric pixel columns; not numeric: {hopeless[:5]}")
+        frame = frame.copy()
+        frame[odd] = coerced
+    gaps = frame.isna().to_numpy()
+    values = frame.to_numpy(dtype=np.float64) if odd or gaps.any() else frame.to_numpy()
+    if not gaps.any():
+        return items_from_array(values, image_size, "input", channels)
+    # integer pixel columns with a gap arrive as floats: a full row of whole numbers above 1 is read as 0-255 again
+    items = []
+    for i, row in enumerate(values):
+        name = f"input[{i}]"
+        if gaps[i].any():
+            where = [str(c) for c, gap in zip(cols, gaps[i]) if gap][:3]
+            items.append(Item(error=f"{name}: missing or not a number in column(s) {', '.join(where)}"))
+            continue
+        if row.max() > 1 and (row == np.round(row)).all():
+            row = row.astype(np.int64)
+        items.append(_one_image(row, image_size, name, channels))
+    return items
 
 
 def items_from_cells(cells: list, image_size: int, name: str = "pixels", channels: int = 1) -> list[Item]:
