@@ -121,7 +121,7 @@ def run_load(
 
 def in_process(model: str, images: np.ndarray, batch: int, steps: int | None, seconds: float) -> float:
     from outlier_jebm.checkpoint import load_model
-    from outlier_jebm.pipeline import resolve_model_dir
+    from outlier_jebm.modeldirs import resolve_model_dir
     from outlier_jebm.scoring import Scorer
 
     scorer = Scorer(load_model(resolve_model_dir(model)), steps=steps)

@@ -42,7 +42,7 @@ def check_device_or_fail(device: str) -> None:
 
 def load_model_or_fail(model: Optional[str], device: str = "cpu"):
     from outlier_jebm.checkpoint import CheckpointError, load_model
-    from outlier_jebm.pipeline import resolve_model_dir
+    from outlier_jebm.modeldirs import resolve_model_dir
 
     try:
         return load_model(resolve_model_dir(model), device=device)

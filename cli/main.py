@@ -80,7 +80,8 @@ def fit(
     from outlier_jebm.config import Config, ConfigError
     from outlier_jebm.data import DataError
     from outlier_jebm.distributed import is_main_process
-    from outlier_jebm.pipeline import default_out_dir, prepare_data, run_fit
+    from outlier_jebm.modeldirs import default_out_dir
+    from outlier_jebm.pipeline import prepare_data, run_fit
     from outlier_jebm.train import MLE_ELBO_NOTE, TrainingDiverged, held_in_elbo_label
 
     # under torchrun every rank runs this command; rank 0 alone reports progress (errors come from any rank)

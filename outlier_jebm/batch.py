@@ -107,7 +107,8 @@ def score_tables(
     """Vector models: one row per table row (``path`` is ``FILE:ROW``, rows counted from 0).
 
     Each file is a table (``tables.load_table``: .csv, .parquet, .npy, .npz) with the model's
-    number of features. A file that cannot be read, or has the wrong width, is one error row;
+    number of features; a .csv / .parquet table's columns are picked by the names the model was
+    fitted on, where it recorded them (other columns, such as an index, are left out). A file that cannot be read, or has the wrong width, is one error row;
     a row holding NaN or an infinite value is an error row of its own and the rest are scored.
     """
     from .data import DataError
@@ -115,9 +116,10 @@ def score_tables(
 
     paths = [Path(p) for p in paths]
     dim = scorer.config.model.vector_dim
+    names = scorer.feature_names  # a table's columns are matched by name where the model recorded them
     for n, path in enumerate(paths):
         try:
-            features, _ = load_table(path, allow_nonfinite=True)
+            features, _ = load_table(path, allow_nonfinite=True, columns=names)
             if features.shape[1] != dim:
                 raise DataError(f"{path}: {features.shape[1]} features, but the model was fitted on {dim}")
         except DataError as exc:

@@ -132,6 +132,7 @@ class JEBMDetector(BaseDetector):
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         self._set_n_classes(y)
+        names = _column_names(X)
         X = np.asarray(X)
         cfg = self._config_for(X)
         data = self._validated(X, cfg)
@@ -139,7 +140,13 @@ class JEBMDetector(BaseDetector):
             raise ValueError(f"X: {len(data)} samples are too few to fit and calibrate a detector (at least 10)")
         order = np.random.default_rng(cfg.train.seed).permutation(len(data))
         n_val = max(5, int(round(self.val_fraction * len(data))))
-        td = TrainingData(train=data[order[n_val:]], val=data[order[:n_val]], name="JEBMDetector.fit", holdout=None)
+        td = TrainingData(
+            train=data[order[n_val:]],
+            val=data[order[:n_val]],
+            name="JEBMDetector.fit",
+            holdout=None,
+            feature_names=names if X.ndim == 2 else None,
+        )
         if self.model_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="jebm-detector-")
             out = Path(self._tmp.name)
@@ -155,6 +162,10 @@ class JEBMDetector(BaseDetector):
         self.config_ = self._scorer.config
         self.data_kind_ = cfg.model.data_kind
         self.data_shape_ = tuple(cfg.model.data_shape)
+        if X.ndim == 2:  # scikit-learn's record of the features (their names only where X had string column names)
+            self.n_features_in_ = int(X.shape[1])
+            if names is not None:
+                self.feature_names_in_ = np.asarray(names, dtype=object)
         self.decision_scores_ = self._scorer.score(data)["score"]
         self._process_decision_scores()
         return self
@@ -173,6 +184,14 @@ class JEBMDetector(BaseDetector):
             The anomaly score of each sample.
         """
         check_is_fitted(self, ["decision_scores_", "threshold_", "labels_"])
+        fitted_names = getattr(self, "feature_names_in_", None)
+        given = _column_names(X)
+        if fitted_names is not None and given is not None and given != list(fitted_names):
+            # a DataFrame's columns are matched by name, as they were fitted, whatever their order
+            missing = [c for c in fitted_names if c not in given]
+            if missing:
+                raise DataError(f"X: column(s) {', '.join(missing[:5])} missing; the detector was fitted on them")
+            X = X[list(fitted_names)]
         return self._scorer.score(self._validated(np.asarray(X), self.config_))["score"]
 
     def _config_for(self, X: np.ndarray) -> Config:
@@ -232,3 +251,11 @@ class JEBMDetector(BaseDetector):
         if m.channels == 1:
             return to_unit_range(X, m.image_size, name="X")
         return to_unit_range(X, m.image_size, name="X", channels=m.channels)
+
+
+def _column_names(X) -> list[str] | None:
+    """A DataFrame's column names when every one is a string (as scikit-learn records them), else None."""
+    columns = getattr(X, "columns", None)
+    if columns is None or not all(isinstance(c, str) for c in columns):
+        return None
+    return list(columns)

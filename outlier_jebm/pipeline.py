@@ -16,12 +16,11 @@ from .data import DataError, check_polarity, holdout_split, is_named_source, loa
 from .distributed import ProcessGroup
 from .evaluate import Evaluation
 from .model import JointEBM
+from .modeldirs import remember_latest
 from .sampling import reconstructions, sample_figures
 from .scoring import calibrate
 from .tracking import Tracker
 from .train import StepHook, fit, planned_epochs, resolve_device, seed_everything, steps_per_epoch
-
-LATEST_POINTER = Path("models") / "latest"
 
 
 @dataclass
@@ -37,6 +36,7 @@ class TrainingData:
     train_labels: np.ndarray | None = None  # class labels of ``train`` where the source has them
     max_train: int | None = None
     polarity: str = "keep"  # how image files were read (data.decode_image); scoring defaults to the same
+    feature_names: list[str] | None = None  # a vector table's column names (none for arrays): scoring matches them
 
 
 def prepare_data(
@@ -100,7 +100,7 @@ def prepare_data(
         raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     if split == "published" and (holdout is None or str(source).strip().lower() != "mnist"):
         raise DataError("the published split is MNIST's hold-out protocol: it needs --data mnist and --holdout")
-    from .tables import is_vector_source, load_vector_dataset, vector_holdout_split
+    from .tables import feature_names_of, is_vector_source, load_vector_dataset, vector_holdout_split
 
     vectors = data_kind == "vector" or is_vector_source(source)
     if vectors:
@@ -142,26 +142,8 @@ def prepare_data(
         train_labels=train_labels,
         max_train=max_train,
         polarity=polarity,
+        feature_names=feature_names_of(ds) if vectors else None,
     )
-
-
-def default_out_dir(data_name: str, holdout: int | None) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    tag = f"{Path(data_name).name}-holdout{holdout}" if holdout is not None else Path(data_name).name
-    return Path("models") / f"{tag}-{stamp}"
-
-
-def remember_latest(out_dir: Path) -> None:
-    LATEST_POINTER.parent.mkdir(parents=True, exist_ok=True)
-    LATEST_POINTER.write_text(str(out_dir.resolve()) + "\n")
-
-
-def latest_model_dir(pointer: Path = LATEST_POINTER) -> Path | None:
-    """The model directory a ``latest`` pointer file names (as ``fit`` writes it), or None."""
-    if pointer.is_file():
-        path = Path(pointer.read_text(errors="replace").strip())
-        return path if path.is_dir() else None
-    return None
 
 
 @dataclass
@@ -255,6 +237,7 @@ def run_fit(
         "split": data.split,
         "max_train": data.max_train,
         "polarity": data.polarity,
+        "feature_names": data.feature_names,
         "n_train": int(len(data.train)),
         "n_val": int(len(data.val)),
         "image_size": config.model.image_size,
@@ -365,27 +348,6 @@ def run_fit(
         stopped=result.stopped,
         epochs_done=result.epochs_done,
     )
-
-
-def resolve_model_dir(model: str | Path | None) -> Path:
-    """``--model`` as given (a directory, a ``latest`` pointer file or an MLflow model URI), else the last
-    model fitted here."""
-    from .registry import fetch_model_dir, is_model_uri
-
-    if is_model_uri(model):
-        return fetch_model_dir(str(model))
-    if model is not None:
-        path = Path(model)
-        if path.name == LATEST_POINTER.name and path.is_file():  # `--model models/latest`: follow the pointer
-            target = latest_model_dir(path)
-            if target is None:
-                raise FileNotFoundError(f"{model}: the model directory it names no longer exists")
-            return target
-        return path
-    latest = latest_model_dir()
-    if latest is None:
-        raise FileNotFoundError("no --model given and no model fitted from this directory yet: run `jebm-od fit` first")
-    return latest
 
 
 @dataclass

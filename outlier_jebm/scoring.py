@@ -263,6 +263,8 @@ class Scorer:
             )
         self.image_size = loaded.config.model.image_size
         self.channels = loaded.config.model.channels  # 1: inputs (N, S, S); 3: (N, S, S, 3)
+        # a vector model fitted on a table with a header: its columns, matched by name when a table is scored
+        self.feature_names: list[str] | None = (loaded.meta or {}).get("feature_names")
 
     @property
     def component_names(self) -> list[str]:

@@ -43,7 +43,7 @@ def pyfunc_uri_for(model: str | None, workdir: Path) -> str:
     """An MLflow model URI ``spark_udf`` can load: a ``models:/``/``runs:/`` URI as given; a model
     directory (or the last fitted model) is saved as a pyfunc model under ``workdir`` first."""
     from .checkpoint import load_model
-    from .pipeline import resolve_model_dir
+    from .modeldirs import resolve_model_dir
     from .registry import is_model_uri, save_pyfunc
 
     if is_model_uri(model):

@@ -117,12 +117,24 @@ def load_vector_dataset(source: str, data_dir: str | Path | None = None) -> Vect
     return VectorDataset(features, None, Path(source).name, columns)
 
 
-def load_table(path: str | Path, *, allow_nonfinite: bool = False) -> tuple[np.ndarray, list[str]]:
+def feature_names_of(ds: VectorDataset) -> list[str] | None:
+    """The data set's column names, or None where it had none (an array's ``x0``, ``x1``, ... stand-ins)."""
+    if ds.columns == [f"x{i}" for i in range(ds.features.shape[1])]:
+        return None
+    return list(ds.columns)
+
+
+def load_table(
+    path: str | Path, *, allow_nonfinite: bool = False, columns: list[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
     """Read a table of numbers: ``.csv`` (a header row), ``.parquet``, or a 2-d ``.npy`` / ``.npz``.
 
     Every column must be numeric and (unless ``allow_nonfinite``, for scoring, where a bad row
     is reported on its own) every value finite; the error names the file and the column (or
-    row) at fault.
+    row) at fault. ``columns`` (the feature names a model was fitted on) picks those columns of a
+    ``.csv`` / ``.parquet`` table by name, in that order, whatever else the table holds (an index
+    column, an id); one of them missing is an error that names it. Arrays have no names: they
+    are read as they are.
 
     Returns
     -------
@@ -141,6 +153,15 @@ def load_table(path: str | Path, *, allow_nonfinite: bool = False) -> tuple[np.n
             frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
         except Exception as exc:  # pandas raises many kinds; the message says which file and why
             raise DataError(f"{path}: not a readable {suffix[1:]} table ({type(exc).__name__}: {exc})") from None
+        if columns is not None:
+            frame.columns = [str(c) for c in frame.columns]
+            missing = [c for c in columns if c not in frame.columns]
+            if missing:
+                raise DataError(
+                    f"{path}: column(s) {', '.join(missing[:5])} missing; the model was fitted on the columns "
+                    f"{', '.join(columns[:8])}{' ...' if len(columns) > 8 else ''}"
+                )
+            frame = frame[columns]
         bad = [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
         if bad:
             raise DataError(f"{path}: column(s) {', '.join(bad[:5])} are not numeric; vectors need numbers only")

@@ -417,7 +417,7 @@ def load_for_serving(model: str | Path | None) -> tuple[LoadedModel, str, float]
     directory's own name: never a path on the server's disk) and the load time.
     """
     from outlier_jebm.checkpoint import load_model
-    from outlier_jebm.pipeline import resolve_model_dir
+    from outlier_jebm.modeldirs import resolve_model_dir
     from outlier_jebm.registry import is_model_uri
 
     t0 = time.perf_counter()

@@ -148,6 +148,22 @@ def test_vectors_of_any_width_train_and_score(d):
     assert scores[20:].min() > np.median(scores[:20])
 
 
+def test_a_dataframe_is_scored_by_its_column_names_as_scikit_learn_records_them(fitted, vectors):
+    import pandas as pd
+
+    X_train, X_test, *_ = vectors
+    assert fitted.n_features_in_ == 6 and not hasattr(fitted, "feature_names_in_")  # an array has no names
+    names = [f"f{i}" for i in range(6)]
+    det = JEBMDetector(contamination=0.1, config=tiny_vector_config(), random_state=0)
+    det.fit(pd.DataFrame(X_train, columns=names))
+    assert list(det.feature_names_in_) == names and det.n_features_in_ == 6
+    frame = pd.DataFrame(X_test, columns=names)
+    want = det.decision_function(X_test)
+    np.testing.assert_array_equal(det.decision_function(frame[names[::-1]]), want)  # any order: matched by name
+    with pytest.raises(ValueError, match="X: column.s. f5 missing"):
+        det.decision_function(frame.drop(columns="f5").assign(other=0.0))
+
+
 def test_standardisation_is_fitted_on_the_training_data_and_saved_with_the_model(fitted, vectors):
     from outlier_jebm.checkpoint import load_model
 

@@ -85,9 +85,20 @@ def test_cli_fits_a_csv_table_and_scores_it_row_by_row(vector_model, monkeypatch
     scorer = Scorer(load_model(vector_model["dir"]))
     want = scorer.score(test.drop(3).to_numpy(np.float32))["score"]
     np.testing.assert_allclose(ok["score"].to_numpy(), want, rtol=1e-5, atol=1e-5)
-    # a table of the wrong width is one error row naming the problem; --maps has nothing to draw
+    # columns are matched by the names the model was fitted on: another order plus the index column pandas writes
+    # score the same; a table without one of them, or an array of the wrong width, is one error row saying why
+    test.iloc[:, ::-1].to_csv(work / "shuffled.csv", index=True)
+    res = runner.invoke(
+        app, ["score", str(work / "shuffled.csv"), "--model", str(vector_model["dir"]), "--out", str(work / "s2.csv")]
+    )
+    assert res.exit_code == 0, res.output
+    np.testing.assert_allclose(pd.read_csv(work / "s2.csv")["score"].drop(3).to_numpy(), want, rtol=1e-5, atol=1e-5)
+    assert load_model(vector_model["dir"]).meta["feature_names"] == [f"f{i}" for i in range(D)]
     table(3, 3).iloc[:, :4].to_csv(work / "narrow.csv", index=False)
     res = runner.invoke(app, ["score", str(work / "narrow.csv"), "--model", str(vector_model["dir"])])
+    assert res.exit_code == 1 and "column(s) f4 missing" in " ".join(res.output.split())
+    np.save(work / "narrow.npy", table(3, 3).iloc[:, :4].to_numpy())
+    res = runner.invoke(app, ["score", str(work / "narrow.npy"), "--model", str(vector_model["dir"])])
     assert res.exit_code == 1 and "4 features, but the model was fitted on 5" in res.output
     res = runner.invoke(app, ["score", str(work / "test.csv"), "--model", str(vector_model["dir"]), "--maps", "m"])
     assert res.exit_code == 2 and "vector model" in res.output
@@ -145,6 +156,9 @@ def test_pyfunc_takes_numeric_columns_and_arrays_of_vectors(vector_model, tmp_pa
         out = model.predict(given)
         np.testing.assert_allclose(out["score"], want, rtol=1e-5, atol=1e-5)
         assert (out["error"] == "").all()
+    # named columns are picked by name, in any order and beside others
+    out = model.predict(frame.iloc[:, ::-1].assign(id=range(len(frame))))
+    np.testing.assert_allclose(out["score"], want, rtol=1e-5, atol=1e-5)
     bad = frame.to_numpy().copy()
     bad[1, 0] = np.inf
     out = model.predict(bad)

@@ -8,8 +8,9 @@
 - a DataFrame with a column ``pixels`` of arrays (S*S or S*S*3 values), or a column ``path``
   of image files,
 - an array (``inputs``) of shape (N, S*S) or (N, S, S), or (N, S*S*3) or (N, S, S, 3);
-- for a vector model (``model.data_kind: vector``): d numeric columns, one column of arrays of d
-  numbers (Spark's ``pixels``), or an (N, d) array;
+- for a vector model (``model.data_kind: vector``): d numeric columns (picked by name when they
+  include the columns of the table it was fitted on, else taken in order), one column of arrays of
+  d numbers (Spark's ``pixels``), or an (N, d) array;
 
 floats in [0, 1] or integers 0-255, white strokes on black as in the MNIST files. Inputs
 become the model's kind: a grayscale model takes colour as luminance, a colour model
@@ -59,6 +60,10 @@ class JEBMPyfuncModel(mlflow.pyfunc.PythonModel):
             ):
                 rows = model_input.iloc[:, 0].tolist()  # one column of arrays, as Spark's ``pixels`` column arrives
             elif isinstance(model_input, pd.DataFrame):
+                names = self.scorer.feature_names
+                given = [str(c) for c in model_input.columns]
+                if names and set(names) <= set(given):  # the fitted table's columns, by name, in their order
+                    model_input = model_input.set_axis(given, axis=1)[names]
                 rows = model_input.to_numpy()
             else:
                 rows = np.asarray(model_input)
