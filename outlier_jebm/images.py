@@ -114,13 +114,29 @@ def _to_square_stack(array: np.ndarray, name: str) -> np.ndarray:
 MAX_FILE_BYTES = 1 << 30
 
 
+def _walk(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Every file under ``folder``, following linked folders (each real folder once, so a link loop ends), sorted;
+    and the links that point at nothing."""
+    files, broken, seen = [], [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in names:
+            path = Path(root) / name
+            (files if path.is_file() else broken if path.is_symlink() and not path.exists() else []).append(path)
+    return sorted(files), sorted(broken)
+
+
 def non_image_files(paths: Iterable[str | Path]) -> list[Path]:
     """Files inside the given folders that ``image_files`` passes over (not images by suffix), sorted."""
     out: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
-            out.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES))
+            out.extend(p for p in _walk(path)[0] if p.suffix.lower() not in IMAGE_SUFFIXES)
     return out
 
 
@@ -138,8 +154,9 @@ def image_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Pat
     files : list of Path
         Image files, by suffix (png, jpg, jpeg, bmp, tif, tiff, webp; any case).
     problems : list of (Path, str)
-        Paths that do not exist, folders with no image file in them, and files
-        given explicitly that are not images by suffix, each with the reason.
+        Paths that do not exist, folders with no image file in them, links in
+        them that point at nothing, and files given explicitly that are not
+        images by suffix, each with the reason. Linked folders are followed.
         Other files inside folders are ignored, as a folder may hold notes or
         labels beside its images.
     """
@@ -148,7 +165,9 @@ def image_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Pat
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            everything, broken = _walk(path)
+            found = [p for p in everything if p.suffix.lower() in IMAGE_SUFFIXES]
+            problems.extend((p, "a link to a file that does not exist") for p in broken)
             if not found:
                 problems.append((path, f"a folder with no image files in it ({', '.join(sorted(IMAGE_SUFFIXES))})"))
             files.extend(found)

@@ -490,6 +490,19 @@ def test_image_files_expands_folders_recursively_and_reports_problems(tmp_path):
     ]
 
 
+def test_image_files_follow_linked_folders_once_and_report_broken_links(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "x.png").write_bytes(b"x")
+    (tmp_path / "top").mkdir()
+    (tmp_path / "top" / "a.png").write_bytes(b"x")
+    (tmp_path / "top" / "linked").symlink_to(tmp_path / "shared")  # a folder of images kept elsewhere
+    (tmp_path / "top" / "loop").symlink_to(tmp_path / "top")  # a link back up: walked once, not forever
+    (tmp_path / "top" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    files, problems = image_files([tmp_path / "top"])
+    assert [p.relative_to(tmp_path).as_posix() for p in files] == ["top/a.png", "top/linked/x.png"]
+    assert [(p.name, reason) for p, reason in problems] == [("gone.png", "a link to a file that does not exist")]
+
+
 def test_image_folder_loads_as_an_unlabelled_dataset(tmp_path):
     (tmp_path / "imgs" / "sub").mkdir(parents=True)
     save(stroke_image(), tmp_path / "imgs" / "a.png")
