@@ -34,9 +34,10 @@ class JEBMDetector(BaseDetector):
 
     Parameters
     ----------
-    contamination : float in (0., 0.5), optional (default=0.1)
+    contamination : float in (0., 0.5] or a PyThresh thresholder, optional (default=0.1)
         The expected share of outliers in the training data. As in every PyOD detector it sets
-        ``threshold_``, the (1 - contamination) quantile of ``decision_scores_``.
+        ``threshold_``, the (1 - contamination) quantile of ``decision_scores_``; a thresholder
+        (an object with ``fit(scores)`` setting ``labels_`` and ``thresh_``) sets them instead.
     config : Config, str or Path, optional (default=None)
         Model, training and scoring configuration, or a YAML file. None: the packaged
         ``vectors.yaml`` for vectors, ``mnist.yaml`` (conv backbone) for images of 28, 32 or
@@ -125,15 +126,20 @@ class JEBMDetector(BaseDetector):
         from .scoring import Scorer
         from .train import resolve_device
 
-        if not 0.0 < self.contamination <= 0.5:
-            raise ValueError(f"contamination must be in (0, 0.5], got {self.contamination}")
+        if _is_number(self.contamination):
+            if not 0.0 < self.contamination <= 0.5:
+                raise ValueError(f"contamination must be in (0, 0.5], got {self.contamination}")
+        elif not callable(getattr(self.contamination, "fit", None)):
+            raise ValueError(
+                f"contamination must be a number in (0, 0.5] or a PyThresh thresholder, got {self.contamination!r}"
+            )
         if self.preprocessing not in PREPROCESSING:
             raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {self.preprocessing!r}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         self._set_n_classes(y)
         names = _column_names(X)
-        X = np.asarray(X)
+        X = _as_array(X)
         cfg = self._config_for(X)
         data = self._validated(X, cfg)
         if len(data) < 10:
@@ -192,7 +198,7 @@ class JEBMDetector(BaseDetector):
             if missing:
                 raise DataError(f"X: column(s) {', '.join(missing[:5])} missing; the detector was fitted on them")
             X = X[list(fitted_names)]
-        return self._scorer.score(self._validated(np.asarray(X), self.config_))["score"]
+        return self._scorer.score(self._validated(_as_array(X), self.config_))["score"]
 
     def _config_for(self, X: np.ndarray) -> Config:
         """The config to fit X with: the data kind, the feature count or the image size from X itself."""
@@ -215,7 +221,8 @@ class JEBMDetector(BaseDetector):
                 "(n_samples, H, W) or (n_samples, H, W, C)"
             )
         return cfg.with_overrides(
-            score={"false_alarm_rate": float(self.contamination)},
+            # a PyThresh thresholder sets labels_ itself; the model's calibration keeps the config's rate
+            score={"false_alarm_rate": float(self.contamination) if _is_number(self.contamination) else None},
             train={"epochs": self.epochs, "seed": self.random_state},
         )
 
@@ -259,3 +266,20 @@ def _column_names(X) -> list[str] | None:
     if columns is None or not all(isinstance(c, str) for c in columns):
         return None
     return list(columns)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _as_array(X) -> np.ndarray:
+    """A DataFrame's numbers as floats (nullable Int64 / Float64 and booleans too, a missing value as NaN), a column
+    that is not numeric named; anything else as ``np.asarray`` gives it."""
+    if not hasattr(X, "columns") or not hasattr(X, "to_numpy"):
+        return np.asarray(X)
+    from pandas.api.types import is_numeric_dtype
+
+    bad = [str(c) for c in X.columns if not is_numeric_dtype(X[c])]
+    if bad:
+        raise DataError(f"X: column(s) {', '.join(bad[:5])} are not numeric; vectors need numbers only")
+    return X.to_numpy(dtype=np.float64, na_value=np.nan)

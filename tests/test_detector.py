@@ -164,6 +164,34 @@ def test_a_dataframe_is_scored_by_its_column_names_as_scikit_learn_records_them(
         det.decision_function(frame.drop(columns="f5").assign(other=0.0))
 
 
+def test_nullable_and_boolean_dataframe_columns_are_numbers_and_a_text_column_is_named(fitted, vectors):
+    import pandas as pd
+
+    X_train, X_test, *_ = vectors
+    frame = pd.DataFrame(X_test, columns=[f"f{i}" for i in range(6)])
+    nullable = frame.astype("Float64")
+    np.testing.assert_allclose(fitted.decision_function(nullable), fitted.decision_function(X_test), rtol=1e-6)
+    nullable.iloc[0, 0] = pd.NA  # a missing value is NaN: refused by row and feature, as in an array
+    with pytest.raises(ValueError, match="row 0, feature 0"):
+        fitted.decision_function(nullable)
+    with pytest.raises(ValueError, match="X: column.s. f2 are not numeric"):
+        fitted.decision_function(frame.astype({"f2": "category"}))
+
+
+def test_a_pythresh_style_thresholder_sets_the_labels(vectors):
+    X_train, *_ = vectors
+
+    class TopTen:  # PyThresh's contract: fit(scores) sets labels_ and thresh_
+        def fit(self, scores):
+            self.thresh_ = float(np.sort(scores)[-10])
+            self.labels_ = (scores >= self.thresh_).astype(int)
+
+    det = JEBMDetector(contamination=TopTen(), config=tiny_vector_config(epochs=1), random_state=0).fit(X_train)
+    assert det.labels_.sum() == 10 and det.threshold_ == np.sort(det.decision_scores_)[-10]
+    with pytest.raises(ValueError, match="PyThresh thresholder"):
+        JEBMDetector(contamination="ten percent").fit(X_train)
+
+
 def test_standardisation_is_fitted_on_the_training_data_and_saved_with_the_model(fitted, vectors):
     from outlier_jebm.checkpoint import load_model
 
