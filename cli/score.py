@@ -85,6 +85,9 @@ def score(
     columns = scorer.component_names
     writer = None
     if out is not None:
+        given = {p.expanduser().resolve() for p in paths}
+        if out.expanduser().resolve() in given:
+            fail(f"--out {out} is one of the inputs: it would be replaced by the scores; write them elsewhere")
         try:
             writer = ResultWriter(out, columns)
         except ValueError as exc:
@@ -110,16 +113,29 @@ def score(
             if vectors
             else score_files(scorer, paths, maps_dir=maps, on_progress=on_progress, polarity=polarity, light=light)
         )
-        for row in rows:
+        try:
+            for row in rows:
+                if writer is not None:
+                    writer.write(row)
+                if row["error"]:
+                    errors.append((row["path"], row["error"]))
+                    continue
+                rows_scored += 1
+                n_flagged += int(row["label"])
+                top_rows.append(
+                    (row["score_normalized"], row["path"], row["label"], row["top_component"], row["score"])
+                )
+                top_rows = sorted(top_rows, reverse=True)[:top]
+        except BaseException:  # an interrupt, or a failure writing: what was scored is kept, --out is untouched
             if writer is not None:
-                writer.write(row)
-            if row["error"]:
-                errors.append((row["path"], row["error"]))
-                continue
-            rows_scored += 1
-            n_flagged += int(row["label"])
-            top_rows.append((row["score_normalized"], row["path"], row["label"], row["top_component"], row["score"]))
-            top_rows = sorted(top_rows, reverse=True)[:top]
+                writer.close(complete=False)
+                if writer.partial.exists():
+                    console.print(
+                        f"[yellow]stopped:[/] the rows scored so far are in {escape(str(writer.partial))}; "
+                        f"{escape(str(out))} is unchanged",
+                        soft_wrap=True,
+                    )
+            raise
     if writer is not None:
         writer.close()
     skipped = [] if vectors else non_image_files(paths)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -41,7 +43,8 @@ def score_files(
     paths : iterable of str or Path
         Image files.
     maps_dir : Path, optional
-        Where to write each image's anomaly map (PNG).
+        Where to write each image's anomaly map: ``NNNNNN-<file name>.png``, ``NNNNNN`` the
+        image's row in the output (from 0), so that no two inputs share a map.
     on_progress : callable, optional
         Called with (done, total) after each batch.
     polarity : str, default "keep"
@@ -89,7 +92,8 @@ def score_files(
                 scored[str(path)] = {k: table[k][i] for k in table}
                 if maps_dir is not None:
                     maps_dir.mkdir(parents=True, exist_ok=True)
-                    anomaly_overlay(batch[i], bs.pixel_error[i]).save(maps_dir / f"{_safe_name(path)}.png")
+                    row_index = done + chunk.index(path)  # the row's place in the output
+                    anomaly_overlay(batch[i], bs.pixel_error[i]).save(maps_dir / _map_name(row_index, path))
         for path in chunk:
             key = str(path)
             yield _row(key, scored[key]) if key in scored else _error_row(path, bad[key])
@@ -139,8 +143,11 @@ def score_tables(
             on_progress(n + 1, len(paths))
 
 
-def _safe_name(path: Path) -> str:
-    return "_".join(path.with_suffix("").parts[-3:]).replace(" ", "_")
+def _map_name(index: int, path: Path) -> str:
+    """The overlay's file name: the input's position in the output (so no two inputs share one, whatever their
+    folders or suffixes) and its name, with nothing but letters, digits, ``-`` and ``_`` in it (``a.png``: ``a_png``)."""
+    stem = re.sub(r"[^A-Za-z0-9-]+", "_", path.name).strip("_") or "image"
+    return f"{index:06d}-{stem}.png"
 
 
 def _row(path: str, values: dict) -> dict:
@@ -155,7 +162,13 @@ def _error_row(path: Path | str, reason: str) -> dict:
 
 
 class ResultWriter:
-    """Streams rows to csv, json (one array) or parquet, chosen by the file's extension."""
+    """Streams rows to csv, json (one array) or parquet, chosen by the file's extension.
+
+    Rows go to ``<stem>.partial<suffix>`` beside ``path``, which replaces ``path`` when the writer
+    closes: an existing file is never left half written. Used as a context manager and left by an
+    exception (an interrupt), the partial file is closed as a valid file and kept, with the rows
+    written so far, and ``path`` is untouched.
+    """
 
     def __init__(self, path: Path, component_columns: list[str]):
         self.path = Path(path)
@@ -164,16 +177,17 @@ class ResultWriter:
             raise ValueError(f"{self.path}: output must end in .csv, .json or .parquet")
         self.columns = BASE_COLUMNS + component_columns
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = self.path.with_name(f"{self.path.stem}.partial{self.path.suffix}")
         self._rows: list[dict] = []
         self._count = 0
         self._file = None
         self._parquet = None
         if self.format == ".csv":
-            self._file = self.path.open("w", newline="")
+            self._file = self.partial.open("w", newline="")
             self._csv = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="ignore")
             self._csv.writeheader()
         elif self.format == ".json":
-            self._file = self.path.open("w")
+            self._file = self.partial.open("w")
             self._file.write("[")
 
     def write(self, row: dict) -> None:
@@ -206,11 +220,12 @@ class ResultWriter:
         schema = pa.schema(fields)
         table = pa.Table.from_pylist(self._rows, schema=schema)
         if self._parquet is None:
-            self._parquet = pq.ParquetWriter(str(self.path), schema)
+            self._parquet = pq.ParquetWriter(str(self.partial), schema)
         self._parquet.write_table(table)
         self._rows = []
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
+        """Finish the file; ``complete``: move it to ``path`` (else it stays at ``partial``)."""
         if self.format == ".json":
             self._file.write("\n]\n")
         if self.format == ".parquet":
@@ -219,12 +234,14 @@ class ResultWriter:
                 self._parquet.close()
         if self._file is not None:
             self._file.close()
+        if complete and self.partial.exists():
+            os.replace(self.partial, self.path)
 
     def __enter__(self) -> "ResultWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(complete=exc_type is None)
 
 
 def _plain(value):

@@ -1,5 +1,6 @@
 import json
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,7 +83,12 @@ def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, d
     # an unscored row reads as everywhere else (outlier_jebm/schema.py): label -1, no score, no top component
     (bad,) = [r for r in rows if r["error"]]
     assert bad["label"] == -1 and bad["score"] is None and bad["top_component"] == "" and bad["recon"] is None
-    assert len(list((tmp_path / "maps").glob("*.png"))) == 4
+    # one map per scored image, named by its row in the output and its file name
+    maps = sorted(p.name for p in (tmp_path / "maps").glob("*.png"))
+    assert len(maps) == 4
+    for name in maps:
+        row = rows[int(name[:6])]
+        assert row["error"] == "" and name == f"{name[:6]}-{Path(row['path']).name.replace('.', '_')}.png"
     assert "broken.png" in res.output
 
     # the data and the split default to the model's own (digits here, not MNIST)

@@ -250,6 +250,24 @@ def test_results_are_written_one_row_per_input(trained, tmp_path, suffix):
     ](out)
     assert list(df.columns[:6]) == ["path", "score", "score_normalized", "label", "top_component", "error"]
     assert len(df) == 4 and df["score"].notna().sum() == 3
+    assert not out.with_name(f"res.partial{suffix}").exists()
+
+    # interrupted after two rows: the file given is untouched, the rows so far are kept in a valid partial file
+    out.write_text("an earlier result")
+    with pytest.raises(KeyboardInterrupt):
+        with ResultWriter(out, component_names(scorer.model, True)) as w:
+            for n, row in enumerate(score_files(scorer, [folder])):
+                if n == 2:
+                    raise KeyboardInterrupt
+                w.write(row)
+    assert out.read_text() == "an earlier result"
+    partial = out.with_name(f"res.partial{suffix}")
+    read = {
+        ".csv": pd.read_csv,
+        ".json": lambda p: pd.DataFrame(json.loads(p.read_text())),
+        ".parquet": pd.read_parquet,
+    }
+    assert len(read[suffix](partial)) == 2
 
 
 def _brute_force_llr(model, x, z, samples):

@@ -94,6 +94,11 @@ def test_cli_fits_a_csv_table_and_scores_it_row_by_row(vector_model, monkeypatch
     assert res.exit_code == 0, res.output
     np.testing.assert_allclose(pd.read_csv(work / "s2.csv")["score"].drop(3).to_numpy(), want, rtol=1e-5, atol=1e-5)
     assert load_model(vector_model["dir"]).meta["feature_names"] == [f"f{i}" for i in range(D)]
+    before = (work / "test.csv").read_bytes()  # --out naming an input is refused, before anything is written
+    same = str(work / "test.csv")
+    res = runner.invoke(app, ["score", same, "--model", str(vector_model["dir"]), "--out", same])
+    assert res.exit_code == 2 and "is one of the inputs" in " ".join(res.output.split()), res.output
+    assert (work / "test.csv").read_bytes() == before
     table(3, 3).iloc[:, :4].to_csv(work / "narrow.csv", index=False)
     res = runner.invoke(app, ["score", str(work / "narrow.csv"), "--model", str(vector_model["dir"])])
     assert res.exit_code == 1 and "column(s) f4 missing" in " ".join(res.output.split())
