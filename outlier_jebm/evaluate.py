@@ -25,8 +25,14 @@ def detection_metrics(is_anomaly: np.ndarray, scores: np.ndarray) -> dict[str, f
         ``{"auprc": float, "auroc": float}``.
     """
     y = np.asarray(is_anomaly).astype(int)
-    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=np.inf, posinf=np.finfo(np.float64).max)
+    s = _ranked(scores)
     return {"auprc": float(average_precision_score(y, s)), "auroc": float(roc_auc_score(y, s))}
+
+
+def _ranked(scores: np.ndarray) -> np.ndarray:
+    """Scores to rank by: NaN and +inf as the most anomalous, -inf as the least, every value finite."""
+    big = np.finfo(np.float64).max
+    return np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=big, posinf=big, neginf=-big)
 
 
 def threshold_metrics(is_anomaly: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -70,6 +76,8 @@ def curve_figures(is_anomaly: np.ndarray, scores: np.ndarray, threshold: float |
     import matplotlib.pyplot as plt
 
     y = np.asarray(is_anomaly).astype(int)
+    finite = np.isfinite(np.asarray(scores, dtype=np.float64))
+    scores = _ranked(scores)  # ranked as detection_metrics ranks them; the histogram shows the finite ones
     figs = {}
     p, r, _ = precision_recall_curve(y, scores)
     fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -85,13 +93,15 @@ def curve_figures(is_anomaly: np.ndarray, scores: np.ndarray, threshold: float |
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {title}")
     figs["roc_curve.png"] = fig
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    lo, hi = np.quantile(scores, [0.001, 0.999])
+    lo, hi = np.quantile(scores[finite], [0.001, 0.999]) if finite.any() else (0.0, 1.0)
     bins = np.linspace(lo, hi, 60)
-    ax.hist(scores[y == 0], bins=bins, alpha=0.6, density=True, label="normal")
-    ax.hist(scores[y == 1], bins=bins, alpha=0.6, density=True, label="anomaly")
+    ax.hist(scores[finite & (y == 0)], bins=bins, alpha=0.6, density=True, label="normal")
+    ax.hist(scores[finite & (y == 1)], bins=bins, alpha=0.6, density=True, label="anomaly")
+
     if threshold is not None:
         ax.axvline(threshold, c="k", ls="--", label="threshold")
-    ax.set(xlabel="score", title=f"scores: {title}")
+    hidden = f" ({int((~finite).sum())} non-finite not shown)" if not finite.all() else ""
+    ax.set(xlabel="score", title=f"scores: {title}{hidden}")
     ax.legend()
     figs["score_histogram.png"] = fig
     for f in figs.values():

@@ -543,3 +543,23 @@ def test_posterior_averages_are_the_mean_over_the_chains_final_samples(trained, 
     assert "neg_log_joint_post" not in scoring.component_names(
         model, False, posterior=scoring.posterior_averaged(ScoreConfig(steps=3, noise=False, chains=1))
     )
+
+
+def test_curves_rank_non_finite_scores_as_the_metrics_do_and_do_not_fail():
+    import matplotlib.pyplot as plt
+
+    from outlier_jebm.evaluate import curve_figures
+
+    y = np.array([0, 0, 0, 1, 1, 0])
+    scores = np.array([0.1, 0.2, np.nan, 0.9, np.inf, -np.inf])
+    figs = curve_figures(y, scores, threshold=0.5, title="t")
+    assert set(figs) == {"pr_curve.png", "roc_curve.png", "score_histogram.png"}
+    assert "(3 non-finite not shown)" in figs["score_histogram.png"].axes[0].get_title()
+    # NaN and +inf rank as the most anomalous (tied), -inf as the least: the normal NaN is the top false alarm
+    from sklearn.metrics import roc_auc_score
+
+    big = np.finfo(np.float64).max
+    want = roc_auc_score(y, [0.1, 0.2, big, 0.9, big, -big])
+    assert detection_metrics(y, scores)["auroc"] == pytest.approx(want) and want < 1
+    for f in figs.values():
+        plt.close(f)
