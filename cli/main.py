@@ -461,7 +461,9 @@ def serve(
     steps: Optional[int] = typer.Option(None, help="Posterior Langevin steps K (default: the model's score.steps)."),
     max_items: int = typer.Option(1024, help="Most items in one request (more: 413)."),
     max_body_mb: float = typer.Option(32.0, help="Largest request body in MiB (more: 413)."),
-    timeout: float = typer.Option(30.0, help="Seconds a batch may take to score (more: 503)."),
+    timeout: float = typer.Option(
+        30.0, help="Seconds a request may wait for the scoring thread and be scored (more: 503)."
+    ),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     threads: Optional[int] = typer.Option(
         None,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -147,7 +148,8 @@ class ObserveMiddleware:
         finally:
             m.in_flight.dec()
             m.latency.labels(route=route).observe(time.perf_counter() - t0)
-            m.requests.labels(route=route, method=scope["method"], status=str(status)).inc()
+            method = scope["method"] if scope["method"] in ("GET", "POST", "HEAD") else "other"  # bounded labels
+            m.requests.labels(route=route, method=method, status=str(status)).inc()
 
 
 class ServerState:
@@ -179,7 +181,11 @@ class ServerState:
         self.metrics.model_info.labels(model=model_ref, version=__version__).set(1)
         self.version = __version__
         # which latent kNN search scores here (builds the fused kernel now, not on the first request)
-        self.knn_search = native.status() if self.scorer.reference is not None else None
+        search = native.status() if self.scorer.reference is not None else None
+        if search is not None and "did not build" in search:  # its reason names paths on this machine: log it only
+            logging.getLogger("uvicorn.error").warning("latent kNN: %s", search)
+            search = "torch search (the fused kernel did not build; the reason is in the server's log)"
+        self.knn_search = search
 
 
 def create_app(
@@ -255,8 +261,9 @@ def create_app(
     async def score(request: Request) -> Response:
         body = await _read_body(request, state.limits.max_body_bytes)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        # parsing and decoding run off the event loop, so that /health and /metrics answer meanwhile
         if ctype == "application/json":
-            items = _items_from_json(body, state)
+            items = await asyncio.to_thread(_items_from_json, body, state)
         elif ctype == "multipart/form-data":
             if state.vector_dim is not None:
                 raise RequestError(
@@ -266,7 +273,7 @@ def create_app(
                 )
             items = await _items_from_multipart(request, state)
         elif ctype in ("application/x-npy", "application/octet-stream"):
-            items = _items_from_npy(body, state)
+            items = await asyncio.to_thread(_items_from_npy, body, state)
         else:
             raise RequestError(
                 415,
@@ -361,15 +368,17 @@ async def _items_from_multipart(request: Request, state: ServerState) -> list[It
         raise RequestError(400, f"malformed multipart body ({reason})") from None
     uploads = [(key, value) for key, value in form.multi_items() if hasattr(value, "read")]
     _check_count(len(uploads), state)
-    items = []
-    for key, upload in uploads:
-        data = await upload.read()
-        items.append(item_from_bytes(data, state.size, upload.filename or key, state.channels, state.polarity))
+    files = [(upload.filename or key, await upload.read()) for key, upload in uploads]
     await form.close()
-    return items
+
+    def decode() -> list[Item]:
+        return [item_from_bytes(data, state.size, name, state.channels, state.polarity) for name, data in files]
+
+    return await asyncio.to_thread(decode)
 
 
 def _items_from_npy(body: bytes, state: ServerState) -> list[Item]:
+    _check_npy_size(body)
     try:
         array = np.load(io.BytesIO(body), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -400,14 +409,17 @@ async def _score_in_worker(state: ServerState, items: list[Item]) -> dict[str, n
         state.metrics.scoring_seconds.observe(time.perf_counter() - t0)
         return table
 
+    # a batch counts against the queue until its scoring ends, even when its request has timed out: the worker
+    # thread cannot be stopped, and new requests wait behind it
     state.waiting += 1
+    future = loop.run_in_executor(state.executor, work)
+    future.add_done_callback(lambda _: setattr(state, "waiting", state.waiting - 1))
     try:
-        future = loop.run_in_executor(state.executor, work)
-        return await asyncio.wait_for(future, timeout=state.limits.timeout_s)
+        return await asyncio.wait_for(asyncio.shield(future), timeout=state.limits.timeout_s)
     except asyncio.TimeoutError:
-        raise RequestError(503, f"scoring took longer than the {state.limits.timeout_s:g} s timeout") from None
-    finally:
-        state.waiting -= 1
+        raise RequestError(
+            503, f"no answer within the {state.limits.timeout_s:g} s timeout (waiting and scoring)"
+        ) from None
 
 
 def load_for_serving(model: str | Path | None) -> tuple[LoadedModel, str, float]:
@@ -424,3 +436,22 @@ def load_for_serving(model: str | Path | None) -> tuple[LoadedModel, str, float]
     loaded = load_model(resolve_model_dir(model))
     name = str(model) if is_model_uri(model) else Path(loaded.path).name
     return loaded, name, time.perf_counter() - t0
+
+
+def _check_npy_size(body: bytes) -> None:
+    """Refuse a ``.npy`` whose header declares more data than the body holds, before numpy allocates it (a 128-byte
+    body may declare shape (10**10,))."""
+    from numpy.lib import format as npy
+
+    buf = io.BytesIO(body)
+    try:
+        version = npy.read_magic(buf)
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, _, dtype = read_header(buf)
+    except (ValueError, OSError, EOFError) as exc:
+        raise RequestError(400, f"body is not a .npy array ({exc})") from None
+    declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if declared > len(body) - buf.tell():
+        raise RequestError(
+            400, f"body is not a .npy array: its header declares {declared} bytes of data, more than it holds"
+        )

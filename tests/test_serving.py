@@ -213,6 +213,42 @@ def test_a_multipart_text_field_over_its_limit_is_413_and_the_app_keeps_serving(
         assert ok.status_code == 200 and ok.json()["n_scored"] == 1, ok.text
 
 
+def test_a_timed_out_batch_holds_its_queue_place_and_odd_requests_cost_nothing(fitted, monkeypatch):
+    from starlette.testclient import TestClient
+
+    import jebm_od.serving.app as serving_app
+    from jebm_od.serving.app import Limits, create_app
+    from outlier_jebm import native
+
+    real = serving_app.score_items
+
+    def slow(scorer, items):
+        time.sleep(1.0)
+        return real(scorer, items)
+
+    monkeypatch.setattr(serving_app, "score_items", slow)
+    monkeypatch.setattr(native, "status", lambda: "torch search (the fused kernel did not build: /home/someone/x.c)")
+    one = {"instances": fitted["data"].test[:1].tolist()}
+    with TestClient(create_app(load_model(fitted["dir"]), limits=Limits(timeout_s=0.2, max_queue=1))) as client:
+        first = client.post("/v1/score", json=one)
+        assert first.status_code == 503 and "timeout" in first.json()["error"]
+        # the first batch is still being scored: it keeps its place in the queue, and the next request is turned away
+        second = client.post("/v1/score", json=one)
+        assert second.status_code == 503 and "server busy" in second.json()["error"], second.text
+        # the kNN search's build error names paths on the server: the answer does not
+        assert "/home" not in client.get("/v1/model").text
+        # a .npy header declaring more data than the body holds is refused before numpy allocates it
+        header = (
+            b"\x93NUMPY\x01\x00" + b"v\x00" + b"{'descr': '<f4', 'fortran_order': False, 'shape': (10000000000,), }"
+        )
+        huge = client.post("/v1/score", content=header.ljust(128, b" "), headers={"content-type": "application/x-npy"})
+        assert huge.status_code == 400 and "declares" in huge.json()["error"]
+        # request methods outside GET, POST and HEAD share one metrics label
+        client.request("FOO1", "/v1/score")
+        metrics = client.get("/metrics").text
+        assert 'method="FOO1"' not in metrics and 'method="other"' in metrics
+
+
 def test_serve_concurrent_clients_and_metrics(server, fitted):
     before = httpx.get(f"{server}/metrics").text
     images = fitted["data"].test[:32]
