@@ -258,7 +258,7 @@ def sample(
     ),
     out: Path = typer.Option(Path("samples.png"), help="Where to write the grid (PNG)."),
     kind: str = typer.Option("prior", help="prior, hierarchical, or chains (short-run vs long-run)."),
-    n: int = typer.Option(64, help="Number of prior samples."),
+    n: int = typer.Option(64, help="Number of prior samples (--kind prior; hierarchical and chains draw 8 rows)."),
     steps: Optional[int] = typer.Option(
         None, help="Prior Langevin steps (default: the model's train.sample_steps, else its training value)."
     ),
@@ -292,7 +292,18 @@ def sample(
     from outlier_jebm.sampling import hierarchical_samples, prior_samples, sample_figures
     from outlier_jebm.viz import image_grid
 
+    # everything the options decide is checked before the model loads
+    if kind not in ("prior", "hierarchical", "chains"):
+        fail(f"--kind must be prior, hierarchical or chains, got {kind!r}")
+    if n < 1:
+        fail(f"--n must be at least 1, got {n}")
+    if out.is_dir():
+        fail(f"--out {out} is a folder; give a file name such as {out / 'samples.png'}")
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"):
+        fail(f"--out {out}: the grid is an image; end the name in .png (or .jpg, .webp, .bmp, .tif)")
     loaded = load_model_or_fail(model)
+    if loaded.config.model.is_vector:
+        fail(f"{loaded.path.name}: a vector model's samples are not images; there is no grid to draw")
     seed = loaded.config.train.seed if seed is None else seed
     torch.manual_seed(seed)
     pr = loaded.config.train.prior_langevin
@@ -301,10 +312,8 @@ def sample(
         grid = image_grid(prior_samples(loaded.model, n, steps=k, step_size=pr.step_size), 8)
     elif kind == "hierarchical":
         grid = image_grid(hierarchical_samples(loaded.model, 8, steps=k, step_size=pr.step_size), 8)
-    elif kind == "chains":
-        grid = sample_figures(loaded.model, steps=k, step_size=pr.step_size)["short_vs_long_run"]
     else:
-        fail(f"--kind must be prior, hierarchical or chains, got {kind!r}")
+        grid = sample_figures(loaded.model, steps=k, step_size=pr.step_size)["short_vs_long_run"]
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     console.print(f"wrote {escape(str(out))}", soft_wrap=True)

@@ -97,6 +97,15 @@ def test_fit_score_evaluate_sample_on_digits_end_to_end(tmp_path, monkeypatch, d
     m = json.loads(res.stdout.strip().splitlines()[-1])
     assert {"auprc", "auroc", "f1", "false_alarm_rate", "n_test", "holdout"} <= set(m) and m["holdout"] == 3
 
+    # options are checked before any model loads (this one does not exist)
+    for bad, said in (
+        (["--kind", "posterior"], "--kind must be prior, hierarchical or chains"),
+        (["--n", "0"], "--n must be at least 1"),
+        (["--out", "grid.jpeg2"], "the grid is an image"),
+        (["--out", str(tmp_path)], "is a folder"),
+    ):
+        res = runner.invoke(app, ["sample", "--model", "no-such-model", *bad])
+        assert res.exit_code == 2 and said in " ".join(res.output.split()), res.output
     res = runner.invoke(app, ["sample", "--out", "s.png", "--kind", "hierarchical"])
     assert res.exit_code == 0, res.output
     assert Image.open(tmp_path / "s.png").size[0] > 0

@@ -107,6 +107,8 @@ def test_cli_fits_a_csv_table_and_scores_it_row_by_row(vector_model, monkeypatch
     assert res.exit_code == 1 and "4 features, but the model was fitted on 5" in res.output
     res = runner.invoke(app, ["score", str(work / "test.csv"), "--model", str(vector_model["dir"]), "--maps", "m"])
     assert res.exit_code == 2 and "vector model" in res.output
+    res = runner.invoke(app, ["sample", "--model", str(vector_model["dir"]), "--out", str(work / "s.png")])
+    assert res.exit_code == 2 and "samples are not images" in " ".join(res.output.split())
 
 
 def test_serve_takes_json_lists_of_numbers_and_npy_vectors(vector_model):
