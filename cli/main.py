@@ -69,6 +69,9 @@ def fit(
     data_dir: Optional[Path] = typer.Option(None, help="Where MNIST files are looked for and cached."),
     resume: bool = typer.Option(False, help="Continue training the model in --out from its last epoch."),
     register: Optional[str] = typer.Option(None, help="Also register the logged MLflow model under this name."),
+    track: bool = typer.Option(
+        True, help="Log the run and the pyfunc model to MLflow (--no-track: only the model directory is written)."
+    ),
     polarity: str = typer.Option(
         "keep",
         help="Image files: keep the pixels as they are, or auto: invert gray dark-on-light images to light-on-dark "
@@ -95,6 +98,8 @@ def fit(
     check_device_or_fail(device)
     if resume and out is None:
         fail("--resume needs --out pointing at the model directory to continue")
+    if register and not track:
+        fail("--register logs the model to MLflow: it cannot go with --no-track")
     if resume and settings:
         fail("--resume continues the saved model with its own config: --set cannot change it (fit a new model)")
     if settings:
@@ -210,6 +215,7 @@ def fit(
                 out_dir=out_dir,
                 device=device,
                 tracking_uri=tracking_uri,
+                track=track,
                 resume=resume,
                 register=register,
                 on_step=on_step,
@@ -368,6 +374,7 @@ def evaluate(
         None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    track: bool = typer.Option(True, help="Log the metrics and curves as an MLflow run (--no-track: print them only)."),
     split: Optional[str] = typer.Option(
         None,
         help="clean (one permutation, no overlap) or published (the papers' loaders' MNIST split, whose test "
@@ -422,6 +429,7 @@ def evaluate(
                 device=device,
                 data_dir=data_dir,
                 tracking_uri=tracking_uri,
+                track=track,
                 split=split,
             )
     except (DataError, ConfigError) as exc:

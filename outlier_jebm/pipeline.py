@@ -409,6 +409,17 @@ def run_evaluate(
         with Tracker(tracking_uri, run_name=f"evaluate-{data.name}-holdout{holdout}") as tracker:
             run_id = tracker.run_id
             tracker.set_tags({"job": "evaluate", "model_dir": str(loaded.path), "data": data.name, "split": split})
+            if loaded.meta.get("mlflow_run_id"):  # the fit that made the model, to find one from the other
+                tracker.set_tags({"fit_run_id": loaded.meta["mlflow_run_id"]})
+            tracker.log_params(
+                {
+                    "model": loaded.path.name,
+                    "holdout": holdout,
+                    "seed": seed,
+                    "split": split,
+                    "steps": ev.metrics["score_steps"],
+                }
+            )
             tracker.log_metrics({k: v for k, v in ev.metrics.items() if isinstance(v, (int, float))})
             tracker.log_metrics({f"auprc.{k}": v for k, v in ev.component_auprc.items()})
             tracker.log_metrics({f"auroc.{k}": v for k, v in ev.component_auroc.items()})

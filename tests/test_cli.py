@@ -233,6 +233,22 @@ def test_fit_resume_trains_on_to_the_epochs_asked_for_on_the_saved_split(tmp_pat
     assert res.exit_code == 2 and "--set cannot change it" in " ".join(res.output.split())
 
 
+def test_fit_and_evaluate_without_tracking_write_no_mlflow_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = _write_config(tmp_path / "tiny.yaml")
+    base = ["fit", "--data", "digits", "--holdout", "3", "--config", str(cfg), "--out", "m", "--epochs", "1"]
+    res = runner.invoke(app, [*base, "--max-train", "300", "--no-track"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m" / "calibration.json").is_file() and "MLflow" not in res.output
+    res = runner.invoke(app, ["evaluate", "--model", "m", "--no-track", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["mlflow_run_id"] is None
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    res = runner.invoke(app, [*base, "--no-track", "--register", "x"])
+    assert res.exit_code == 2 and "cannot go with --no-track" in " ".join(res.output.split())
+
+
 def test_fit_set_overrides_config_fields_and_names_a_bad_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _fit(tmp_path, "--epochs", "1", "--max-train", "200", "--set", "prior=gaussian", "--set", "model.z_dims=[6, 3]")
