@@ -40,7 +40,7 @@ def images_for(cfg: Config, mnist: np.ndarray) -> np.ndarray:
     m = cfg.model
     out = mnist
     if m.image_size != mnist.shape[-1]:
-        from outlier_jebm.data import _resize_stack
+        from outlier_jebm.geometry import resize_stack as _resize_stack
 
         out = _resize_stack(mnist, m.image_size)
     if m.channels == 3:

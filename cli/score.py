@@ -86,8 +86,9 @@ def score(
     writer = None
     if out is not None:
         given = {p.expanduser().resolve() for p in paths}
-        if out.expanduser().resolve() in given:
-            fail(f"--out {out} is one of the inputs: it would be replaced by the scores; write them elsewhere")
+        partial = out.with_name(f"{out.stem}.partial{out.suffix}")
+        if out.expanduser().resolve() in given or partial.expanduser().resolve() in given:
+            fail(f"--out {out} (or its .partial file) is one of the inputs: write the scores elsewhere")
         try:
             writer = ResultWriter(out, columns)
         except ValueError as exc:

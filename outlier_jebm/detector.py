@@ -138,6 +138,8 @@ class JEBMDetector(BaseDetector):
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         self._set_n_classes(y)
+        for stale in ("feature_names_in_", "n_features_in_"):  # a refit records its own data's, as scikit-learn does
+            self.__dict__.pop(stale, None)
         names = _column_names(X)
         X = _as_array(X)
         cfg = self._config_for(X)

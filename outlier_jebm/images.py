@@ -301,7 +301,10 @@ def decode_image(
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             raise ImageError(name, f"truncated or corrupt image data ({err})") from err
         # a camera's photo stored sideways with an EXIF orientation tag is read upright, as viewers show it
-        ImageOps.exif_transpose(img, in_place=True)
+        try:
+            ImageOps.exif_transpose(img, in_place=True)
+        except (SyntaxError, ValueError, OSError, TypeError, KeyError):
+            pass  # a malformed EXIF block: its orientation cannot be read, the pixels are read as stored
         pixels = _to_gray(img, name) if channels == 1 else _to_rgb(img, name)
     if pixels.size == 0:
         raise ImageError(name, "image has no pixels")

@@ -133,7 +133,8 @@ def load_table(
     is reported on its own) every value finite; the error names the file and the column (or
     row) at fault. ``columns`` (the feature names a model was fitted on) picks those columns of a
     ``.csv`` / ``.parquet`` table by name, in that order, whatever else the table holds (an index
-    column, an id); one of them missing is an error that names it. Arrays have no names: they
+    column, an id); one of them missing is an error that names it, unless the table has none of
+    them and exactly as many columns (another header, such as pandas' 0, 1, ...): then by position. Arrays have no names: they
     are read as they are.
 
     Returns
@@ -156,6 +157,8 @@ def load_table(
         if columns is not None:
             frame.columns = [str(c) for c in frame.columns]
             missing = [c for c in columns if c not in frame.columns]
+            if len(missing) == len(columns) and frame.shape[1] == len(columns):
+                missing, columns = [], list(frame.columns)  # none of the names, the same width: read by position
             if missing:
                 raise DataError(
                     f"{path}: column(s) {', '.join(missing[:5])} missing; the model was fitted on the columns "

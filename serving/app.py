@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -450,7 +451,7 @@ def _check_npy_size(body: bytes) -> None:
         shape, _, dtype = read_header(buf)
     except (ValueError, OSError, EOFError) as exc:
         raise RequestError(400, f"body is not a .npy array ({exc})") from None
-    declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    declared = math.prod(int(n) for n in shape) * dtype.itemsize  # Python ints: no overflow
     if declared > len(body) - buf.tell():
         raise RequestError(
             400, f"body is not a .npy array: its header declares {declared} bytes of data, more than it holds"

@@ -394,6 +394,10 @@ def test_a_long_thin_image_shrinks_before_padding_and_keeps_its_aspect_ratio(tmp
     assert cap_long_side(small) is small
 
 
+def upright_png(array, tmp_path):
+    return read_image(save(Image.fromarray(array), tmp_path / "plain.png"), image_size=20)
+
+
 def test_exif_orientation_is_applied(tmp_path):
     array = np.zeros((40, 40), dtype=np.uint8)
     array[:, :10] = 255  # a bar down the left side
@@ -404,6 +408,9 @@ def test_exif_orientation_is_applied(tmp_path):
     turned = read_image(tmp_path / "tagged.jpg", image_size=20)
     assert upright[:, :3].mean() > 0.8 and upright[:3, :].mean() < 0.6
     assert turned[:3, :].mean() > 0.8 and turned[:, :3].mean() < 0.6
+    # a malformed EXIF block costs its orientation only, not the image
+    Image.fromarray(array).save(tmp_path / "bad-exif.png", exif=b"not a tiff header")
+    np.testing.assert_array_equal(read_image(tmp_path / "bad-exif.png", image_size=20), upright_png(array, tmp_path))
 
 
 def test_decompression_bomb_is_an_image_error(tmp_path, monkeypatch):

@@ -162,6 +162,9 @@ def test_a_dataframe_is_scored_by_its_column_names_as_scikit_learn_records_them(
     np.testing.assert_array_equal(det.decision_function(frame[names[::-1]]), want)  # any order: matched by name
     with pytest.raises(ValueError, match="X: column.s. f5 missing"):
         det.decision_function(frame.drop(columns="f5").assign(other=0.0))
+    # refitted on an array, it forgets the names
+    det.set_params(epochs=1).fit(X_train)
+    assert not hasattr(det, "feature_names_in_") and det.n_features_in_ == 6
 
 
 def test_nullable_and_boolean_dataframe_columns_are_numbers_and_a_text_column_is_named(fitted, vectors):

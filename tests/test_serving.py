@@ -243,6 +243,10 @@ def test_a_timed_out_batch_holds_its_queue_place_and_odd_requests_cost_nothing(f
         )
         huge = client.post("/v1/score", content=header.ljust(128, b" "), headers={"content-type": "application/x-npy"})
         assert huge.status_code == 400 and "declares" in huge.json()["error"]
+        text = ("{'descr': '<f4', 'fortran_order': False, 'shape': (" + "9" * 400 + ",), }").ljust(463) + "\n"
+        header = b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode()  # past any float: no overflow
+        huge = client.post("/v1/score", content=header, headers={"content-type": "application/x-npy"})
+        assert huge.status_code == 400 and "declares" in huge.json()["error"], huge.text
         # request methods outside GET, POST and HEAD share one metrics label
         client.request("FOO1", "/v1/score")
         metrics = client.get("/metrics").text
@@ -392,6 +396,9 @@ def test_payload_parsing_per_item():
     assert items[0].error is None and "[0, 1]" in items[1].error and "NaN or infinite" in items[2].error
     with pytest.raises(DataError, match="shape"):
         items_from_array(np.zeros((3, 10)), s)
+    # one unnamed column of paths with a gap (NaN under pandas 3): still paths, the gap its own error
+    errs = [it.error for it in items_from_frame(pd.DataFrame({"f": ["/no/such/a.png", None]}), s)]
+    assert "cannot read" in errs[0] and "not a file path" in errs[1]
     frame = pd.DataFrame({"path": ["/no/such/file.png", 3]})
     errs = [it.error for it in items_from_frame(frame, s)]
     assert "cannot read" in errs[0] and "not a file path" in errs[1]

@@ -102,6 +102,13 @@ def test_cli_fits_a_csv_table_and_scores_it_row_by_row(vector_model, monkeypatch
     table(3, 3).iloc[:, :4].to_csv(work / "narrow.csv", index=False)
     res = runner.invoke(app, ["score", str(work / "narrow.csv"), "--model", str(vector_model["dir"])])
     assert res.exit_code == 1 and "column(s) f4 missing" in " ".join(res.output.split())
+    # another header of the same width (pandas' 0, 1, ...) carries none of the names: read by position, as before
+    test.set_axis(range(D), axis=1).to_csv(work / "plain.csv", index=False)
+    res = runner.invoke(
+        app, ["score", str(work / "plain.csv"), "--model", str(vector_model["dir"]), "--out", str(work / "s3.csv")]
+    )
+    assert res.exit_code == 0, res.output
+    np.testing.assert_allclose(pd.read_csv(work / "s3.csv")["score"].drop(3).to_numpy(), want, rtol=1e-5, atol=1e-5)
     np.save(work / "narrow.npy", table(3, 3).iloc[:, :4].to_numpy())
     res = runner.invoke(app, ["score", str(work / "narrow.npy"), "--model", str(vector_model["dir"])])
     assert res.exit_code == 1 and "4 features, but the model was fitted on 5" in res.output
