@@ -237,7 +237,7 @@ def test_cli_fits_a_color_model_whose_blue_squares_score_above_red_discs(color_m
     close(scored.set_index("path").loc[[str(p) for p in first], "score"], want["score"])
 
     # anomaly maps: the colour input on the left, a heat overlay on a gray copy on the right
-    overlay = Image.open(next(Path("maps").glob("*anomaly_00.png")))
+    overlay = Image.open(next(Path("maps").glob("*-anomaly_00_png.png")))
     assert overlay.mode == "RGB" and overlay.size == ((2 * S + 1) * 6, S * 6)
     left = np.asarray(overlay)[::6, ::6][:, :S]
     np.testing.assert_array_equal(left, to_u8(read_image(folder / "anomaly_00.png", S, channels=3)))
