@@ -61,7 +61,7 @@ def score(
         return
     if engine != "local":
         fail(f"--engine {engine!r}: expected local or spark")
-    from outlier_jebm.batch import ResultWriter, score_files, score_tables
+    from outlier_jebm.batch import ResultWriter, partial_path, score_files, score_tables
     from outlier_jebm.data import POLARITIES, non_image_files
 
     if polarity is not None and polarity not in POLARITIES:
@@ -86,8 +86,7 @@ def score(
     writer = None
     if out is not None:
         given = {p.expanduser().resolve() for p in paths}
-        partial = out.with_name(f"{out.stem}.partial{out.suffix}")
-        if out.expanduser().resolve() in given or partial.expanduser().resolve() in given:
+        if {out.expanduser().resolve(), partial_path(out).expanduser().resolve()} & given:
             fail(f"--out {out} (or its .partial file) is one of the inputs: write the scores elsewhere")
         try:
             writer = ResultWriter(out, columns)

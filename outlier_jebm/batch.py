@@ -161,6 +161,12 @@ def _error_row(path: Path | str, reason: str) -> dict:
     return {"path": str(path), **unscored_row(reason)}
 
 
+def partial_path(path: Path) -> Path:
+    """Where ``ResultWriter`` writes the rows for ``path`` until it closes: ``<stem>.partial<suffix>`` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
 class ResultWriter:
     """Streams rows to csv, json (one array) or parquet, chosen by the file's extension.
 
@@ -177,7 +183,7 @@ class ResultWriter:
             raise ValueError(f"{self.path}: output must end in .csv, .json or .parquet")
         self.columns = BASE_COLUMNS + component_columns
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = self.path.with_name(f"{self.path.stem}.partial{self.path.suffix}")
+        self.partial = partial_path(self.path)
         self._rows: list[dict] = []
         self._count = 0
         self._file = None

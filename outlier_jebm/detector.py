@@ -279,9 +279,6 @@ def _as_array(X) -> np.ndarray:
     that is not numeric named; anything else as ``np.asarray`` gives it."""
     if not hasattr(X, "columns") or not hasattr(X, "to_numpy"):
         return np.asarray(X)
-    from pandas.api.types import is_numeric_dtype
+    from .tables import numeric_frame
 
-    bad = [str(c) for c in X.columns if not is_numeric_dtype(X[c])]
-    if bad:
-        raise DataError(f"X: column(s) {', '.join(bad[:5])} are not numeric; vectors need numbers only")
-    return X.to_numpy(dtype=np.float64, na_value=np.nan)
+    return numeric_frame(X, "X")

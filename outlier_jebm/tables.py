@@ -165,11 +165,8 @@ def load_table(
                     f"{', '.join(columns[:8])}{' ...' if len(columns) > 8 else ''}"
                 )
             frame = frame[columns]
-        bad = [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
-        if bad:
-            raise DataError(f"{path}: column(s) {', '.join(bad[:5])} are not numeric; vectors need numbers only")
         columns = [str(c) for c in frame.columns]
-        features = frame.to_numpy(dtype=np.float64)
+        features = numeric_frame(frame, str(path))
     elif suffix in (".npy", ".npz"):
         from .data import _load_array_file
 
@@ -179,6 +176,17 @@ def load_table(
         raise DataError(f"{path}: unsupported table type {suffix or '(none)'}; expected {', '.join(TABLE_SUFFIXES)}")
     features = check_vectors(features, str(path), allow_nonfinite=allow_nonfinite)
     return features, columns or [f"x{i}" for i in range(features.shape[1])]
+
+
+def numeric_frame(frame, name: str) -> np.ndarray:
+    """A DataFrame's numbers as float64 ``(N, d)``: nullable Int64 / Float64 and booleans too, a missing value as NaN
+    (the checks after it report those by row); a column that is not numeric is a DataError naming it."""
+    from pandas.api.types import is_numeric_dtype
+
+    bad = [str(c) for c in frame.columns if not is_numeric_dtype(frame[c])]
+    if bad:
+        raise DataError(f"{name}: column(s) {', '.join(bad[:5])} are not numeric; vectors need numbers only")
+    return frame.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 def check_vectors(X, name: str = "X", dim: int | None = None, *, allow_nonfinite: bool = False) -> np.ndarray:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -182,11 +181,7 @@ class ServerState:
         self.metrics.model_info.labels(model=model_ref, version=__version__).set(1)
         self.version = __version__
         # which latent kNN search scores here (builds the fused kernel now, not on the first request)
-        search = native.status() if self.scorer.reference is not None else None
-        if search is not None and "did not build" in search:  # its reason names paths on this machine: log it only
-            logging.getLogger("uvicorn.error").warning("latent kNN: %s", search)
-            search = "torch search (the fused kernel did not build; the reason is in the server's log)"
-        self.knn_search = search
+        self.knn_search = native.public_status() if self.scorer.reference is not None else None
 
 
 def create_app(

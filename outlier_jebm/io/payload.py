@@ -115,7 +115,7 @@ def items_from_frame(frame, image_size: int, channels: int = 1) -> list[Item]:
         return [_item_from_path(p, image_size, channels) for p in frame["path"].tolist()]
     if "pixels" in cols or len(cols) == 1:
         cells = frame["pixels" if "pixels" in cols else cols[0]].tolist()
-        given = [v for v in cells if isinstance(v, str) or not _is_missing(v)]
+        given = [v for v in cells if not _is_missing(v)]
         if "pixels" not in cols and given and all(isinstance(v, str) for v in given):  # one unnamed column of paths
             return [_item_from_path(p, image_size, channels) for p in cells]
         return items_from_cells(cells, image_size, channels=channels)

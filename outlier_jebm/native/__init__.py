@@ -42,6 +42,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-std=gnu11", "-shared", "-fPIC"]
 # rows are split between Python threads, which races torch's spinning workers for the cores
 OPENMP = ["-fopenmp"]
 ABI = 4
+BUILD_FAILED = "torch search (the fused kernel did not build"  # the start of the status when it did not
 TILE = 6  # query rows per register tile: the row split between threads is a multiple of it
 MAX_ROWS = 4096  # query rows per kernel call: bounds its working memory (about 12 MB at m = 6)
 
@@ -90,7 +91,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             errors.append(str(e))
     if lib is None:
-        return None, f"torch search (the fused kernel did not build: {errors[-1]})"
+        return None, f"{BUILD_FAILED}: {errors[-1]})"
     if lib.jebm_knn_abi() != ABI:
         return None, "torch search (the fused kernel's build is stale)"
     if not lib.jebm_knn_supported():
@@ -120,6 +121,13 @@ def status() -> str:
     """Which kNN search scoring uses here, and why (builds the kernel on first call)."""
     _library()
     return _state["status"]
+
+
+def public_status() -> str:
+    """``status`` for an answer to someone else: a build error's text, which names paths on this machine, is left
+    out (the warning logged at the build has it)."""
+    said = status()
+    return f"{BUILD_FAILED}; the reason is in the log)" if said.startswith(BUILD_FAILED) else said
 
 
 def usable_for(queries: torch.Tensor) -> bool:
