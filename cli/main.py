@@ -85,6 +85,7 @@ def fit(
     from outlier_jebm.distributed import is_main_process
     from outlier_jebm.modeldirs import default_out_dir
     from outlier_jebm.pipeline import prepare_data, run_fit
+    from outlier_jebm.tracking import TrackingError
     from outlier_jebm.train import MLE_ELBO_NOTE, TrainingDiverged, held_in_elbo_label
 
     # under torchrun every rank runs this command; rank 0 alone reports progress (errors come from any rank)
@@ -185,6 +186,11 @@ def fit(
             "fit", total=n_epochs * steps, epoch=f"1/{n_epochs}", loss=0.0, recon=0.0, gap=0.0
         )
         state["epochs"] = n_epochs
+        if not resume and n_epochs > cfg.train.epochs:  # an --epochs 1 that silently trained 125 surprised users
+            say(
+                f"{n_epochs} epochs of {steps} steps: train.min_steps ({trained.train.min_steps}) raises the "
+                f"{cfg.train.epochs} asked for; --set train.min_steps=0 trains exactly that many"
+            )
 
     def on_step(epoch: int, step: int, stats: dict) -> None:
         if step % 10 == 0 or step == state["steps"] - 1:
@@ -224,6 +230,8 @@ def fit(
             )
     except TrainingDiverged as exc:
         fail(f"training stopped: {exc}", code=3)
+    except TrackingError as exc:
+        fail(f"{exc}; --tracking-uri names another store, --no-track trains without MLflow", code=1)
     except (CheckpointError, ValueError) as exc:
         fail(str(exc))
     if not main:
@@ -387,6 +395,7 @@ def evaluate(
     from outlier_jebm.config import ConfigError
     from outlier_jebm.data import DataError
     from outlier_jebm.pipeline import run_evaluate
+    from outlier_jebm.tracking import TrackingError
 
     check_device_or_fail(device)
     loaded = load_model_or_fail(model)
@@ -434,6 +443,8 @@ def evaluate(
             )
     except (DataError, ConfigError) as exc:
         fail(str(exc))
+    except TrackingError as exc:
+        fail(f"{exc}; --no-track evaluates without MLflow", code=1)
     m = run.evaluation.metrics
     if json_out:
         print(json.dumps({**m, "component_auprc": run.evaluation.component_auprc, "mlflow_run_id": run.run_id}))

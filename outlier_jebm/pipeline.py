@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -10,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from .calibration import Calibration
 from .checkpoint import LoadedModel, load_model, read_config
 from .config import Config
 from .data import DataError, check_polarity, holdout_split, is_named_source, load_dataset
@@ -19,8 +21,8 @@ from .model import JointEBM
 from .modeldirs import remember_latest
 from .sampling import reconstructions, sample_figures
 from .scoring import calibrate
-from .tracking import Tracker
-from .train import StepHook, fit, planned_epochs, resolve_device, seed_everything, steps_per_epoch
+from .tracking import Tracker, TrackingError
+from .train import FitResult, StepHook, fit, planned_epochs, resolve_device, seed_everything, steps_per_epoch
 
 
 @dataclass
@@ -295,7 +297,8 @@ def run_fit(
     except BaseException:
         group.close(wait=False)
         if tracker is not None:
-            tracker.end("FAILED")
+            with contextlib.suppress(TrackingError):  # the first failure is the one to report
+                tracker.end("FAILED")
         raise
     group.close()
     if not group.is_main:
@@ -314,29 +317,17 @@ def run_fit(
     from .sample_quality import fit_sample_quality
 
     quality = fit_sample_quality(loaded.model, config, data)
-    if tracker is not None:
-        tracker.log_metrics(
-            {
-                "wall_seconds": time.perf_counter() - t0,
-                "train_wall_seconds": train_seconds,
-                "calibration_threshold": cal.threshold,
-            }
-        )
-        if quality is not None:
-            tracker.log_metrics({f"sample_{k}": v for k, v in quality.items()})
-        for name, values in result.chains.items():  # the last epoch's chains, one point per Langevin step
-            tracker.log_series(f"{name}_log_density", values)
-        if result.stopped:
-            tracker.set_tags({"stopped_early": result.stopped})
-            tracker.log_metrics({"kept_epoch": result.epochs_done})
-        tracker.log_dict(cal.to_dict(), "calibration.json")
-        from .registry import log_pyfunc
-
-        info = log_pyfunc(out_dir, registered_model_name=register)
-        model_uri = info.model_uri
-        tracker.end()
     if remember:  # False for the benchmark: its models are not the user's last fit
         remember_latest(out_dir)
+    if tracker is not None:
+        try:
+            model_uri = _log_fit_end(tracker, out_dir, t0, train_seconds, cal, quality, result, register)
+        except TrackingError as exc:
+            with contextlib.suppress(TrackingError):
+                tracker.end("FAILED")
+            raise TrackingError(
+                f"{exc} (the model in {out_dir} is complete and calibrated; its MLflow run is not)"
+            ) from exc
     return FitSummary(
         out_dir=out_dir,
         run_id=tracker.run_id if tracker else None,
@@ -348,6 +339,40 @@ def run_fit(
         stopped=result.stopped,
         epochs_done=result.epochs_done,
     )
+
+
+def _log_fit_end(
+    tracker: Tracker,
+    out_dir: Path,
+    t0: float,
+    train_seconds: float,
+    cal: Calibration,
+    quality: dict[str, float] | None,
+    result: FitResult,
+    register: str | None,
+) -> str:
+    """What a tracked fit logs once its model is written and calibrated; returns the logged model's URI."""
+    tracker.log_metrics(
+        {
+            "wall_seconds": time.perf_counter() - t0,
+            "train_wall_seconds": train_seconds,
+            "calibration_threshold": cal.threshold,
+        }
+    )
+    if quality is not None:
+        tracker.log_metrics({f"sample_{k}": v for k, v in quality.items()})
+    for name, values in result.chains.items():  # the last epoch's chains, one point per Langevin step
+        tracker.log_series(f"{name}_log_density", values)
+    if result.stopped:
+        tracker.set_tags({"stopped_early": result.stopped})
+        tracker.log_metrics({"kept_epoch": result.epochs_done})
+    tracker.log_dict(cal.to_dict(), "calibration.json")
+    from .registry import log_pyfunc
+
+    with tracker.errors("log the pyfunc model"):
+        info = log_pyfunc(out_dir, registered_model_name=register)
+    tracker.end()
+    return info.model_uri
 
 
 @dataclass

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from PIL import Image
 
 EXPERIMENT = "jebm-od"
+REASON_CHARS = 300  # how much of MLflow's own message an error keeps (some run to pages)
+
+
+class TrackingError(RuntimeError):
+    """MLflow could not open the tracking store or record something in it; names the store and the reason."""
+
+
+@contextlib.contextmanager
+def mlflow_errors(uri: str, what: str) -> Iterator[None]:
+    """Re-raise what MLflow (or the file system under it) raises while doing ``what`` as a ``TrackingError``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, OSError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        if len(reason) > REASON_CHARS:
+            reason = reason[: REASON_CHARS - 3] + "..."
+        raise TrackingError(f"MLflow tracking at {uri}: could not {what}: {reason}") from exc
 
 
 def default_tracking_uri() -> str:
@@ -35,23 +55,30 @@ class Tracker:
 
         self.mlflow = mlflow
         self.uri = tracking_uri or default_tracking_uri()
-        mlflow.set_tracking_uri(self.uri)
-        if mlflow.get_experiment_by_name(experiment) is None:
-            location = None
-            if self.uri.startswith("sqlite:///"):
-                # keep artifacts next to the database, not in whatever directory we run from
-                location = (Path(self.uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
-            mlflow.create_experiment(experiment, artifact_location=location)
-        mlflow.set_experiment(experiment)
-        self.run = mlflow.start_run(run_name=run_name)
+        with mlflow_errors(self.uri, "start a run"):
+            mlflow.set_tracking_uri(self.uri)
+            if mlflow.get_experiment_by_name(experiment) is None:
+                location = None
+                if self.uri.startswith("sqlite:///"):
+                    # keep artifacts next to the database, not in whatever directory we run from
+                    location = (Path(self.uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
+                mlflow.create_experiment(experiment, artifact_location=location)
+            mlflow.set_experiment(experiment)
+            self.run = mlflow.start_run(run_name=run_name)
         self.run_id = self.run.info.run_id
+
+    def errors(self, what: str):
+        """A context in which MLflow's failures while doing ``what`` become a ``TrackingError``."""
+        return mlflow_errors(self.uri, what)
 
     def log_params(self, params: dict[str, Any]) -> None:
         flat = {k: str(v) for k, v in flatten(params).items()}
-        self.mlflow.log_params(flat)
+        with self.errors("log parameters"):
+            self.mlflow.log_params(flat)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()}, step=step)
+        with self.errors("log metrics"):
+            self.mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()}, step=step)
 
     def log_series(self, key: str, values: list[float]) -> None:
         """One metric at steps 0, 1, ... in one call (a curve along something other than epochs)."""
@@ -61,25 +88,32 @@ class Tracker:
 
         now = int(time.time() * 1000)
         metrics = [Metric(key.replace("/", "_"), float(v), now, step) for step, v in enumerate(values)]
-        self.mlflow.MlflowClient().log_batch(self.run_id, metrics=metrics)
+        with self.errors("log a metric series"):
+            self.mlflow.MlflowClient().log_batch(self.run_id, metrics=metrics)
 
     def log_image(self, image: Image.Image, artifact_file: str) -> None:
-        self.mlflow.log_image(image, artifact_file)
+        with self.errors("log an image"):
+            self.mlflow.log_image(image, artifact_file)
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
-        self.mlflow.log_artifacts(str(directory), artifact_path)
+        with self.errors("log artifacts"):
+            self.mlflow.log_artifacts(str(directory), artifact_path)
 
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
-        self.mlflow.log_dict(data, artifact_file)
+        with self.errors("log a file"):
+            self.mlflow.log_dict(data, artifact_file)
 
     def log_figure(self, fig, artifact_file: str) -> None:
-        self.mlflow.log_figure(fig, artifact_file)
+        with self.errors("log a figure"):
+            self.mlflow.log_figure(fig, artifact_file)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self.mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        with self.errors("set tags"):
+            self.mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def end(self, status: str = "FINISHED") -> None:
-        self.mlflow.end_run(status=status)
+        with self.errors("end the run"):
+            self.mlflow.end_run(status=status)
 
     def __enter__(self) -> "Tracker":
         return self

@@ -411,3 +411,49 @@ def test_score_table_keeps_headers_and_component_names_whole_at_60_columns(monke
     assert out.count("latent_knn_cos") == 3  # the longest component name, whole on every row
     for i in range(3):  # the path gives way from the left, keeping the file name's end
         assert f"name-{i}.png" in out
+
+
+def test_an_mlflow_store_that_fails_is_one_line_naming_it_and_a_fit_logged_at_its_end_keeps_the_model(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    cfg = _write_config(tmp_path / "tiny.yaml")
+    base = ["fit", "--data", "digits", "--config", str(cfg), "--epochs", "1", "--max-train", "200"]
+    res = runner.invoke(app, [*base, "--out", "m", "--tracking-uri", "bogus://store"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 1 and "MLflow tracking at bogus://store: could not start a run" in said, res.output
+    assert "--no-track" in said and "Traceback" not in res.output and not (tmp_path / "m").exists()
+
+    # a store that fails after training: the model is complete and calibrated, and the error says so
+    from mlflow.exceptions import MlflowException
+
+    import outlier_jebm.registry as registry
+
+    def broken(*args, **kwargs):
+        raise MlflowException("artifact store is full")
+
+    monkeypatch.setattr(registry, "log_pyfunc", broken)
+    res = runner.invoke(app, [*base, "--out", "m2", "--tracking-uri", f"sqlite:///{tmp_path / 'db.sqlite'}"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 1 and "could not log the pyfunc model: artifact store is full" in said, res.output
+    assert "the model in m2 is complete and calibrated" in said and "Traceback" not in res.output
+    assert (tmp_path / "m2" / "calibration.json").is_file()
+    from outlier_jebm.checkpoint import load_model
+
+    assert load_model(tmp_path / "m2").calibration is not None
+    run = sqlite3.connect(tmp_path / "db.sqlite").execute("select status from runs").fetchall()
+    assert run == [("FAILED",)]
+
+
+def test_fit_says_when_min_steps_raises_the_epochs_asked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _write_config(tmp_path / "tiny.yaml", min_steps=20, batch_size=100)
+    base = ["fit", "--data", "digits", "--config", str(cfg), "--max-train", "300", "--no-track"]
+    res = runner.invoke(app, [*base, "--epochs", "1", "--out", "m"])
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())
+    epochs = json.loads((tmp_path / "m" / "config.json").read_text())["config"]["train"]["epochs"]
+    assert epochs > 1 and f"{epochs} epochs of" in said and "raises the 1 asked for" in said
+    res = runner.invoke(app, [*base, "--epochs", "1", "--set", "train.min_steps=0", "--out", "m0"])
+    assert res.exit_code == 0 and "raises" not in res.output, res.output
+    assert json.loads((tmp_path / "m0" / "config.json").read_text())["config"]["train"]["epochs"] == 1
