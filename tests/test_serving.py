@@ -415,6 +415,11 @@ def test_payload_parsing_per_item():
     for i in (0, 3):
         assert items[i].error is None
         np.testing.assert_array_equal(items[i].pixels, want[i].pixels)
+    # the same integers in object-typed columns without a gap are 0-255 too (they were refused as out of [0, 1])
+    whole = items_from_frame(pd.DataFrame(pixels, columns=[f"p{j}" for j in range(s * s)]).astype(object), s)
+    for got, expected in zip(whole, want):
+        assert got.error is None
+        np.testing.assert_array_equal(got.pixels, expected.pixels)
     # a lone string in a column named pixels is that row's problem, not a reason to read every row as a path
     cells = [np.full(s * s, 0.25), "x", np.full(s * s, 0.5)]
     errors = [it.error for it in items_from_frame(pd.DataFrame({"pixels": cells}), s)]

@@ -137,7 +137,9 @@ def _items_from_pixel_columns(frame, image_size: int, channels: int) -> list[Ite
         frame = frame.copy()
         frame[odd] = coerced
     gaps = frame.isna().to_numpy()
-    values = frame.to_numpy(dtype=np.float64) if odd or gaps.any() else frame.to_numpy()
+    values = frame.to_numpy()  # integer columns (object-typed ones too, once converted) stay integers: 0-255
+    if gaps.any() or values.dtype.kind not in "iuf":
+        values = frame.to_numpy(dtype=np.float64)
     if not gaps.any():
         return items_from_array(values, image_size, "input", channels)
     # integer pixel columns with a gap arrive as floats: a full row of whole numbers above 1 is read as 0-255 again
