@@ -385,6 +385,29 @@ def test_pyfunc_loads_and_scores_every_input_form(fitted):
     np.testing.assert_allclose(out["score"][[0, 1, 3, 4]], want[[0, 1, 3, 4]], rtol=1e-5, atol=1e-6)
 
 
+def test_a_pyfunc_loaded_with_path_reading_off_opens_no_file_and_scores_pixels_as_before(fitted, tmp_path, monkeypatch):
+    import mlflow
+    from PIL import Image
+
+    from outlier_jebm.io.payload import PATHS_OFF
+
+    mlflow.set_tracking_uri(fitted["uri"])
+    images = fitted["data"].test[:2]
+    png = tmp_path / "a.png"
+    Image.fromarray((images[0] * 255).round().astype(np.uint8)).save(png)
+    paths = pd.DataFrame({"path": [str(png), "/etc/passwd"]})
+    on = mlflow.pyfunc.load_model(fitted["model_uri"]).predict(paths)
+    assert on["error"][0] == "" and "not an image" in on["error"][1]  # on: the host's files are read
+    monkeypatch.setenv("JEBM_OD_READ_PATHS", "0")
+    off = mlflow.pyfunc.load_model(fitted["model_uri"])
+    for frame in (paths, pd.DataFrame({"f": [str(png), "/etc/passwd"]})):  # named, and one unnamed column
+        out = off.predict(frame)
+        assert list(out["label"]) == [-1, -1] and list(out["error"]) == [f"input[{i}]: {PATHS_OFF}" for i in (0, 1)]
+    np.testing.assert_allclose(
+        off.predict(images.reshape(2, -1))["score"], _expected(fitted, images)["score"], rtol=1e-5, atol=1e-6
+    )
+
+
 def test_payload_parsing_per_item():
     s = 8
     assert item_from_json([[0.0] * s] * s, s, 0).pixels.shape == (s, s)

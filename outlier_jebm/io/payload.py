@@ -106,18 +106,28 @@ def items_from_array(array: np.ndarray, image_size: int, name: str = "input", ch
     return items
 
 
-def items_from_frame(frame, image_size: int, channels: int = 1) -> list[Item]:
+PATHS_OFF = "reading image files by path is turned off here (JEBM_OD_READ_PATHS=0); send pixels or image bytes"
+
+
+def items_from_frame(frame, image_size: int, channels: int = 1, read_paths: bool = True) -> list[Item]:
     """A pandas DataFrame: S*S (gray) or S*S*3 (RGB, in H, W, C order) numeric pixel columns, or
     one column ``pixels`` of arrays, or one column ``path`` of image files (a single unnamed
-    column of strings is read as paths)."""
+    column of strings is read as paths). With ``read_paths`` False no file is opened: each path
+    row is an error (``PATHS_OFF``)."""
     cols = list(frame.columns)
+
+    def from_paths(paths: list) -> list[Item]:
+        if not read_paths:
+            return [Item(error=f"input[{i}]: {PATHS_OFF}") for i in range(len(paths))]
+        return [_item_from_path(p, image_size, channels) for p in paths]
+
     if "path" in cols:
-        return [_item_from_path(p, image_size, channels) for p in frame["path"].tolist()]
+        return from_paths(frame["path"].tolist())
     if "pixels" in cols or len(cols) == 1:
         cells = frame["pixels" if "pixels" in cols else cols[0]].tolist()
         given = [v for v in cells if not _is_missing(v)]
         if "pixels" not in cols and given and all(isinstance(v, str) for v in given):  # one unnamed column of paths
-            return [_item_from_path(p, image_size, channels) for p in cells]
+            return from_paths(cells)
         return items_from_cells(cells, image_size, channels=channels)
     return _items_from_pixel_columns(frame, image_size, channels)
 

@@ -6,7 +6,8 @@
 - a DataFrame of S*S numeric pixel columns (``dataframe_split`` with 784 columns for MNIST),
   or S*S*3 for a colour model (``model.channels: 3``; pixels in H, W, C order),
 - a DataFrame with a column ``pixels`` of arrays (S*S or S*S*3 values), or a column ``path``
-  of image files,
+  of image files (read on the host that runs the model; ``JEBM_OD_READ_PATHS=0`` in its
+  environment turns that off, and each such row is an error),
 - an array (``inputs``) of shape (N, S*S) or (N, S, S), or (N, S*S*3) or (N, S, S, 3);
 - for a vector model (``model.data_kind: vector``): d numeric columns (picked by name when they
   include the columns of the table it was fitted on, else taken in order), one column of arrays of
@@ -22,8 +23,12 @@ then one column per score component - the columns of ``jebm-od score --out``.
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import pandas as pd
+
+READ_PATHS_ENV = "JEBM_OD_READ_PATHS"
 
 
 class JEBMPyfuncModel(mlflow.pyfunc.PythonModel):
@@ -39,6 +44,8 @@ class JEBMPyfuncModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"{loaded.path}: the model has no calibration.json")
         self.scorer = Scorer(loaded)
         self.components = self.scorer.component_names
+        # a served model reads `path` rows on its own host; JEBM_OD_READ_PATHS=0 turns that off
+        self.read_paths = os.environ.get(READ_PATHS_ENV, "1").strip() != "0"
 
     # The hint names the usual input. MLflow infers no schema from a DataFrame hint, so the logged
     # signature still rules, and it stops warning about a missing hint. Arrays and dicts work too.
@@ -69,7 +76,7 @@ class JEBMPyfuncModel(mlflow.pyfunc.PythonModel):
                 rows = np.asarray(model_input)
             items = items_from_vectors(rows, model_cfg.vector_dim, "input")
         elif isinstance(model_input, pd.DataFrame):
-            items = items_from_frame(model_input, size, channels)
+            items = items_from_frame(model_input, size, channels, read_paths=self.read_paths)
         elif isinstance(model_input, dict) and len(model_input) == 1:
             items = items_from_array(np.asarray(next(iter(model_input.values()))), size, channels=channels)
         else:
