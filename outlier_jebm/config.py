@@ -125,8 +125,7 @@ class LangevinConfig:
     noise: bool = True
 
     def validate(self, where: str) -> None:
-        if self.steps < 0:
-            raise ConfigError(f"{where}.steps must be >= 0, got {self.steps}")
+        _whole(f"{where}.steps", self.steps, 0)
         _positive(f"{where}.step_size", self.step_size)
 
 
@@ -183,14 +182,11 @@ class TrainConfig:
         _choice("train.scheme", self.scheme, SCHEMES)
         _positive("train.epochs", self.epochs)
         _positive("train.batch_size", self.batch_size)
-        if self.threads < 0:
-            raise ConfigError(f"train.threads must be >= 0 (0: torch's own setting), got {self.threads}")
-        if self.min_steps < 0:
-            raise ConfigError(f"train.min_steps must be >= 0, got {self.min_steps}")
+        _whole("train.threads", self.threads, 0, " (0: torch's own setting)")
+        _whole("train.min_steps", self.min_steps, 0)
         if self.max_recon_rise is not None and self.max_recon_rise < 0:
             raise ConfigError(f"train.max_recon_rise must be >= 0 (0: off), got {self.max_recon_rise}")
-        if self.sample_metrics < 0:
-            raise ConfigError(f"train.sample_metrics must be >= 0 (0: off), got {self.sample_metrics}")
+        _whole("train.sample_metrics", self.sample_metrics, 0, " (0: off)")
         if self.sample_steps is not None and self.sample_steps < 0:
             raise ConfigError(f"train.sample_steps must be >= 0 (or null: the training value), got {self.sample_steps}")
         for name in ("lr_ebm", "lr_gen", "lr_enc", "grad_clip", "max_abs_loss"):
@@ -228,20 +224,19 @@ class ScoreConfig:
     # (None = off; configs/mnist.yaml sets 2: benchmarks/RESULTS.md, issue 14, "the posterior width as a
     # one-sided term").
     width_margin: float | None = None
+    # Test-time shifts (images): each latent_knn distance is the smallest over the image and its copies moved by
+    # this many pixels up, down, left and right (0 = off; five encodings per image: benchmarks/RESULTS.md).
+    shifts: int = 0
 
     def validate(self) -> None:
         if self.steps < 0:
             raise ConfigError(f"score.steps must be >= 0, got {self.steps}")
-        if self.llr_samples < 0:
-            raise ConfigError(f"score.llr_samples must be >= 0, got {self.llr_samples}")
-        if self.reference_size < 0:
-            raise ConfigError(
-                f"score.reference_size must be >= 0 (0 = every training image), got {self.reference_size}"
-            )
+        _whole("score.llr_samples", self.llr_samples, 0)
+        _whole("score.reference_size", self.reference_size, 0, " (0 = every training image)")
         _positive("score.step_size", self.step_size)
         _positive("score.chains", self.chains)
-        if isinstance(self.knn_k, bool) or not isinstance(self.knn_k, int) or self.knn_k < 1:
-            raise ConfigError(f"score.knn_k must be a whole number >= 1, got {self.knn_k!r}")
+        _whole("score.knn_k", self.knn_k, 1)
+        _whole("score.shifts", self.shifts, 0, " (0: off)")
         if self.width_margin is not None and (
             isinstance(self.width_margin, bool)
             or not isinstance(self.width_margin, (int, float))
@@ -262,6 +257,8 @@ class Config:
         self.model.validate()
         self.train.validate()
         self.score.validate()
+        if self.score.shifts and (self.model.is_vector or 2 * self.score.shifts >= self.model.image_size):
+            raise ConfigError(f"score.shifts moves images by less than half their size, got {self.score.shifts}")
 
     @property
     def recon_rise_guard(self) -> float:
@@ -490,6 +487,11 @@ def _no_unknown(where: str, values: dict, allowed: set[str]) -> None:
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _whole(name: str, value, minimum: int, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"{name} must be a whole number >= {minimum}{note}, got {value!r}")
 
 
 def _positive(name: str, value) -> None:

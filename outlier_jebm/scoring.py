@@ -146,9 +146,12 @@ def infer_and_score(
         return _infer_and_score(model, x, cfg, reference)
 
 
-def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: "References | None") -> BatchScores:
+def _infer(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig) -> dict[str, torch.Tensor]:
+    """Posterior inference for a batch: z (the chains' mean), the encoder's z0 and q's widths, the chains' spread,
+    and (posterior averages on) the averaged -log p(x, z) and reconstruction term."""
     with torch.no_grad():
         z0, q_sigma = model.encoder.posterior(x)  # (B, Z) each: the encoder's mean and q's widths
+    out = {"z0": z0, "q_sigma": q_sigma, "z": z0, "spread": torch.zeros(x.shape[0])}
     chains = max(cfg.chains, 1) if cfg.steps > 0 else 1
     if cfg.steps > 0:
         xs = x.repeat(chains, 1)
@@ -162,25 +165,55 @@ def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referen
         zc, _ = posterior_langevin(model, xs, init, steps=cfg.steps, step_size=cfg.step_size, noise=cfg.noise)
         if posterior_averaged(cfg):
             per_sample = _terms(model, xs, zc)
-            post = {k: per_sample[k].view(chains, x.shape[0]).mean(0) for k in ("neg_log_joint", "recon")}
+            for k in ("neg_log_joint", "recon"):
+                out[f"{k}_post"] = per_sample[k].view(chains, x.shape[0]).mean(0)
         zc = zc.view(chains, x.shape[0], -1)  # (C, B, Z)
-        z = zc.mean(0)
-        spread = zc.std(0).mean(-1) if chains > 1 else torch.zeros(x.shape[0])
-    else:
-        z, spread = z0, torch.zeros(x.shape[0])
+        out["z"] = zc.mean(0)
+        if chains > 1:
+            out["spread"] = zc.std(0).mean(-1)
+    return out
+
+
+def shifted_copies(x: torch.Tensor, shape: tuple[int, ...], pixels: int) -> torch.Tensor:
+    """Images (B, D) in model space moved by ``pixels`` down, up, right and left, the edge rows and columns
+    repeated into the gap: (4 B, D), one move after the other."""
+    h, w, p = shape[0], shape[1], pixels
+    img = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
+    padded = torch.nn.functional.pad(img, (p, p, p, p), mode="replicate")  # row r of padded is row r - p of img
+    moves = (
+        padded[..., :h, p : p + w],
+        padded[..., 2 * p :, p : p + w],
+        padded[..., p : p + h, :w],
+        padded[..., p : p + h, 2 * p :],
+    )
+    return torch.cat([m.permute(0, 2, 3, 1).reshape(x.shape[0], -1) for m in moves])
+
+
+def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: "References | None") -> BatchScores:
+    inferred = _infer(model, x, cfg)
+    z, z0, spread = inferred["z"], inferred["z0"], inferred["spread"]
     terms = _terms(model, x, z)
-    if cfg.steps > 0 and posterior_averaged(cfg):
-        terms["neg_log_joint_post"], terms["recon_post"] = post["neg_log_joint"], post["recon"]
+    if "recon_post" in inferred:
+        terms["neg_log_joint_post"], terms["recon_post"] = inferred["neg_log_joint_post"], inferred["recon_post"]
     with torch.no_grad():
         if cfg.steps > 0:
             terms["energy_drop"] = (-terms["neg_log_joint"]) - model.log_joint(x, z0)
         else:  # z is the encoder's guess itself
             terms["energy_drop"] = torch.zeros_like(terms["neg_log_joint"])
         terms["chain_spread"] = spread.to(x.device)
-        terms["posterior_width"] = q_sigma.log().sum(-1)
+        terms["posterior_width"] = inferred["q_sigma"].log().sum(-1)
         eps = model.generator.to_eps(z)
         if reference is not None:
             terms["latent_knn"], terms["latent_knn_cos"] = knn_points_and_directions(eps, reference, cfg.knn_k)
+            if cfg.shifts and not model.cfg.is_vector:
+                # the nearest of the image and its moved copies: a digit drawn a pixel off its usual place is matched
+                # as itself (benchmarks/RESULTS.md, issue 14, "test-time shifts")
+                moved = shifted_copies(x, model.cfg.data_shape, cfg.shifts)
+                moved_eps = model.generator.to_eps(_infer(model, moved, cfg)["z"])
+                for name, d in zip(
+                    ("latent_knn", "latent_knn_cos"), knn_points_and_directions(moved_eps, reference, cfg.knn_k)
+                ):
+                    terms[name] = torch.minimum(terms[name], d.view(4, x.shape[0]).amin(0))
             if reference.top is not None:
                 top = eps[:, -reference.top_dim :].contiguous()
                 terms["latent_knn_top"], terms["latent_knn_cos_top"] = knn_points_and_directions(

@@ -563,3 +563,47 @@ def test_curves_rank_non_finite_scores_as_the_metrics_do_and_do_not_fail():
     assert detection_metrics(y, scores)["auroc"] == pytest.approx(want) and want < 1
     for f in figs.values():
         plt.close(f)
+
+
+def test_shifted_copies_move_the_image_by_whole_pixels_and_repeat_the_edge():
+    from outlier_jebm.scoring import shifted_copies
+
+    img = np.zeros((5, 6, 3), dtype=np.float32)
+    img[2, 3] = [1.0, 2.0, 3.0]
+    img[:, 0] = 7.0  # the left column: repeated into the gap when the image moves right
+    moved = shifted_copies(torch.from_numpy(img).reshape(1, -1), (5, 6, 3), 1).numpy().reshape(4, 5, 6, 3)
+    want = []
+    for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):  # down, up, right, left
+        padded = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        want.append(padded[1 - dy : 6 - dy, 1 - dx : 7 - dx])
+    np.testing.assert_array_equal(moved, np.stack(want))
+    assert moved[0][3, 3, 2] == 3.0 and moved[2][2, 4, 0] == 1.0 and (moved[2][:, :2] == 7.0).all()
+
+
+def test_shifts_make_each_latent_knn_the_smallest_over_the_image_and_its_four_moves(trained):
+    import copy
+
+    from outlier_jebm.config import ConfigError
+    from outlier_jebm.scoring import shifted_copies
+
+    loaded, split = trained
+    images = split.test[:30]
+    plain = Scorer(loaded)
+    moved = copy.copy(loaded)
+    moved.config = loaded.config.with_overrides(score={"shifts": 1})
+    got = Scorer(moved).components_of(images).components
+    x = loaded.model.to_model_space(images)
+    copies = (shifted_copies(x, images.shape[1:], 1).numpy() + 1.0) / 2.0  # back to [0, 1] images
+    each = [plain.components_of(images).components] + [
+        plain.components_of(part.reshape(images.shape)).components for part in np.split(copies, 4)
+    ]
+    for name in ("latent_knn", "latent_knn_cos"):
+        np.testing.assert_allclose(got[name], np.min([c[name] for c in each], axis=0), rtol=1e-5, atol=1e-6)
+        assert (got[name] < each[0][name] - 1e-6).any()  # some image is nearer a training image once moved
+    for name in ("recon", "posterior_width", "neg_log_joint"):  # the other components read the image as given
+        np.testing.assert_allclose(got[name], each[0][name], rtol=1e-6)
+    for bad in ({"shifts": -1}, {"shifts": True}, {"shifts": 4}):  # 8-pixel images: 4 is half their size
+        with pytest.raises(ConfigError, match="score.shifts"):
+            loaded.config.with_overrides(score=bad)
+    with pytest.raises(ConfigError, match="score.shifts"):
+        loaded.config.with_overrides(model={"data_kind": "vector", "vector_dim": 5}, score={"shifts": 1})
