@@ -258,7 +258,8 @@ class Config:
         self.train.validate()
         self.score.validate()
         if self.score.shifts and (self.model.is_vector or 2 * self.score.shifts >= self.model.image_size):
-            raise ConfigError(f"score.shifts moves images by less than half their size, got {self.score.shifts}")
+            why = "is for images, not vectors" if self.model.is_vector else "must be under half the image's size"
+            raise ConfigError(f"score.shifts {why}, got {self.score.shifts}")
 
     @property
     def recon_rise_guard(self) -> float:
