@@ -1,6 +1,7 @@
 """Training and scoring throughput of a config on MNIST, with a FLOP count for the roofline.
 
     python benchmarks/speed.py --model DIR [--train-steps 100] [--score-n 10000] [--steps 0,10] [--batch-size N]
+                               [--shifts S]
 
 Measures in one run: training images/s of the default config (steps of the real loop,
 prior Langevin share of the step), scoring images/s at each K, and the compute roofline
@@ -111,10 +112,14 @@ def bench_train(cfg: Config, images: np.ndarray, steps: int) -> dict:
     return {"train_images_per_second": bs / full, "step_seconds": full, "prior_langevin_share": langevin / full}
 
 
-def bench_score(model_dir: str, images: np.ndarray, k: int, batch_size: int | None = None) -> dict:
+def bench_score(
+    model_dir: str, images: np.ndarray, k: int, batch_size: int | None = None, shifts: int | None = None
+) -> dict:
     scorer = Scorer(load_model(model_dir), steps=k)
     if batch_size:
         scorer.score_cfg.batch_size = batch_size
+    if shifts is not None:
+        scorer.score_cfg.shifts = shifts
     scorer.components_of(images[: scorer.score_cfg.batch_size])
     t = time.perf_counter()
     scorer.components_of(images)
@@ -130,9 +135,13 @@ def bench_score(model_dir: str, images: np.ndarray, k: int, batch_size: int | No
     # each Langevin step: a forward and a backward for the input gradient only (no weight
     # gradients), about 2x a forward, through generator (with T and T^-1) and EBM
     per_image = fwd + knn + k * 2 * (parts["generator"] + parts["ebm"])
+    # score.shifts: four moved copies each go through the encoder, the same K steps and both searches
+    moves = 4 if scorer.score_cfg.shifts else 0
+    per_image += moves * (parts["encoder"] + knn + k * 2 * (parts["generator"] + parts["ebm"]))
     return {
         "k": k,
         "batch_size": scorer.score_cfg.batch_size,
+        "shifts": scorer.score_cfg.shifts,
         "images_per_second": len(images) / sec,
         "flops_per_image": per_image,
     }
@@ -148,6 +157,7 @@ def main() -> None:
     ap.add_argument(
         "--batch-size", type=int, default=None, help="scoring batch (default: the model's score.batch_size)"
     )
+    ap.add_argument("--shifts", type=int, default=None, help="score.shifts (default: the model's)")
     args = ap.parse_args()
     images = load_dataset("mnist").images[-args.score_n - 10000 :]
     cfg = Config.from_yaml(args.config)
@@ -164,7 +174,7 @@ def main() -> None:
         "score": [],
     }
     for k in [int(s) for s in args.steps.split(",")]:
-        r = bench_score(args.model, images[-args.score_n :], k, args.batch_size)
+        r = bench_score(args.model, images[-args.score_n :], k, args.batch_size, args.shifts)
         r["roofline_images_per_second"] = gflops * 1e9 / r["flops_per_image"]
         r["share_of_roofline"] = r["images_per_second"] / r["roofline_images_per_second"]
         out["score"].append(r)
