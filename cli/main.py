@@ -554,6 +554,11 @@ def calibrate(
     noise: Optional[bool] = typer.Option(
         None, "--noise/--no-noise", help="Override score.noise: Langevin noise in the posterior chains."
     ),
+    shifts: Optional[int] = typer.Option(
+        None,
+        help="Override score.shifts: also match each image moved this many pixels up, down, left and right in the "
+        "latent kNN (0 = off; about 3x the scoring time).",
+    ),
     data_dir: Optional[Path] = typer.Option(None, help="Where MNIST files are looked for and cached."),
 ) -> None:
     """Recompute calibration.json from the model's held-in validation data (never from anomaly labels).
@@ -587,6 +592,7 @@ def calibrate(
         "step_size": step_size,
         "chains": chains,
         "noise": noise,
+        "shifts": shifts,
     }
     try:  # validated before anything is written; options not given (None) are skipped
         cfg = loaded.config.with_overrides(score=overrides)

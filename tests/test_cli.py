@@ -192,6 +192,13 @@ def test_score_exits_non_zero_when_nothing_could_be_scored(tmp_path, monkeypatch
     assert not torch.equal(load_file(str(tmp_path / "m" / "reference_latents.safetensors"))["eps"], reference_at_0)
     assert runner.invoke(app, ["calibrate", "--model", "m", "--noise"]).exit_code == 0
     assert {k: config_of()[k] for k in ("steps", "chains", "noise")} == {"steps": 2, "chains": 2, "noise": True}
+    # test-time shifts are turned on (and validated) the same way; the reference stays one code per training image
+    res = runner.invoke(app, ["calibrate", "--model", "m", "--shifts", "4"])  # 8-pixel digits: half their size
+    assert res.exit_code == 2 and "score.shifts must be under half the image's size" in res.output
+    assert (
+        runner.invoke(app, ["calibrate", "--model", "m", "--shifts", "1"]).exit_code == 0 and config_of()["shifts"] == 1
+    )
+    assert load_file(str(tmp_path / "m" / "reference_latents.safetensors"))["eps"].shape[0] == 300
     # a registered model is not recalibrated behind the user's back (it would change a downloaded copy)
     res = runner.invoke(app, ["calibrate", "--model", "models:/some-model/1", "--steps", "2"])
     assert res.exit_code == 2 and "calibrate writes into a model directory" in res.output
