@@ -51,7 +51,15 @@ def load_model_or_fail(model: Optional[str], device: str = "cpu"):
 
 
 def warn_steps_off_calibration(loaded, steps: Optional[int]) -> None:
-    """Say so when the K scored at (--steps, else the model's score.steps) is not the calibration's K."""
+    """Say so when the K scored at (--steps, else the model's score.steps), or score.shifts, is not the
+    calibration's."""
+    shifts = ((loaded.calibration or {}).get("extra") or {}).get("score_shifts", 0)
+    if loaded.calibration and shifts != loaded.config.score.shifts:  # e.g. an interrupted calibrate --shifts
+        console.print(
+            f"[yellow]warning:[/] the calibration was fitted with score.shifts {shifts}, the model's config says "
+            f"{loaded.config.score.shifts}. `jebm-od calibrate --shifts {loaded.config.score.shifts}` refits it.",
+            soft_wrap=True,
+        )
     fitted = (loaded.calibration or {}).get("score_steps")
     steps = loaded.config.score.steps if steps is None else steps
     if steps < 0 or fitted is None or steps == fitted:

@@ -557,7 +557,7 @@ def calibrate(
     shifts: Optional[int] = typer.Option(
         None,
         help="Override score.shifts: also match each image moved this many pixels up, down, left and right in the "
-        "latent kNN (0 = off; about 3x the scoring time).",
+        "latent_knn and latent_knn_cos (0 = off; five encodings per image instead of one).",
     ),
     data_dir: Optional[Path] = typer.Option(None, help="Where MNIST files are looked for and cached."),
 ) -> None:

@@ -224,8 +224,8 @@ class ScoreConfig:
     # (None = off; configs/mnist.yaml sets 2: benchmarks/RESULTS.md, issue 14, "the posterior width as a
     # one-sided term").
     width_margin: float | None = None
-    # Test-time shifts (images): each latent_knn distance is the smallest over the image and its copies moved by
-    # this many pixels up, down, left and right (0 = off; five encodings per image: benchmarks/RESULTS.md).
+    # Test-time shifts (images): latent_knn and latent_knn_cos (not the _top pair) are each the smallest over the image
+    # and its copies moved this many pixels up, down, left and right (0 = off; 5 encodings per image: RESULTS.md).
     shifts: int = 0
 
     def validate(self) -> None:

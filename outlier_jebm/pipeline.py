@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -11,7 +10,6 @@ from typing import Callable
 
 import numpy as np
 
-from .calibration import Calibration
 from .checkpoint import LoadedModel, load_model, read_config
 from .config import Config
 from .data import DataError, check_polarity, holdout_split, is_named_source, load_dataset
@@ -21,8 +19,8 @@ from .model import JointEBM
 from .modeldirs import remember_latest
 from .sampling import reconstructions, sample_figures
 from .scoring import calibrate
-from .tracking import Tracker, TrackingError
-from .train import FitResult, StepHook, fit, planned_epochs, resolve_device, seed_everything, steps_per_epoch
+from .tracking import Tracker, TrackingError, end_failed, log_fit_end
+from .train import StepHook, fit, planned_epochs, resolve_device, seed_everything, steps_per_epoch
 
 
 @dataclass
@@ -247,20 +245,26 @@ def run_fit(
         "world_size": group.world_size,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    tracker = Tracker(tracking_uri, run_name=out_dir.name) if track else None
-    if tracker is not None:
-        meta["mlflow_run_id"] = tracker.run_id
-        tracker.log_params(config.to_dict())
-        tracker.log_params(
-            {
-                "data": data.name,
-                "holdout": data.holdout,
-                "n_train": len(data.train),
-                "device": str(dev),
-                "world_size": group.world_size,
-                "dist_backend": group.backend or "none",
-            }
-        )
+    tracker = None
+    try:
+        tracker = Tracker(tracking_uri, run_name=out_dir.name) if track else None
+        if tracker is not None:
+            meta["mlflow_run_id"] = tracker.run_id
+            tracker.log_params(config.to_dict())
+            tracker.log_params(
+                {
+                    "data": data.name,
+                    "holdout": data.holdout,
+                    "n_train": len(data.train),
+                    "device": str(dev),
+                    "world_size": group.world_size,
+                    "dist_backend": group.backend or "none",
+                }
+            )
+    except BaseException:
+        group.close(wait=False)
+        end_failed(tracker)
+        raise
     if on_start is not None and group.is_main:
         steps = steps_per_epoch(len(data.train), config.train.batch_size, group.world_size)
         on_start(config.train.epochs, steps, config)  # the config trained: under --resume, the model's own
@@ -296,9 +300,7 @@ def run_fit(
         )
     except BaseException:
         group.close(wait=False)
-        if tracker is not None:
-            with contextlib.suppress(TrackingError):  # the first failure is the one to report
-                tracker.end("FAILED")
+        end_failed(tracker)
         raise
     group.close()
     if not group.is_main:
@@ -312,19 +314,22 @@ def run_fit(
             epochs_done=result.epochs_done,
         )
     train_seconds = time.perf_counter() - t0
-    loaded = load_model(out_dir, device=dev)
-    cal = calibrate(loaded, data.train, data.val, seed=config.train.seed, device=dev)
     from .sample_quality import fit_sample_quality
 
-    quality = fit_sample_quality(loaded.model, config, data)
+    try:
+        loaded = load_model(out_dir, device=dev)
+        cal = calibrate(loaded, data.train, data.val, seed=config.train.seed, device=dev)
+        quality = fit_sample_quality(loaded.model, config, data)
+    except BaseException:
+        end_failed(tracker)
+        raise
     if remember:  # False for the benchmark: its models are not the user's last fit
         remember_latest(out_dir)
     if tracker is not None:
         try:
-            model_uri = _log_fit_end(tracker, out_dir, t0, train_seconds, cal, quality, result, register)
+            model_uri = log_fit_end(tracker, out_dir, t0, train_seconds, cal, quality, result, register)
         except TrackingError as exc:
-            with contextlib.suppress(TrackingError):
-                tracker.end("FAILED")
+            end_failed(tracker)
             raise TrackingError(
                 f"{exc} (the model in {out_dir} is complete and calibrated; its MLflow run is not)"
             ) from exc
@@ -339,40 +344,6 @@ def run_fit(
         stopped=result.stopped,
         epochs_done=result.epochs_done,
     )
-
-
-def _log_fit_end(
-    tracker: Tracker,
-    out_dir: Path,
-    t0: float,
-    train_seconds: float,
-    cal: Calibration,
-    quality: dict[str, float] | None,
-    result: FitResult,
-    register: str | None,
-) -> str:
-    """What a tracked fit logs once its model is written and calibrated; returns the logged model's URI."""
-    tracker.log_metrics(
-        {
-            "wall_seconds": time.perf_counter() - t0,
-            "train_wall_seconds": train_seconds,
-            "calibration_threshold": cal.threshold,
-        }
-    )
-    if quality is not None:
-        tracker.log_metrics({f"sample_{k}": v for k, v in quality.items()})
-    for name, values in result.chains.items():  # the last epoch's chains, one point per Langevin step
-        tracker.log_series(f"{name}_log_density", values)
-    if result.stopped:
-        tracker.set_tags({"stopped_early": result.stopped})
-        tracker.log_metrics({"kept_epoch": result.epochs_done})
-    tracker.log_dict(cal.to_dict(), "calibration.json")
-    from .registry import log_pyfunc
-
-    with tracker.errors("log the pyfunc model"):
-        info = log_pyfunc(out_dir, registered_model_name=register)
-    tracker.end()
-    return info.model_uri
 
 
 @dataclass

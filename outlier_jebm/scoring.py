@@ -471,6 +471,7 @@ def calibrate(
         false_alarm_rate=loaded.config.score.false_alarm_rate,
         score_steps=scorer.score_cfg.steps,
     )
+    cal.extra["score_shifts"] = scorer.score_cfg.shifts  # its scales hold for this setting only
     (loaded.path / CALIBRATION_FILE).write_text(json.dumps(cal.to_dict(), indent=2, sort_keys=True))
     loaded.calibration = cal.to_dict()
     return cal

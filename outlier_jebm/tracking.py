@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from .calibration import Calibration
+    from .train import FitResult
 
 EXPERIMENT = "jebm-od"
 REASON_CHARS = 300  # how much of MLflow's own message an error keeps (some run to pages)
@@ -21,10 +26,11 @@ class TrackingError(RuntimeError):
 def mlflow_errors(uri: str, what: str) -> Iterator[None]:
     """Re-raise what MLflow (or the file system under it) raises while doing ``what`` as a ``TrackingError``."""
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError  # what MLflow's SQL stores raise as they open a database
 
     try:
         yield
-    except (MlflowException, OSError) as exc:
+    except (MlflowException, OSError, SQLAlchemyError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         if len(reason) > REASON_CHARS:
             reason = reason[: REASON_CHARS - 3] + "..."
@@ -82,8 +88,6 @@ class Tracker:
 
     def log_series(self, key: str, values: list[float]) -> None:
         """One metric at steps 0, 1, ... in one call (a curve along something other than epochs)."""
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -119,4 +123,49 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.end("FAILED" if exc_type is not None else "FINISHED")
+        if exc_type is None:
+            self.end("FINISHED")
+        else:  # the failure that ended the block is the one to report, not a second one while ending the run
+            with contextlib.suppress(TrackingError):
+                self.end("FAILED")
+
+
+def end_failed(tracker: Tracker | None) -> None:
+    """Mark the run FAILED, if there is one; a failure to do so is not reported over the one that caused it."""
+    if tracker is not None:
+        with contextlib.suppress(TrackingError):
+            tracker.end("FAILED")
+
+
+def log_fit_end(
+    tracker: Tracker,
+    out_dir: Path,
+    t0: float,
+    train_seconds: float,
+    cal: Calibration,
+    quality: dict[str, float] | None,
+    result: FitResult,
+    register: str | None,
+) -> str:
+    """What a tracked fit logs once its model is written and calibrated; returns the logged model's URI."""
+    tracker.log_metrics(
+        {
+            "wall_seconds": time.perf_counter() - t0,
+            "train_wall_seconds": train_seconds,
+            "calibration_threshold": cal.threshold,
+        }
+    )
+    if quality is not None:
+        tracker.log_metrics({f"sample_{k}": v for k, v in quality.items()})
+    for name, values in result.chains.items():  # the last epoch's chains, one point per Langevin step
+        tracker.log_series(f"{name}_log_density", values)
+    if result.stopped:
+        tracker.set_tags({"stopped_early": result.stopped})
+        tracker.log_metrics({"kept_epoch": result.epochs_done})
+    tracker.log_dict(cal.to_dict(), "calibration.json")
+    from .registry import log_pyfunc  # it imports MLflow's pyfunc: only when a fit is logged
+
+    with tracker.errors("log the pyfunc model"):
+        info = log_pyfunc(out_dir, registered_model_name=register)
+    tracker.end()
+    return info.model_uri

@@ -199,6 +199,16 @@ def test_score_exits_non_zero_when_nothing_could_be_scored(tmp_path, monkeypatch
         runner.invoke(app, ["calibrate", "--model", "m", "--shifts", "1"]).exit_code == 0 and config_of()["shifts"] == 1
     )
     assert load_file(str(tmp_path / "m" / "reference_latents.safetensors"))["eps"].shape[0] == 300
+    # a config and a calibration that disagree on shifts (an interrupted calibrate) are named when scoring
+    record = json.loads((tmp_path / "m" / "config.json").read_text())
+    record["config"]["score"]["shifts"] = 0
+    (tmp_path / "m" / "config.json").write_text(json.dumps(record))
+    digit = tmp_path / "d.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(digit)
+    said = " ".join(runner.invoke(app, ["score", str(digit), "--model", "m"]).output.split())
+    assert "fitted with score.shifts 1, the model's config says 0" in said
+    assert runner.invoke(app, ["calibrate", "--model", "m", "--shifts", "0"]).exit_code == 0
+    assert "score.shifts" not in runner.invoke(app, ["score", str(digit), "--model", "m"]).output
     # a registered model is not recalibrated behind the user's back (it would change a downloaded copy)
     res = runner.invoke(app, ["calibrate", "--model", "models:/some-model/1", "--steps", "2"])
     assert res.exit_code == 2 and "calibrate writes into a model directory" in res.output
@@ -430,6 +440,10 @@ def test_an_mlflow_store_that_fails_is_one_line_naming_it_and_a_fit_logged_at_it
     said = " ".join(res.output.split())
     assert res.exit_code == 1 and "MLflow tracking at bogus://store: could not start a run" in said, res.output
     assert "--no-track" in said and "Traceback" not in res.output and not (tmp_path / "m").exists()
+    (tmp_path / "notes.txt").write_text("not a database")  # SQLAlchemy's own error, not MLflow's
+    res = runner.invoke(app, [*base, "--out", "m", "--tracking-uri", f"sqlite:///{tmp_path / 'notes.txt'}"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 1 and "could not start a run" in said and "file is not a database" in said, res.output
 
     # a store that fails after training: the model is complete and calibrated, and the error says so
     from mlflow.exceptions import MlflowException
