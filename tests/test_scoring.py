@@ -580,7 +580,8 @@ def test_shifted_copies_move_the_image_by_whole_pixels_and_repeat_the_edge():
     assert moved[0][3, 3, 2] == 3.0 and moved[2][2, 4, 0] == 1.0 and (moved[2][:, :2] == 7.0).all()
 
 
-def test_shifts_make_each_latent_knn_the_smallest_over_the_image_and_its_four_moves(trained):
+@pytest.mark.parametrize("steps", [0, 2])  # the moved copies go through the same posterior Langevin steps
+def test_shifts_make_each_latent_knn_the_smallest_over_the_image_and_its_four_moves(trained, steps):
     import copy
 
     from outlier_jebm.config import ConfigError
@@ -588,10 +589,10 @@ def test_shifts_make_each_latent_knn_the_smallest_over_the_image_and_its_four_mo
 
     loaded, split = trained
     images = split.test[:30]
-    plain = Scorer(loaded)
+    plain = Scorer(loaded, steps=steps)
     moved = copy.copy(loaded)
     moved.config = loaded.config.with_overrides(score={"shifts": 1})
-    got = Scorer(moved).components_of(images).components
+    got = Scorer(moved, steps=steps).components_of(images).components
     x = loaded.model.to_model_space(images)
     copies = (shifted_copies(x, images.shape[1:], 1).numpy() + 1.0) / 2.0  # back to [0, 1] images
     each = [plain.components_of(images).components] + [
