@@ -20,12 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def model_args(doc: str | None) -> argparse.Namespace:
-    """``--model`` (a fitted model directory), ``--label`` and ``--out`` (the CSV rows are appended to)."""
+def model_args(doc: str | None, **extra: dict) -> argparse.Namespace:
+    """``--model`` (a fitted model directory), ``--label`` and ``--out`` (the CSV rows are appended to), and one
+    option per ``extra`` entry (``shifts={"type": int, "default": 1}`` adds ``--shifts``)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--label", default="")
     ap.add_argument("--out", type=Path, required=True)
+    for name, spec in extra.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", **spec)
     return ap.parse_args()
 
 

@@ -14,11 +14,10 @@ speed benchmark). No test label enters any score.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 
-from model_on_split import ID_FIELDS, append_row, load_on_split, row_id
+from model_on_split import ID_FIELDS, append_row, load_on_split, model_args, row_id
 
 KNN = ("latent_knn", "latent_knn_cos")
 
@@ -39,14 +38,7 @@ def fields() -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--label", default="")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--shifts", type=int, default=1)
-    args = ap.parse_args()
-
-    from pathlib import Path
+    args = model_args(__doc__, shifts={"type": int, "default": 1})
 
     import numpy as np
 
@@ -54,7 +46,7 @@ def main() -> None:
     from outlier_jebm.evaluate import detection_metrics
     from outlier_jebm.scoring import Scorer
 
-    model_dir = Path(args.model)
+    model_dir = args.model
     m = load_on_split(model_dir)
     cal = m.scorer.calibration
     moved = copy.copy(m.loaded)
@@ -102,7 +94,7 @@ def main() -> None:
         f"{seconds['plain']:.0f} s / {seconds['shifted']:.0f} s)",
         flush=True,
     )
-    append_row(Path(args.out), fields(), row)
+    append_row(args.out, fields(), row)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def load_model_or_fail(model: Optional[str], device: str = "cpu"):
         fail(str(exc))
 
 
-def warn_steps_off_calibration(loaded, steps: Optional[int]) -> None:
+def warn_off_calibration(loaded, steps: Optional[int]) -> None:
     """Say so when the K scored at (--steps, else the model's score.steps), or score.shifts, is not the
     calibration's."""
     shifts = ((loaded.calibration or {}).get("extra") or {}).get("score_shifts", 0)

@@ -20,7 +20,7 @@ from .common import (
     fail,
     load_config,
     load_model_or_fail,
-    warn_steps_off_calibration,
+    warn_off_calibration,
 )
 from .score import score
 
@@ -421,7 +421,7 @@ def evaluate(
     holdout = holdout if holdout is not None else loaded.meta.get("holdout")
     if holdout is None:
         fail("--holdout is needed: the model was not trained with a held-out digit")
-    warn_steps_off_calibration(loaded, steps)
+    warn_off_calibration(loaded, steps)
     if loaded.meta.get("holdout") not in (None, holdout):
         console.print(
             f"[yellow]warning:[/] the model was trained with digit {loaded.meta['holdout']} held out, not {holdout}",
@@ -527,7 +527,7 @@ def serve(
         )
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
-    warn_steps_off_calibration(loaded, steps)
+    warn_off_calibration(loaded, steps)
     console.print(
         f"serving [bold]{escape(str(ref))}[/] (loaded in {seconds:.2f} s) on http://{host}:{port}  "
         "- POST /v1/score, GET /health /v1/model /metrics",

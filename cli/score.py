@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .common import console, fail, load_model_or_fail, warn_steps_off_calibration
+from .common import console, fail, load_model_or_fail, warn_off_calibration
 
 
 def score(
@@ -81,7 +81,7 @@ def score(
         scorer = Scorer(loaded, steps=steps)
     except ConfigError as exc:
         fail(f"--steps: {exc}")
-    warn_steps_off_calibration(loaded, steps)
+    warn_off_calibration(loaded, steps)
     columns = scorer.component_names
     writer = None
     if out is not None:

@@ -245,29 +245,7 @@ def run_fit(
         "world_size": group.world_size,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    tracker = None
-    try:
-        tracker = Tracker(tracking_uri, run_name=out_dir.name) if track else None
-        if tracker is not None:
-            meta["mlflow_run_id"] = tracker.run_id
-            tracker.log_params(config.to_dict())
-            tracker.log_params(
-                {
-                    "data": data.name,
-                    "holdout": data.holdout,
-                    "n_train": len(data.train),
-                    "device": str(dev),
-                    "world_size": group.world_size,
-                    "dist_backend": group.backend or "none",
-                }
-            )
-    except BaseException:
-        group.close(wait=False)
-        end_failed(tracker)
-        raise
-    if on_start is not None and group.is_main:
-        steps = steps_per_epoch(len(data.train), config.train.batch_size, group.world_size)
-        on_start(config.train.epochs, steps, config)  # the config trained: under --resume, the model's own
+    tracker = None  # started with the training below: one failure path ends both
     probe = data.val[:8] if len(data.val) else data.train[:8]
 
     def on_epoch(epoch: int, metrics: dict[str, float], m: JointEBM) -> None:
@@ -286,6 +264,23 @@ def run_fit(
             tracker.log_image(reconstructions(m, probe), f"samples/epoch{epoch + 1:03d}_reconstructions.png")
 
     try:
+        tracker = Tracker(tracking_uri, run_name=out_dir.name) if track else None
+        if tracker is not None:
+            meta["mlflow_run_id"] = tracker.run_id
+            tracker.log_params(config.to_dict())
+            tracker.log_params(
+                {
+                    "data": data.name,
+                    "holdout": data.holdout,
+                    "n_train": len(data.train),
+                    "device": str(dev),
+                    "world_size": group.world_size,
+                    "dist_backend": group.backend or "none",
+                }
+            )
+        if on_start is not None and group.is_main:
+            steps = steps_per_epoch(len(data.train), config.train.batch_size, group.world_size)
+            on_start(config.train.epochs, steps, config)  # the config trained: under --resume, the model's own
         result = fit(
             model,
             config,
@@ -320,19 +315,18 @@ def run_fit(
         loaded = load_model(out_dir, device=dev)
         cal = calibrate(loaded, data.train, data.val, seed=config.train.seed, device=dev)
         quality = fit_sample_quality(loaded.model, config, data)
+        if remember:  # False for the benchmark: its models are not the user's last fit
+            remember_latest(out_dir)
+        if tracker is not None:
+            model_uri = log_fit_end(tracker, out_dir, t0, train_seconds, cal, quality, result, register)
+    except TrackingError as exc:  # only the logging above can raise it: the model itself is done
+        end_failed(tracker)
+        raise TrackingError(
+            f"{exc} (the model in {out_dir} is complete and calibrated; its MLflow run is not)"
+        ) from exc
     except BaseException:
         end_failed(tracker)
         raise
-    if remember:  # False for the benchmark: its models are not the user's last fit
-        remember_latest(out_dir)
-    if tracker is not None:
-        try:
-            model_uri = log_fit_end(tracker, out_dir, t0, train_seconds, cal, quality, result, register)
-        except TrackingError as exc:
-            end_failed(tracker)
-            raise TrackingError(
-                f"{exc} (the model in {out_dir} is complete and calibrated; its MLflow run is not)"
-            ) from exc
     return FitSummary(
         out_dir=out_dir,
         run_id=tracker.run_id if tracker else None,
