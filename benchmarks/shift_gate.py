@@ -3,7 +3,7 @@
     python benchmarks/shift_gate.py --model DIR --out shift_gate.csv [--label default] [--shifts 1]
 
 With ``score.shifts`` s, each latent kNN distance (``latent_knn``, ``latent_knn_cos``) is the smallest over the image
-and its copies moved by s pixels up, down, left and right (the library's ``scoring.shifted_copies``); the other
+and its copies moved by s pixels up, down, left and right (the library's ``shifts.shifted_copies``); the other
 components read the image as given. The candidate is the model's own combination and one-sided terms, refitted on
 the model's held-in part with the shifted components, as ``calibrate`` would fit them for a model whose config sets
 ``score.shifts``. Appends one CSV row per model: the AUPRC of the model's own default score and of the candidate, of

@@ -75,8 +75,7 @@ class ModelConfig:
         _choice("model.backbone", self.backbone, BACKBONES)
         _choice("model.channels", self.channels, CHANNELS)
         if self.data_kind == "vector":
-            if int(self.vector_dim) < 0:
-                raise ConfigError(f"model.vector_dim must be >= 0 (0: from the data), got {self.vector_dim}")
+            _whole("model.vector_dim", self.vector_dim, 0, " (0: from the data)")
             if self.backbone != "mlp":
                 raise ConfigError("model.backbone must be 'mlp' for vector data (conv needs images)")
         if self.backbone == "conv" and self.image_size not in CONV_IMAGE_SIZES:
@@ -84,13 +83,12 @@ class ModelConfig:
                 f"model.image_size {self.image_size} is not supported by the conv backbone; "
                 f"supported: {', '.join(map(str, CONV_IMAGE_SIZES))}"
             )
-        _positive("model.conv_channels", self.conv_channels)
         _choice("model.generator", self.generator, GENERATOR_KINDS)
         _choice("model.prior", self.prior, PRIOR_KINDS)
         if not self.z_dims or any(int(d) < 1 for d in self.z_dims):
             raise ConfigError(f"model.z_dims must be a non-empty list of positive sizes, got {self.z_dims}")
-        _positive("model.obs_sigma", self.obs_sigma)
-        _positive("model.image_size", self.image_size)
+        for name in ("conv_channels", "obs_sigma", "image_size"):
+            _positive(f"model.{name}", getattr(self, name))
         for name in ("gen_hidden", "enc_hidden", "ebm_hidden"):
             if any(int(h) < 1 for h in getattr(self, name)):
                 raise ConfigError(f"model.{name} sizes must be positive, got {getattr(self, name)}")
@@ -158,19 +156,19 @@ class TrainConfig:
     # last good checkpoint stays. Normal losses on 28x28 images stay within about 1e3; a runaway EBM
     # (seen with scheme mle) reaches 1e10 while staying finite.
     max_abs_loss: float = 1.0e8
-    # The breakdown guard: an epoch whose held-in reconstruction error (at the inference network's mean codes)
-    # is more than this many nats per data dimension above the best epoch's stops training, and the best
-    # epoch's weights become the model (0 = off; None = MLE_RECON_RISE for images under scheme mle, else off).
-    # A fit can go wrong with every value finite: one mle fit's reconstruction went 80 -> 104 in its last epoch.
+    # The breakdown guard: an epoch whose held-in reconstruction error (at the encoder's mean codes) is more than this
+    # many nats per data dimension above the best epoch's stops training; the best epoch becomes the model (0 = off; None
+    # = MLE_RECON_RISE for images under scheme mle, else off). One mle fit's went 80 -> 104 in its last epoch, all finite.
     max_recon_rise: float | None = None
     sample_every: int = 2  # epochs between sample grids logged to MLflow
-    # prior samples for the fit-end sample quality (FID in in-project LeNet features), logged to
-    # MLflow when the training images have class labels; 0 = off
+    # prior samples for the fit-end sample quality (FID in in-project LeNet features), logged to MLflow when the
+    # training images have class labels; 0 = off
     sample_metrics: int = 10_000
-    # prior Langevin steps of the samples drawn from a fitted model (`jebm-od sample`, the fit-end
-    # sample quality, the sample grids); None = prior_langevin.steps. Training always uses the latter:
-    # its short-run chain can give better samples when run longer (benchmarks/RESULTS.md).
+    # prior Langevin steps of samples of a fitted model (`jebm-od sample`, the fit-end sample quality, sample grids); None
+    # = prior_langevin.steps, which training always uses (a longer chain can give better samples: benchmarks/RESULTS.md)
     sample_steps: int | None = None
+    # Each training image moved by its own random offset of up to this many pixels each way, edges repeated (0 = off)
+    shifts: int = 0
     seed: int = 0
 
     @property
@@ -184,6 +182,7 @@ class TrainConfig:
         _positive("train.batch_size", self.batch_size)
         _whole("train.threads", self.threads, 0, " (0: torch's own setting)")
         _whole("train.min_steps", self.min_steps, 0)
+        _whole("train.shifts", self.shifts, 0, " (0: off)")
         if self.max_recon_rise is not None and self.max_recon_rise < 0:
             raise ConfigError(f"train.max_recon_rise must be >= 0 (0: off), got {self.max_recon_rise}")
         _whole("train.sample_metrics", self.sample_metrics, 0, " (0: off)")
@@ -257,9 +256,10 @@ class Config:
         self.model.validate()
         self.train.validate()
         self.score.validate()
-        if self.score.shifts and (self.model.is_vector or 2 * self.score.shifts >= self.model.image_size):
-            why = "is for images, not vectors" if self.model.is_vector else "must be under half the image's size"
-            raise ConfigError(f"score.shifts {why}, got {self.score.shifts}")
+        for name, moves in (("train.shifts", self.train.shifts), ("score.shifts", self.score.shifts)):
+            if moves and (self.model.is_vector or 2 * moves >= self.model.image_size):
+                why = "is for images, not vectors" if self.model.is_vector else "must be under half the image's size"
+                raise ConfigError(f"{name} {why}, got {moves}")
 
     @property
     def recon_rise_guard(self) -> float:

@@ -63,6 +63,7 @@ from .config import ScoreConfig
 from .knn import References, knn_points_and_directions
 from .langevin import posterior_langevin
 from .model import JointEBM
+from .shifts import shifted_copies
 
 REFERENCE_FILE = "reference_latents.safetensors"
 # Chosen by measurement (benchmarks/RESULTS.md, "The default score, again"): on 11 models
@@ -172,21 +173,6 @@ def _infer(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig) -> dict[str, torc
         if chains > 1:
             out["spread"] = zc.std(0).mean(-1)
     return out
-
-
-def shifted_copies(x: torch.Tensor, shape: tuple[int, ...], pixels: int) -> torch.Tensor:
-    """Images (B, D) in model space moved by ``pixels`` down, up, right and left, the edge rows and columns
-    repeated into the gap: (4 B, D), one move after the other."""
-    h, w, p = shape[0], shape[1], pixels
-    img = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
-    padded = torch.nn.functional.pad(img, (p, p, p, p), mode="replicate")  # row r of padded is row r - p of img
-    moves = (
-        padded[..., :h, p : p + w],
-        padded[..., 2 * p :, p : p + w],
-        padded[..., p : p + h, :w],
-        padded[..., p : p + h, 2 * p :],
-    )
-    return torch.cat([m.permute(0, 2, 3, 1).reshape(x.shape[0], -1) for m in moves])
 
 
 def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, reference: "References | None") -> BatchScores:

@@ -35,6 +35,7 @@ from .checkpoint import load_train_state, save_model, save_train_state
 from .config import Config
 from .langevin import posterior_langevin, prior_langevin
 from .model import JointEBM, to_model_space  # noqa: F401  (re-exported: the image map)
+from .shifts import random_shifts
 
 
 class TrainingDiverged(RuntimeError):
@@ -380,6 +381,8 @@ def _fit(
         start = time.perf_counter()
         for step in range(n_steps):
             xb = x_all[distributed.batch_shard(order, step, bs, rank, world)]
+            if t.shifts:  # each image moved by its own random whole-pixel offset
+                xb = random_shifts(xb, model.cfg.data_shape, t.shifts)
             loss, stats = loss_fn(xb)
             # a finite loss beyond max_abs_loss is a runaway, stopped like a NaN
             usable = torch.isfinite(loss) & (loss.detach().abs() <= t.max_abs_loss)

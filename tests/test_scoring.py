@@ -567,7 +567,7 @@ def test_curves_rank_non_finite_scores_as_the_metrics_do_and_do_not_fail():
 
 
 def test_shifted_copies_move_the_image_by_whole_pixels_and_repeat_the_edge():
-    from outlier_jebm.scoring import shifted_copies
+    from outlier_jebm.shifts import shifted_copies
 
     img = np.zeros((5, 6, 3), dtype=np.float32)
     img[2, 3] = [1.0, 2.0, 3.0]
@@ -586,7 +586,7 @@ def test_shifts_make_each_latent_knn_the_smallest_over_the_image_and_its_four_mo
     import copy
 
     from outlier_jebm.config import ConfigError
-    from outlier_jebm.scoring import shifted_copies
+    from outlier_jebm.shifts import shifted_copies
 
     loaded, split = trained
     images = split.test[:30]
