@@ -16,6 +16,7 @@ from outlier_jebm.train import (
     fit,
     loss_terms,
     make_optimizer,
+    steps_per_epoch,
     to_model_space,
 )
 
@@ -314,3 +315,54 @@ def test_min_steps_raise_the_epochs_of_a_small_data_set_only():
     cfg = tiny_config(epochs=2, min_steps=100, batch_size=50)
     assert planned_epochs(cfg, 500) == 10  # 10 steps an epoch
     assert planned_epochs(cfg, 50_000) == 2  # 1 000 steps an epoch: the epochs stand
+
+
+def test_random_shifts_move_each_image_by_its_own_offset_and_repeat_the_edge():
+    from outlier_jebm.shifts import random_shifts
+
+    torch.manual_seed(0)
+    img = torch.rand(300, 5, 6, 3)  # (B, H, W, C): the channel order must survive the move
+    moved = random_shifts(img.reshape(300, -1), (5, 6, 3), 1).view(300, 5, 6, 3)
+    padded = torch.nn.functional.pad(img.permute(0, 3, 1, 2), (1, 1, 1, 1), mode="replicate").permute(0, 2, 3, 1)
+    offsets = []
+    for i in range(300):
+        found = [
+            (dy, dx) for dy in range(3) for dx in range(3) if torch.equal(moved[i], padded[i, dy : dy + 5, dx : dx + 6])
+        ]
+        assert found, f"image {i} is not itself moved by at most one pixel"
+        offsets.append(found[0])
+    assert set(offsets) == set(itertools.product(range(3), range(3)))  # the unmoved image and the diagonals too
+
+
+def test_train_shifts_train_on_moved_images_and_the_same_seed_still_gives_the_same_model(
+    digits01, tmp_path, monkeypatch
+):
+    import outlier_jebm.train as train_module
+
+    images, _ = digits01
+    calls = []
+    real = train_module.random_shifts
+
+    def spy(x, shape, pixels):
+        calls.append((tuple(shape), pixels))
+        return real(x, shape, pixels)
+
+    monkeypatch.setattr(train_module, "random_shifts", spy)
+    states = []
+    for run, shifts in enumerate((1, 1, 0)):
+        cfg = tiny_config(shifts=shifts)
+        torch.manual_seed(7)
+        model = JointEBM(cfg.model)
+        fit(model, cfg, images[:512], images[512:600], tmp_path / f"run{run}")
+        states.append(_state(model))
+    assert calls == [((8, 8), 1)] * (2 * steps_per_epoch(512, 64))  # every batch of the two shifted fits, none after
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+def test_train_shifts_are_whole_pixels_under_half_the_image_and_for_images_only():
+    for bad in (-1, True, 4):  # 8-pixel images: 4 is half their size
+        with pytest.raises(ConfigError, match="train.shifts"):
+            tiny_config(shifts=bad)
+    with pytest.raises(ConfigError, match="train.shifts is for images"):
+        tiny_config().with_overrides(model={"data_kind": "vector", "vector_dim": 5}, train={"shifts": 1})
