@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -168,32 +169,63 @@ def nearest_columns(
     return [search.columns(m, rows) for search in searches]
 
 
-def _mean_of_nearest(queries: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean exact distance to the k nearest of the candidate rows idx (B, k + 1), skipping the input itself."""
+def _mean_of_nearest(
+    queries: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, k: int, skip: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean exact distance to the k nearest of the candidate rows idx (B, m), skipping the input itself (the nearest
+    candidate, if nearer than 1e-5) and the row ``skip`` names per query (B,) (-1: none; then m >= k + 2, else
+    k + 1); and the row skipped as the input itself (B,) (-1: none)."""
     # a NaN query has NaN keys everywhere and may pick padding columns: keep its index in range
     # (its distances are NaN anyway) so that it cannot fail the other rows of the batch
     idx = idx.clamp_max(rows.shape[0] - 1)
     candidates = rows.index_select(0, idx.reshape(-1)).view(
         *idx.shape, rows.shape[1]
     )  # row copies, not a gather per entry
-    near = (candidates - queries.unsqueeze(1)).pow(2).sum(-1).sqrt().sort(dim=1).values  # exact, ascending
+    dist = (candidates - queries.unsqueeze(1)).pow(2).sum(-1).sqrt()  # exact
+    if skip is not None:
+        dist = dist.masked_fill(idx == skip.unsqueeze(1), math.inf)
+    near, order = dist.sort(dim=1)  # ascending, a skipped row last
     is_self = near[:, :1] < 1e-5
-    return torch.where(is_self, near[:, 1:].mean(1, keepdim=True), near[:, :k].mean(1, keepdim=True)).squeeze(1)
+    mean = torch.where(is_self, near[:, 1 : k + 1].mean(1, keepdim=True), near[:, :k].mean(1, keepdim=True))
+    self_row = torch.where(is_self, idx.gather(1, order[:, :1]), -1)
+    return mean.squeeze(1), self_row.squeeze(1)
+
+
+def _search_size(k: int, n: int, skip: torch.Tensor | None) -> tuple[int, int]:
+    """(k, m): the neighbours averaged and the candidates searched among n reference rows, one more with a skip."""
+    extra = int(skip is not None)
+    k = min(k, n - 1 - extra)
+    return k, k + 1 + extra
 
 
 @torch.no_grad()
-def knn_mean_distance(eps: torch.Tensor, reference: "Reference | torch.Tensor", k: int = KNN_K) -> torch.Tensor:
+def knn_mean_distance(
+    eps: torch.Tensor, reference: "Reference | torch.Tensor", k: int = KNN_K, skip: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean Euclidean distance from each row of eps (B, Z) to its k nearest reference rows.
 
     A reference row at distance below 1e-5 is the input itself (a training image scored
-    against the set it belongs to) and is skipped. Candidates are picked on ||r||^2 - 2 e.r,
-    then their distances are recomputed exactly, so no cancellation error reaches the result.
+    against the set it belongs to) and is skipped, as is the row ``skip`` (B,) names per
+    query, if given (-1: none). Candidates are picked on ||r||^2 - 2 e.r, then their
+    distances are recomputed exactly, so no cancellation error reaches the result.
     """
+    return _nearest(eps, reference, k, skip)[0]
+
+
+def _nearest(
+    eps: torch.Tensor, reference: "Reference | torch.Tensor", k: int, skip: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     ref = reference if isinstance(reference, Reference) else Reference(reference)
-    k = min(k, len(ref) - 1)
+    k, m = _search_size(k, len(ref), skip)
     lifted = torch.cat([eps, eps.new_ones(eps.shape[0], 1)], dim=1)
-    (idx,) = nearest_columns(lifted, ref.chunks, ref.chunk, k + 1)
-    return _mean_of_nearest(eps, ref.eps, idx, k)
+    (idx,) = nearest_columns(lifted, ref.chunks, ref.chunk, m)
+    return _mean_of_nearest(eps, ref.eps, idx, k, skip)
+
+
+class Nearest(NamedTuple):
+    points: torch.Tensor  # latent_knn (B,)
+    directions: torch.Tensor  # latent_knn_cos (B,)
+    selves: torch.Tensor  # (B,) the reference row each query is itself (latent_knn's skipped row), -1 where none
 
 
 @torch.no_grad()
@@ -206,15 +238,23 @@ def knn_points_and_directions(
     ``knn_mean_distance(unit_rows(eps), references.directions)``, up to which of two rows at
     (almost) the same distance is taken; each distance is recomputed exactly.
     """
+    found = nearest_pair(eps, references, k)
+    return found.points, found.directions
+
+
+@torch.no_grad()
+def nearest_pair(
+    eps: torch.Tensor, references: References, k: int = KNN_K, skip: torch.Tensor | None = None
+) -> Nearest:
+    """``knn_points_and_directions`` with the rows each query skipped as itself, and a row ``skip`` (B,) names per
+    query left out of both searches (-1: none): a moved copy of a training image must not find the image."""
     if not references.shared_product:
-        return (
-            knn_mean_distance(eps, references.points, k),
-            knn_mean_distance(unit_rows(eps), references.directions, k),
-        )
-    k = min(k, len(references) - 1)
+        points, selves = _nearest(eps, references.points, k, skip)
+        return Nearest(points, _nearest(unit_rows(eps), references.directions, k, skip)[0], selves)
+    k, m = _search_size(k, len(references), skip)
     if native.usable_for(eps):
         packed, scale, shift = references.fused
-        idx = native.candidates(eps, packed, scale, shift, k + 1, NATIVE_CHUNK)
+        idx = native.candidates(eps, packed, scale, shift, m, NATIVE_CHUNK)
         idx_points, idx_directions = idx[:, 0], idx[:, 1]
     else:  # at most TORCH_SEARCH_ROWS queries per product, so that a product chunk stays in cache
         parts = [
@@ -222,13 +262,12 @@ def knn_points_and_directions(
                 part,
                 references.weights,
                 references.points.chunk,
-                k + 1,
+                m,
                 [references.point_keys, references.direction_keys],
             )
             for part in eps.split(TORCH_SEARCH_ROWS)
         ]  # an empty batch is one empty part
         idx_points, idx_directions = (torch.cat(found) for found in zip(*parts))
-    return (
-        _mean_of_nearest(eps, references.points.eps, idx_points, k),
-        _mean_of_nearest(unit_rows(eps), references.unit, idx_directions, k),
-    )
+    points, selves = _mean_of_nearest(eps, references.points.eps, idx_points, k, skip)
+    directions, _ = _mean_of_nearest(unit_rows(eps), references.unit, idx_directions, k, skip)
+    return Nearest(points, directions, selves)

@@ -60,7 +60,7 @@ from torch.nn.utils import parametrize
 from .calibration import Calibration, fit_calibration
 from .checkpoint import CALIBRATION_FILE, LoadedModel
 from .config import ScoreConfig
-from .knn import References, knn_points_and_directions
+from .knn import References, knn_points_and_directions, nearest_pair
 from .langevin import posterior_langevin
 from .model import JointEBM
 from .shifts import shifted_copies
@@ -190,15 +190,16 @@ def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referen
         terms["posterior_width"] = inferred["q_sigma"].log().sum(-1)
         eps = model.generator.to_eps(z)
         if reference is not None:
-            terms["latent_knn"], terms["latent_knn_cos"] = knn_points_and_directions(eps, reference, cfg.knn_k)
+            found = nearest_pair(eps, reference, cfg.knn_k)
+            terms["latent_knn"], terms["latent_knn_cos"] = found.points, found.directions
             if cfg.shifts and not model.cfg.is_vector:
                 # the nearest of the image and its moved copies: a digit drawn a pixel off its usual place is matched
-                # as itself (benchmarks/RESULTS.md, issue 14, "test-time shifts")
+                # as itself (benchmarks/RESULTS.md, issue 14, "test-time shifts"); a training image's moved copies skip
+                # the image itself, as the image does
                 moved = shifted_copies(x, model.cfg.data_shape, cfg.shifts)
                 moved_eps = model.generator.to_eps(_infer(model, moved, cfg)["z"])
-                for name, d in zip(
-                    ("latent_knn", "latent_knn_cos"), knn_points_and_directions(moved_eps, reference, cfg.knn_k)
-                ):
+                moved_found = nearest_pair(moved_eps, reference, cfg.knn_k, skip=found.selves.repeat(4))
+                for name, d in zip(("latent_knn", "latent_knn_cos"), moved_found[:2]):
                     terms[name] = torch.minimum(terms[name], d.view(4, x.shape[0]).amin(0))
             if reference.top is not None:
                 top = eps[:, -reference.top_dim :].contiguous()

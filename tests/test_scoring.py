@@ -417,6 +417,36 @@ def test_one_product_gives_both_searches_the_values_of_two_separate_ones(n_ref, 
     )
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("zero_row", [False, True])
+def test_a_skipped_row_is_left_out_of_both_searches_and_the_input_itself_is_named(fused, zero_row, monkeypatch):
+    from outlier_jebm import native
+    from outlier_jebm.knn import References, knn_mean_distance, nearest_pair, unit_rows
+
+    if not fused:
+        monkeypatch.setattr(native, "usable_for", lambda q: False)
+    gen = torch.Generator().manual_seed(9)
+    ref = torch.randn(300, 12, generator=gen) * 2.0
+    if zero_row:
+        ref[3] = 0.0
+    refs = References(ref)
+    # five training rows (themselves in the reference), and five near copies of them (a moved image's code)
+    queries = torch.cat([ref[10:15], ref[10:15] + 0.01 * torch.randn(5, 12, generator=gen)])
+    found = nearest_pair(queries, refs)
+    assert found.selves.tolist() == [10, 11, 12, 13, 14] + [-1] * 5
+    skip = torch.tensor([-1] * 5 + [10, 11, 12, 13, 14])
+    skipped = nearest_pair(queries, refs, skip=skip)
+    np.testing.assert_array_equal(skipped.points[:5].numpy(), found.points[:5].numpy())  # -1 skips nothing
+    for i in range(5, 10):  # the same as a search of the reference without the named row
+        rest = torch.cat([ref[: skip[i]], ref[skip[i] + 1 :]])
+        q = queries[i : i + 1]
+        np.testing.assert_allclose(skipped.points[i].item(), knn_mean_distance(q, rest).item(), rtol=1e-6)
+        want_cos = knn_mean_distance(unit_rows(q), unit_rows(rest)).item()
+        np.testing.assert_allclose(skipped.directions[i].item(), want_cos, rtol=1e-5, atol=1e-6)
+        assert skipped.points[i] > found.points[i]  # without the skip, the near copy found its own row
+    assert skipped.selves.tolist() == found.selves.tolist()
+
+
 @pytest.mark.parametrize("n_ref", [70, 130])  # sizes where a NaN row picked padding columns
 def test_a_nan_query_gets_nan_and_leaves_the_other_rows_of_its_batch_alone(n_ref):
     from outlier_jebm.knn import References, knn_points_and_directions
@@ -586,6 +616,7 @@ def test_shifts_make_each_latent_knn_the_smallest_over_the_image_and_its_four_mo
     import copy
 
     from outlier_jebm.config import ConfigError
+    from outlier_jebm.knn import knn_mean_distance
     from outlier_jebm.shifts import shifted_copies
 
     loaded, split = trained
@@ -609,3 +640,30 @@ def test_shifts_make_each_latent_knn_the_smallest_over_the_image_and_its_four_mo
             loaded.config.with_overrides(score=bad)
     with pytest.raises(ConfigError, match="score.shifts"):
         loaded.config.with_overrides(model={"data_kind": "vector", "vector_dim": 5}, score={"shifts": 1})
+    if steps:  # at K > 0 a training image's code leaves its reference row (the encoder's), and nothing is skipped
+        return
+    # a training image's moved copies do not find the image itself in the reference, as the image does not: smooth
+    # images (a pixel's move changes them little) join the reference, so that their moved copies land near their rows
+    from scipy.ndimage import gaussian_filter
+
+    from outlier_jebm.scoring import reference_set
+
+    train = gaussian_filter(split.train[:12], sigma=(0, 2, 2))
+    ref = torch.cat([plain.reference.points.eps, torch.from_numpy(plain.components_of(train).eps)])
+    shifted = Scorer(moved, steps=steps)
+    plain.reference = shifted.reference = reference_set(loaded.model, ref)
+    got = shifted.components_of(train).components
+    base = plain.components_of(train)
+    copies = (shifted_copies(loaded.model.to_model_space(train), train.shape[1:], 1).numpy() + 1.0) / 2.0
+    moved_eps = [torch.from_numpy(plain.components_of(p.reshape(train.shape)).eps) for p in np.split(copies, 4)]
+    nearer = 0
+    for i in range(len(train)):
+        own = len(ref) - len(train) + i
+        assert (ref[own] - torch.from_numpy(base.eps[i])).norm() < 1e-5  # the image is in the reference
+        rest = torch.cat([ref[:own], ref[own + 1 :]])
+        want = min(
+            [base.components["latent_knn"][i]] + [knn_mean_distance(e[i : i + 1], rest).item() for e in moved_eps]
+        )
+        np.testing.assert_allclose(got["latent_knn"][i], want, rtol=1e-5, atol=1e-6)
+        nearer += min(knn_mean_distance(e[i : i + 1], ref).item() for e in moved_eps) < want - 1e-4
+    assert nearer >= 6  # most moved copies would have found their own image
