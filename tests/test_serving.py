@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -221,9 +222,10 @@ def test_a_timed_out_batch_holds_its_queue_place_and_odd_requests_cost_nothing(f
     from outlier_jebm import native
 
     real = serving_app.score_items
+    release = threading.Event()  # the first batch is scored only once the test has seen the queue full
 
     def slow(scorer, items):
-        time.sleep(1.0)
+        release.wait(30)
         return real(scorer, items)
 
     monkeypatch.setattr(serving_app, "score_items", slow)
@@ -235,6 +237,7 @@ def test_a_timed_out_batch_holds_its_queue_place_and_odd_requests_cost_nothing(f
         # the first batch is still being scored: it keeps its place in the queue, and the next request is turned away
         second = client.post("/v1/score", json=one)
         assert second.status_code == 503 and "server busy" in second.json()["error"], second.text
+        release.set()
         # the kNN search's build error names paths on the server: the answer does not
         assert "/home" not in client.get("/v1/model").text
         # a .npy header declaring more data than the body holds is refused before numpy allocates it
