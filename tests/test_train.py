@@ -334,30 +334,36 @@ def test_random_shifts_move_each_image_by_its_own_offset_and_repeat_the_edge():
     assert set(offsets) == set(itertools.product(range(3), range(3)))  # the unmoved image and the diagonals too
 
 
-def test_train_shifts_train_on_moved_images_and_the_same_seed_still_gives_the_same_model(
+def test_train_shifts_train_on_what_the_moves_return_and_the_same_seed_still_gives_the_same_model(
     digits01, tmp_path, monkeypatch
 ):
     import outlier_jebm.train as train_module
 
     images, _ = digits01
-    calls = []
-    real = train_module.random_shifts
+    calls, real = [], train_module.random_shifts
 
-    def spy(x, shape, pixels):
-        calls.append((tuple(shape), pixels))
-        return real(x, shape, pixels)
+    def fit_with(shifts, move):
+        def spy(x, shape, pixels):
+            calls.append((tuple(shape), pixels))
+            return move(x, shape, pixels)
 
-    monkeypatch.setattr(train_module, "random_shifts", spy)
-    states = []
-    for run, shifts in enumerate((1, 1, 0)):
+        monkeypatch.setattr(train_module, "random_shifts", spy)
         cfg = tiny_config(shifts=shifts)
         torch.manual_seed(7)
         model = JointEBM(cfg.model)
-        fit(model, cfg, images[:512], images[512:600], tmp_path / f"run{run}")
-        states.append(_state(model))
-    assert calls == [((8, 8), 1)] * (2 * steps_per_epoch(512, 64))  # every batch of the two shifted fits, none after
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+        fit(model, cfg, images[:512], images[512:600], tmp_path / f"run{len(list(tmp_path.iterdir()))}")
+        return _state(model)
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    plain = fit_with(0, real)
+    assert calls == []
+    unmoved = fit_with(1, lambda x, shape, pixels: x)  # a move that changes nothing trains the plain model
+    assert calls == [((8, 8), 1)] * steps_per_epoch(512, 64)  # once per batch
+    flipped = fit_with(1, lambda x, shape, pixels: x.flip(1))  # the batch trained on is the one the move returns
+    assert same(plain, unmoved) and not same(plain, flipped)
+    assert same(fit_with(1, real), fit_with(1, real)) and not same(fit_with(1, real), plain)
 
 
 def test_train_shifts_are_whole_pixels_under_half_the_image_and_for_images_only():
