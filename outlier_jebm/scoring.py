@@ -199,7 +199,7 @@ def _infer_and_score(model: JointEBM, x: torch.Tensor, cfg: ScoreConfig, referen
                 moved = shifted_copies(x, model.cfg.data_shape, cfg.shifts)
                 moved_eps = model.generator.to_eps(_infer(model, moved, cfg)["z"])
                 moved_found = nearest_pair(moved_eps, reference, cfg.knn_k, skip=found.selves.repeat(4))
-                for name, d in zip(("latent_knn", "latent_knn_cos"), moved_found[:2]):
+                for name, d in (("latent_knn", moved_found.points), ("latent_knn_cos", moved_found.directions)):
                     terms[name] = torch.minimum(terms[name], d.view(4, x.shape[0]).amin(0))
             if reference.top is not None:
                 top = eps[:, -reference.top_dim :].contiguous()
